@@ -1,0 +1,19 @@
+"""ComfyUI entry point of the UniBA node pack (Inf-DiT, HiDiffusion, Sana).
+
+ComfyUI imports this file as a package named after its folder. The host-free engine ``uniba``
+sits beside it and is imported by its absolute name, so the pack folder goes on ``sys.path``
+first (appended: it never shadows another installed package).
+"""
+
+import os
+import sys
+
+_PACK_DIR = os.path.dirname(os.path.abspath(__file__))
+if _PACK_DIR not in sys.path:
+    sys.path.append(_PACK_DIR)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

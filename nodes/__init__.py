@@ -1,0 +1,23 @@
+"""Thin ComfyUI node classes (V1 API). Each module exports its own mappings; they are merged here.
+
+ComfyUI internals are reached only through :mod:`.host`.
+"""
+
+from . import hidiffusion_nodes, host, infdit_nodes, sana_nodes, sana_text_vae_nodes
+
+_MODULES = (infdit_nodes, sana_nodes, sana_text_vae_nodes, hidiffusion_nodes)
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+for _module in _MODULES:
+    for _name, _cls in _module.NODE_CLASS_MAPPINGS.items():
+        if _name in NODE_CLASS_MAPPINGS:
+            raise RuntimeError(f"node id {_name} is defined twice")
+        NODE_CLASS_MAPPINGS[_name] = _cls
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+host.register_model_folders()
+if host.IN_COMFYUI:
+    from . import routes  # noqa: F401 - registers the pack's HTTP routes on ComfyUI's server
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,332 @@
+"""The one place that touches ComfyUI internals.
+
+Every ComfyUI import in the pack happens here, guarded, so the node classes and the engine
+import in a plain Python environment. Each function has a plain-torch fallback, so nodes and the
+CLI also run headless (tqdm progress, no-op cancel, free RAM as the budget).
+
+Other node modules that need a ComfyUI class (Sana's model base, the sampler wrapper) ask for it
+with :func:`comfy_module` instead of importing ``comfy`` themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from uniba.memory import is_out_of_memory
+
+log = logging.getLogger("uniba")
+
+PACK_NAME = "ComfyUI-UniBA"
+
+try:  # pragma: no cover - exercised in the integration tier
+    import comfy.model_management as _mm
+    import comfy.utils as _cu
+    import folder_paths as _fp
+except Exception:  # noqa: BLE001 - any failure means "not inside a usable ComfyUI"
+    _mm = None
+    _cu = None
+    _fp = None
+
+IN_COMFYUI = _mm is not None
+
+# Our own model folder (Inf-DiT); Sana uses the standard ComfyUI folders.
+INFDIT_FOLDER = "infdit"
+MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin"}
+
+
+class HostUnavailable(RuntimeError):
+    """A feature that only exists inside ComfyUI was used outside it."""
+
+
+def comfy_module(name: str) -> ModuleType:
+    """Import a ComfyUI module (``"comfy.model_base"``, ``"comfy.samplers"``...) or say why it can't."""
+    if not IN_COMFYUI:
+        raise HostUnavailable(f"{name} is only available when this pack runs inside ComfyUI.")
+    return importlib.import_module(name)
+
+
+# --------------------------------------------------------------------------- devices and dtypes
+
+def torch_device() -> torch.device:
+    """The compute device ComfyUI chose (``--cpu`` honoured), else CUDA, MPS or CPU."""
+    if IN_COMFYUI:
+        return _mm.get_torch_device()
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    """Where idle models wait (CPU unless ComfyUI runs with ``--gpu-only``/``--highvram``)."""
+    return _mm.unet_offload_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where IMAGE/LATENT outputs live between nodes."""
+    return _mm.intermediate_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def text_encoder_device() -> torch.device:
+    return _mm.text_encoder_device() if IN_COMFYUI else torch_device()
+
+
+def vae_device() -> torch.device:
+    return _mm.vae_device() if IN_COMFYUI else torch_device()
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def choose_dtype(
+    requested: str,
+    device: torch.device | None = None,
+    *,
+    supported: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32),
+    stored: torch.dtype | None = None,
+) -> torch.dtype:
+    """Resolve a node's ``auto|bf16|fp16|fp32`` input to a dtype the device can run.
+
+    ``auto`` is fp32 on CPU, bf16 where the device supports it, else fp16 when the model allows it.
+    ``stored`` (the checkpoint's dtype) breaks ties: a bf16 release is not squeezed into fp16.
+    """
+    if requested in _DTYPES:
+        return _DTYPES[requested]
+    if requested != "auto":
+        raise ValueError(f"weight dtype must be auto, bf16, fp16 or fp32, got {requested!r}")
+    device = device or torch_device()
+    if device.type == "cpu":
+        return torch.float32
+    if torch.bfloat16 in supported:
+        bf16_ok = _mm.should_use_bf16(device) if IN_COMFYUI else (
+            device.type != "cuda" or torch.cuda.is_bf16_supported())
+        if bf16_ok:
+            return torch.bfloat16
+    if torch.float16 in supported and stored is not torch.bfloat16:
+        fp16_ok = _mm.should_use_fp16(device) if IN_COMFYUI else device.type in ("cuda", "mps")
+        if fp16_ok:
+            return torch.float16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- memory
+
+def free_memory(device: torch.device | None = None) -> int:
+    """Free bytes on the device: ComfyUI's figure, else ``cuda.mem_get_info``, else available RAM."""
+    device = device or torch_device()
+    if IN_COMFYUI:
+        return int(_mm.get_free_memory(device))
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a requirement
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def make_room(bytes_needed: int, device: torch.device | None = None) -> None:
+    """Ask ComfyUI to unload least-recently-used models until ``bytes_needed`` are free."""
+    if IN_COMFYUI:
+        _mm.free_memory(bytes_needed, device or torch_device())
+
+
+def is_oom(exc: BaseException) -> bool:
+    """ComfyUI's ``OOM_EXCEPTION`` where it is specific, else the engine's own detection."""
+    if IN_COMFYUI and _mm.OOM_EXCEPTION is not Exception and isinstance(exc, _mm.OOM_EXCEPTION):
+        return True
+    return is_out_of_memory(exc)
+
+
+def soft_empty_cache() -> None:
+    if IN_COMFYUI:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- model management
+
+class HeadlessPatcher:
+    """Stand-in for ComfyUI's ``ModelPatcher`` outside the host: holds the module and its devices."""
+
+    def __init__(self, model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> None:
+        self.model = model
+        self.load_device = load_device
+        self.offload_device = offload_device
+
+    def model_size(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+
+def wrap_model(model: torch.nn.Module, load_device: torch.device | None = None,
+               offload: torch.device | None = None) -> Any:
+    """Wrap one of our ``nn.Module`` models so ComfyUI's manager loads and evicts it like its own."""
+    load_device = load_device or torch_device()
+    offload = offload or offload_device()
+    if IN_COMFYUI:
+        model_patcher = comfy_module("comfy.model_patcher")
+        return model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
+    return HeadlessPatcher(model.to(offload), load_device, offload)
+
+
+def load_to_device(patcher: Any, memory_required: int = 0) -> torch.nn.Module:
+    """Move a wrapped model to its compute device (evicting others if needed) and return the module."""
+    if IN_COMFYUI:
+        _mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+        return patcher.model
+    patcher.model.to(patcher.load_device)
+    return patcher.model
+
+
+def offload(patcher: Any) -> None:
+    """Let the model go back to its offload device (ComfyUI does this lazily when room is needed)."""
+    if not IN_COMFYUI:
+        patcher.model.to(patcher.offload_device)
+
+
+# --------------------------------------------------------------------------- progress and cancel
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op headless)."""
+    if IN_COMFYUI:
+        _mm.throw_exception_if_processing_interrupted()
+
+
+def _to_pil(preview: torch.Tensor) -> Any:
+    from PIL import Image
+
+    img = preview.detach().float().cpu()
+    if img.ndim == 4:
+        img = img[0]
+    if img.shape[0] in (1, 3, 4) and img.shape[-1] not in (1, 3, 4):  # CHW -> HWC
+        img = img.movedim(0, -1)
+    array = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    if array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray(array)
+
+
+class Progress:
+    """Progress reporter for the engine's ``progress(done, total, preview)`` callback.
+
+    Inside ComfyUI it drives the node's progress bar and preview image and checks Cancel on
+    every update; headless it prints a tqdm bar. ``preview`` is an image tensor in [0, 1]
+    (CHW, HWC or NCHW) or ``None``.
+    """
+
+    MAX_PREVIEW = 512
+
+    def __init__(self, total: int, node_id: str | None = None, desc: str = "") -> None:
+        self.total = total
+        self._bar = _cu.ProgressBar(total, node_id=node_id) if IN_COMFYUI else None
+        self._tqdm = None
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=total, desc=desc or PACK_NAME, leave=False,
+                              disable=os.environ.get("UNIBA_QUIET") == "1")
+        self._done = 0
+
+    def __call__(self, done: int, total: int | None = None, preview: torch.Tensor | None = None) -> None:
+        check_interrupt()
+        if total is not None:
+            self.total = total
+        if self._bar is not None:
+            shown = ("JPEG", _to_pil(preview), self.MAX_PREVIEW) if preview is not None else None
+            self._bar.update_absolute(done, self.total, shown)
+        elif self._tqdm is not None:
+            self._tqdm.total = self.total
+            self._tqdm.update(done - self._done)
+        self._done = done
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+
+# --------------------------------------------------------------------------- model folders
+
+def register_model_folders() -> None:
+    """Register ``models/infdit/`` with ComfyUI (keeping any ``extra_model_paths.yaml`` entry)."""
+    if not IN_COMFYUI:
+        return
+    default = os.path.join(_fp.models_dir, INFDIT_FOLDER)
+    os.makedirs(default, exist_ok=True)
+    entry = _fp.folder_names_and_paths.setdefault(INFDIT_FOLDER, ([default], set(MODEL_EXTENSIONS)))
+    if default not in entry[0]:
+        entry[0].append(default)
+
+
+def _headless_dirs(folder: str) -> list[str]:
+    root = os.environ.get("UNIBA_MODELS_DIR", os.path.join(os.getcwd(), "models"))
+    return [os.path.join(root, folder)]
+
+
+def list_models(folder: str) -> list[str]:
+    """File names in a model folder (``infdit``, ``diffusion_models``, ``vae``, ``text_encoders``)."""
+    if IN_COMFYUI:
+        return list(_fp.get_filename_list(folder))
+    names: list[str] = []
+    for base in _headless_dirs(folder):
+        if os.path.isdir(base):
+            for dirpath, _dirs, files in os.walk(base):
+                for f in files:
+                    if os.path.splitext(f)[1].lower() in MODEL_EXTENSIONS:
+                        names.append(os.path.relpath(os.path.join(dirpath, f), base))
+    return sorted(names)
+
+
+def list_model_dirs(folder: str) -> list[str]:
+    """Sub-folders of a model folder (for Hugging Face style model folders such as a Gemma download)."""
+    bases = _fp.get_folder_paths(folder) if IN_COMFYUI else _headless_dirs(folder)
+    found = []
+    for base in bases:
+        if os.path.isdir(base):
+            found += [d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json"))]
+    return sorted(set(found))
+
+
+def model_path(folder: str, name: str) -> str:
+    """Full path of a file or sub-folder chosen in a loader node; a clear error if it is gone."""
+    if os.path.isabs(name) and os.path.exists(name):
+        return name
+    bases = _fp.get_folder_paths(folder) if IN_COMFYUI else _headless_dirs(folder)
+    for base in bases:
+        candidate = os.path.join(base, name)
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"{name!r} is not in the '{folder}' model folder ({', '.join(bases) or 'none registered'}). "
+        f"Put the file into models/{folder}/ and press 'Refresh' in ComfyUI."
+    )
+
+
+def on_oom_retry_cleanup() -> Callable[[], None]:
+    """Cleanup to run between out-of-memory retries."""
+    return soft_empty_cache
+
+
+# --------------------------------------------------------------------------- server routes
+
+def add_route(method: str, path: str, handler: Callable[..., Any]) -> bool:
+    """Register an aiohttp handler on ComfyUI's server; False when there is no server (tests, CLI)."""
+    if not IN_COMFYUI:
+        return False
+    try:
+        server = importlib.import_module("server")
+        routes = server.PromptServer.instance.routes
+    except (ImportError, AttributeError):
+        return False
+    getattr(routes, method.lower())(path)(handler)
+    return True

@@ -1,0 +1,1 @@
+"""HTTP routes the frontend extension calls (registered only inside ComfyUI)."""

@@ -1,0 +1,312 @@
+"""Safe checkpoint reading and strict key checking, shared by every model family.
+
+Rules:
+
+* ``.safetensors`` files are memory-mapped; nothing in them can execute code.
+* ``.pt/.pth/.ckpt/.bin`` files go through ``torch.load(weights_only=True)``. The only extra
+  globals allowed are the plain containers that real releases put beside their weights
+  (:data:`EXTRA_SAFE_GLOBALS`). A pickle that asks for anything else is refused before any of it
+  runs, with an error that says how to convert the file.
+* Every error is a :class:`CheckpointError` whose message names the file, what was expected and
+  what was found, instead of a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+SUPPORTED_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+# Containers that model releases pickle next to the tensors. ``argparse.Namespace`` carries the
+# training arguments in SwissArmyTransformer/DeepSpeed checkpoints (Inf-DiT); reconstructing it
+# only sets attributes on an empty namespace.
+EXTRA_SAFE_GLOBALS: tuple[object, ...] = (argparse.Namespace,)
+
+# Wrappers around the real state dict, tried in this order: DeepSpeed's ``module`` (Inf-DiT),
+# the ``state_dict`` of Lightning/Sana releases, and ``model`` used by some trainers.
+WRAPPER_KEYS = ("module", "state_dict", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be used. The message names the file and says what to do."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str, fix: str = "") -> None:
+        where = f"{os.fspath(path)}: " if path is not None else ""
+        text = f"{where}{problem}"
+        if fix:
+            text += f" {fix}"
+        super().__init__(text)
+        self.path = os.fspath(path) if path is not None else None
+
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _describe_size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size:,} bytes"
+    except OSError:
+        return "unknown size"
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
+    """Read a ``.safetensors`` file (memory-mapped) into a dict of tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            path,
+            f"is not a readable safetensors file ({_describe_size(path)}; {exc}).",
+            "It is probably truncated or corrupt: download it again and compare its size with the source.",
+        ) from None
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (empty when there is none)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or n > 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(path, f"has no readable safetensors header ({exc}).",
+                              "Download the file again.") from None
+    return dict(header.get("__metadata__") or {})
+
+
+def _torch_load_safely(path: Path, device: str | torch.device) -> object:
+    if not zipfile.is_zipfile(path):
+        # torch.save writes zip archives since 1.6; an old raw pickle still loads through the
+        # weights-only unpickler, but a file that is neither is truncated or not a checkpoint.
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if not head or head[0] != 0x80:
+            raise CheckpointError(
+                path,
+                f"is neither a torch zip checkpoint nor a pickle ({_describe_size(path)}).",
+                "It is probably truncated or not a model file: download it again.",
+            )
+    try:
+        with torch.serialization.safe_globals(list(EXTRA_SAFE_GLOBALS)):
+            return torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        marker = "Unsupported global:"
+        found = message.split(marker, 1)[1].split("\n", 1)[0].strip() if marker in message else "code"
+        raise CheckpointError(
+            path,
+            f"asks to run or build {found} while loading; only tensors and plain containers are "
+            "allowed, so it was refused and nothing in it ran.",
+            "If you trust the file, convert it once to .safetensors (for Inf-DiT: "
+            "python -m uniba convert-infdit IN.pt OUT.safetensors) or download the safetensors release.",
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            path,
+            f"could not be read as a torch checkpoint ({_describe_size(path)}; {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}).",
+            "It is probably truncated or corrupt: download it again.",
+        ) from None
+
+
+def unwrap_state_dict(obj: object, path: str | os.PathLike | None = None) -> StateDict:
+    """Find the tensor dict inside a loaded checkpoint (``module``/``state_dict``/``model`` wrappers)."""
+    current = obj
+    for _ in range(3):
+        if isinstance(current, Mapping) and current and all(isinstance(v, torch.Tensor) for v in current.values()):
+            return dict(current)
+        if not isinstance(current, Mapping):
+            break
+        for key in WRAPPER_KEYS:
+            inner = current.get(key)
+            if isinstance(inner, Mapping) and inner:
+                current = inner
+                break
+        else:
+            break
+    if isinstance(current, Mapping):
+        tensors = {k: v for k, v in current.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+        keys = ", ".join(list(map(str, current.keys()))[:8])
+        raise CheckpointError(path, f"holds no tensors (top-level keys: {keys or 'none'}).",
+                              "Expected a model state dict, directly or under 'module' or 'state_dict'.")
+    raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict.",
+                          "Expected a dict of tensors, directly or under 'module' or 'state_dict'.")
+
+
+def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
+    """Read any supported checkpoint file into a flat ``{key: tensor}`` dict, safely."""
+    path = Path(path)
+    if path.is_dir():
+        return read_sharded_folder(path, device)
+    if not path.exists():
+        raise CheckpointError(path, "does not exist.", "Check the file name and the models folder.")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return read_safetensors(path, device)
+    if suffix in PICKLE_SUFFIXES:
+        return unwrap_state_dict(_torch_load_safely(path, device), path)
+    raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
+                          f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+
+
+def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
+    """Read a diffusers-style folder: ``*.safetensors.index.json`` shards, or a single safetensors file."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(indexes[0], f"is not a valid shard index ({exc}).",
+                                  "Download the folder again.") from None
+        state: StateDict = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.exists():
+                raise CheckpointError(folder, f"is missing the shard '{shard}' named in {indexes[0].name}.",
+                                      "Download every shard of the model into the same folder.")
+            state.update(read_safetensors(shard_path, device))
+        return state
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return read_safetensors(files[0], device)
+    raise CheckpointError(folder, f"holds {len(files)} safetensors files and no *.safetensors.index.json.",
+                          "Point at one file, or at a folder with one model (diffusers layout).")
+
+
+def matches_any(key: str, patterns: Iterable[str]) -> bool:
+    """Shell-style matching (``*`` and ``?``) of a key against ignore patterns."""
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _short_list(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_keys(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...] | torch.Size],
+    *,
+    path: str | os.PathLike | None,
+    family: str,
+    ignore: Iterable[str] = (),
+) -> None:
+    """Strict comparison of a state dict with the expected keys and shapes.
+
+    Keys matching ``ignore`` (documented per family) are allowed to be present and are dropped by
+    the caller. Anything else missing, unexpected or of the wrong shape is reported at once.
+    """
+    ignore = tuple(ignore)
+    found = {k for k in state_dict if not matches_any(k, ignore)}
+    missing = sorted(set(expected) - found)
+    unexpected = sorted(found - set(expected))
+    wrong = sorted(
+        f"{k} (expected {tuple(expected[k])}, found {tuple(state_dict[k].shape)})"
+        for k in found & set(expected)
+        if tuple(state_dict[k].shape) != tuple(expected[k])
+    )
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_short_list(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_short_list(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} key(s) with the wrong shape: {_short_list(wrong, 3)}")
+    raise CheckpointError(
+        path,
+        f"does not match the {family} layout: " + "; ".join(parts) + ".",
+        f"Make sure this is a {family} checkpoint of a supported release, complete and unmodified.",
+    )
+
+
+def load_into(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    path: str | os.PathLike | None,
+    family: str,
+    ignore: Iterable[str] = (),
+) -> None:
+    """Check ``state_dict`` strictly against ``module`` and copy it in (dtype follows the module)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_keys(state_dict, expected, path=path, family=family, ignore=ignore)
+    kept = {k: v for k, v in state_dict.items() if k in expected}
+    module.load_state_dict(kept, strict=True, assign=False)
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically: a partial file never stays behind on error."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# Key fingerprints of common model files, for error messages that say what a wrong file is.
+_FAMILY_FINGERPRINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Inf-DiT", ("mixins.adaln_layer.", "transformer.layers.0.attention.query_key_value.weight")),
+    ("Sana DiT (original format)", ("t_block.1.weight", "blocks.0.attn.qkv.weight")),
+    ("Sana DiT (diffusers format)", ("caption_projection.linear_1.weight", "transformer_blocks.0.attn1.to_q.weight")),
+    ("DC-AE autoencoder", ("encoder.project_in.", "decoder.project_out.")),
+    ("Gemma-2 text encoder", ("model.layers.0.pre_feedforward_layernorm.weight",)),
+    ("SDXL checkpoint", ("conditioner.embedders.1.model.",)),
+    ("SD1.x/SD2.x checkpoint", ("model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.")),
+    ("UNet (diffusion model only)", ("input_blocks.0.0.weight",)),
+    ("diffusers UNet", ("conv_in.weight", "down_blocks.0.")),
+    ("Flux model", ("double_blocks.0.", "single_blocks.0.")),
+    ("SD3 model", ("joint_blocks.0.",)),
+    ("VAE", ("encoder.down.0.", "decoder.up.0.")),
+    ("CLIP vision model", ("vision_model.encoder.layers.0.",)),
+    ("CLIP text model", ("text_model.encoder.layers.0.",)),
+    ("T5 text encoder", ("encoder.block.0.layer.0.",)),
+)
+
+
+def guess_family(keys: Iterable[str]) -> str:
+    """A best guess at what kind of model a set of keys belongs to ("unknown model" if none fits)."""
+    keys = list(keys)
+    for name, fingerprints in _FAMILY_FINGERPRINTS:
+        if all(any(k.startswith(fp) for k in keys) for fp in fingerprints):
+            return name
+    return f"unknown model ({len(keys)} tensors, e.g. {_short_list(sorted(keys), 3)})"
+
+
+def wrong_family_error(
+    path: str | os.PathLike | None, expected: str, keys: Iterable[str], fix: str = ""
+) -> CheckpointError:
+    """The error for a file of another model family: names what was expected and what it looks like."""
+    return CheckpointError(
+        path,
+        f"is not a {expected} checkpoint; it looks like a {guess_family(keys)}.",
+        fix or f"Choose a {expected} file.",
+    )

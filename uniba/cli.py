@@ -1,0 +1,75 @@
+"""Command line: ``python -m uniba <command>``. Runs headless, without ComfyUI.
+
+Each method adds its own subcommands from ``uniba/<method>/cli.py`` (a ``register(subparsers)``
+function); benchmarks live in modules with a ``run(argv) -> int`` function, listed in
+:data:`BENCHMARKS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+
+METHOD_CLIS = ("uniba.infdit.cli", "uniba.sana.cli", "uniba.hidiffusion.cli")
+
+BENCHMARKS = {
+    "infdit": ("uniba.infdit.bench", "Inf-DiT block-wise vs whole-canvas memory and time"),
+    "sana": ("uniba.sana.bench", "Sana linear vs softmax attention scaling; Flow-DPM-Solver vs Flow-Euler"),
+    "dcae": ("uniba.sana.bench_dcae", "DC-AE tiled vs untiled decode memory and time"),
+    "hidiffusion": ("uniba.hidiffusion.bench", "MSW-MSA vs global attention; patched vs vanilla UNet"),
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    module_name, _ = BENCHMARKS[args.target]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        print(f"benchmark '{args.target}' is not available in this build ({exc})", file=sys.stderr)
+        return 2
+    return int(module.run(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m uniba",
+        description="UniBA engine: Inf-DiT block-wise upscaling, Sana, HiDiffusion (headless tools).",
+    )
+    parser.add_argument("--version", action="version", version=f"uniba {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="run a benchmark (prints side-by-side ratios)",
+                           description="\n".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("target", choices=sorted(BENCHMARKS))
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (--help for them)")
+    bench.set_defaults(func=_bench)
+
+    for name in METHOD_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,34 @@
+"""Sana: linear DiT, Flow-DPM-Solver, Gemma-2 prompt encoding and the DC-AE autoencoder.
+
+Public names are imported lazily so that using one part (say the DC-AE) does not import the
+others (say transformers for Gemma).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # the DiT and its sampler (issue: Sana DiT)
+    "SanaDiT": ".model",
+    "SanaConfig": ".model",
+    "load_sana": ".loader",
+    "flow_sigmas": ".sampling",
+    "sample_flow_dpm_solver": ".sampling",
+    "sample_flow_euler": ".sampling",
+    # text encoder and autoencoder (issue: Sana text encoder and DC-AE)
+    "encode_prompt": ".text_encoder",
+    "load_text_encoder": ".text_encoder",
+    "DCAE": ".dcae",
+    "load_dcae": ".dcae",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(_EXPORTS[name], __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
