@@ -91,6 +91,14 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(header.get("__metadata__") or {})
 
 
+def _unsupported_global(message: str) -> str:
+    """The ``module.name`` a weights-only unpickler refused, from torch's message ("code" if not found)."""
+    import re
+
+    match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL)\s+([\w.]+)", message)
+    return match.group(1) if match else "code"
+
+
 def _torch_load_safely(path: Path, device: str | torch.device) -> object:
     if not zipfile.is_zipfile(path):
         # torch.save writes zip archives since 1.6; an old raw pickle still loads through the
@@ -107,9 +115,7 @@ def _torch_load_safely(path: Path, device: str | torch.device) -> object:
         with torch.serialization.safe_globals(list(EXTRA_SAFE_GLOBALS)):
             return torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        message = str(exc)
-        marker = "Unsupported global:"
-        found = message.split(marker, 1)[1].split("\n", 1)[0].strip() if marker in message else "code"
+        found = _unsupported_global(str(exc))
         raise CheckpointError(
             path,
             f"asks to run or build {found} while loading; only tensors and plain containers are "

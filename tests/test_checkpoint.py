@@ -1,0 +1,165 @@
+"""Safe checkpoint reading: formats, wrappers, refusal of code-executing pickles, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from uniba.checkpoint import (
+    CheckpointError,
+    check_keys,
+    guess_family,
+    load_into,
+    read_state_dict,
+    save_safetensors,
+    wrong_family_error,
+)
+
+
+def _state() -> dict[str, torch.Tensor]:
+    return {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3)}
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    sd = _state()
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    loaded = read_state_dict(tmp_path / "m.safetensors")
+    assert loaded.keys() == sd.keys()
+    assert torch.equal(loaded["a.weight"], sd["a.weight"])
+
+
+@pytest.mark.parametrize("wrapper", [None, "module", "state_dict"])
+def test_pickle_wrappers(tmp_path: Path, wrapper: str | None) -> None:
+    sd = _state()
+    obj: object = sd if wrapper is None else {wrapper: sd, "global_steps": 10, "dp_world_size": 8}
+    torch.save(obj, tmp_path / "m.pt")
+    loaded = read_state_dict(tmp_path / "m.pt")
+    assert loaded.keys() == sd.keys()
+
+
+def test_deepspeed_checkpoint_with_namespace_args_is_allowed(tmp_path: Path) -> None:
+    sd = _state()
+    torch.save({"module": sd, "args": argparse.Namespace(lr=1e-4, bf16=True), "ds_version": "0.9.5"},
+               tmp_path / "mp_rank_00_model_states.pt")
+    assert read_state_dict(tmp_path / "mp_rank_00_model_states.pt").keys() == sd.keys()
+
+
+class _Payload:
+    """Unpickling this runs os.system; a safe reader must refuse it before it runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_code_executing_pickle_is_refused_and_runs_nothing(tmp_path: Path, zipped: bool) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    if zipped:
+        torch.save({"state_dict": _state(), "x": _Payload(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"x": _Payload(marker)}, protocol=2))
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert str(path) in message and "refused" in message and "nothing in it ran" in message
+    assert "system" in message  # names the global it asked for
+    assert not marker.exists()
+
+
+def test_truncated_safetensors(tmp_path: Path) -> None:
+    save_file({"w": torch.randn(256, 256)}, str(tmp_path / "m.safetensors"))
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*truncated or corrupt.*download it again"):
+        read_state_dict(tmp_path / "cut.safetensors")
+
+
+def test_truncated_torch_zip(tmp_path: Path) -> None:
+    torch.save({"module": {"w": torch.randn(256, 256)}}, tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt.*download it again"):
+        read_state_dict(tmp_path / "cut.pt")
+
+
+def test_garbage_file(tmp_path: Path) -> None:
+    (tmp_path / "junk.pth").write_bytes(b"<html>404 not found</html>")
+    with pytest.raises(CheckpointError, match=r"junk\.pth.*neither a torch zip checkpoint nor a pickle"):
+        read_state_dict(tmp_path / "junk.pth")
+
+
+def test_missing_file_and_bad_extension(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_state_dict(tmp_path / "nope.safetensors")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="unsupported extension '.gguf'"):
+        read_state_dict(tmp_path / "m.gguf")
+
+
+def test_no_tensors(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "opt.pt")
+    with pytest.raises(CheckpointError, match="holds no tensors.*epoch"):
+        read_state_dict(tmp_path / "opt.pt")
+
+
+def test_sharded_folder(tmp_path: Path) -> None:
+    import json
+
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert sorted(read_state_dict(tmp_path)) == ["a", "b"]
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing the shard 'model-00002-of-00002.safetensors'"):
+        read_state_dict(tmp_path)
+
+
+def test_check_keys_reports_missing_unexpected_and_shapes() -> None:
+    expected = {"a.weight": (3, 4), "a.bias": (3,), "b.weight": (2, 2)}
+    found = {"a.weight": torch.zeros(4, 3), "a.bias": torch.zeros(3), "c.weight": torch.zeros(1),
+             "rope.freqs_cos": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as info:
+        check_keys(found, expected, path="x.pt", family="Toy", ignore=["rope.*"])
+    text = str(info.value)
+    assert text.startswith("x.pt: does not match the Toy layout")
+    assert "1 missing key(s): b.weight" in text
+    assert "1 unexpected key(s): c.weight" in text
+    assert "a.weight (expected (3, 4), found (4, 3))" in text
+    assert "rope" not in text
+
+
+def test_load_into_is_strict_with_documented_ignores() -> None:
+    module = torch.nn.Linear(4, 3)
+    sd = {"weight": torch.ones(3, 4), "bias": torch.zeros(3), "legacy.buffer": torch.zeros(5)}
+    load_into(module, sd, path=None, family="Toy", ignore=["legacy.*"])
+    assert torch.equal(module.weight, torch.ones(3, 4))
+    with pytest.raises(CheckpointError, match="unexpected key"):
+        load_into(module, sd, path=None, family="Toy")
+
+
+def test_guess_family_and_wrong_family_error() -> None:
+    sdxl_keys = ["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.input_blocks.0.0.weight"]
+    assert guess_family(sdxl_keys) == "SDXL checkpoint"
+    err = wrong_family_error("sdxl.safetensors", "Inf-DiT", sdxl_keys)
+    assert "sdxl.safetensors: is not a Inf-DiT checkpoint; it looks like a SDXL checkpoint" in str(err)
+    assert guess_family(["foo"]).startswith("unknown model")
+
+
+def test_save_safetensors_leaves_no_partial_file(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    save_safetensors({"a": torch.ones(2)}, out)
+    assert read_state_dict(out)["a"].sum() == 2
+    with pytest.raises(Exception):  # noqa: B017 - any failure of the writer
+        save_safetensors({"a": "not a tensor"}, tmp_path / "bad.safetensors")  # type: ignore[dict-item]
+    assert not list(tmp_path.glob("bad*"))
