@@ -5,9 +5,9 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
