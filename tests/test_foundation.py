@@ -123,3 +123,18 @@ def test_packaging_metadata() -> None:
     assert (REPO / "LICENSE").read_text().strip().startswith("Apache License")
     requirements = (REPO / "requirements.txt").read_text().splitlines()
     assert not any(line.strip().startswith("torch") for line in requirements)
+
+
+def test_comfy_registry_validation_passes_without_warnings() -> None:
+    import shutil
+
+    import pytest
+
+    comfy = shutil.which("comfy") or shutil.which("comfy", path=str(Path(sys.executable).parent))
+    if comfy is None:
+        pytest.skip("comfy-cli is not installed (pip install -r requirements-test.txt)")
+    out = subprocess.run([comfy, "--skip-prompt", "node", "validate"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "DO_NOT_TRACK": "1"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "passed" in text and "warning" not in text.lower(), text
