@@ -176,8 +176,27 @@ def wrap_model(model: torch.nn.Module, load_device: torch.device | None = None,
     offload = offload or offload_device()
     if IN_COMFYUI:
         model_patcher = comfy_module("comfy.model_patcher")
+        _allow_device_assignment(model)
         return model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
     return HeadlessPatcher(model.to(offload), load_device, offload)
+
+
+_SETTABLE_DEVICE: dict[type, type] = {}
+
+
+def _allow_device_assignment(model: torch.nn.Module) -> None:
+    """ComfyUI's ModelPatcher assigns ``model.device`` when it moves a model; a read-only ``device``
+    property (ours, transformers') would raise, so such a model gets a subclass whose setter ignores it
+    (the property still reports where the parameters are)."""
+    cls = type(model)
+    prop = getattr(cls, "device", None)
+    if not isinstance(prop, property) or prop.fset is not None:
+        return
+    if cls not in _SETTABLE_DEVICE:
+        _SETTABLE_DEVICE[cls] = type(cls.__name__, (cls,), {
+            "device": property(prop.fget, lambda self, value: None, doc=prop.__doc__),
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    model.__class__ = _SETTABLE_DEVICE[cls]
 
 
 def load_to_device(patcher: Any, memory_required: int = 0) -> torch.nn.Module:

@@ -1,4 +1,114 @@
-"""Placeholder: filled in by its issue."""
+"""Inf-DiT nodes: load a checkpoint from ``models/infdit/``; upscale an IMAGE block-wise (UniBA).
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+Thin: the engine (:mod:`uniba.infdit`) does the work; ComfyUI is reached only through :mod:`.host`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from uniba.infdit import load_infdit, plan_upscale, upscale
+from uniba.infdit.sampling import DEFAULT_STEPS
+
+from . import host
+
+CATEGORY = "UniBA/Inf-DiT"
+SCALES = ["4", "2", "8", "16"]
+BLOCK_BATCHES = ["auto"] + [str(n) for n in range(1, 17)]
+OFFLOAD = ["auto", "on", "off"]
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+COLOR_MATCH = ["none", "wavelet"]
+
+
+def _stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype of a safetensors file's weights, read from its header (None for pickles)."""
+    if not path.lower().endswith((".safetensors", ".sft")):
+        return None
+    import json
+
+    with open(path, "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    for key, entry in header.items():
+        if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in names:
+            return names[entry["dtype"]]
+    return None
+
+
+class InfDiTLoader:
+    """Loads an Inf-DiT checkpoint (the release ``.pt`` or a converted ``.safetensors``) from models/infdit."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (host.list_models(host.INFDIT_FOLDER), {
+                "tooltip": "Inf-DiT checkpoint in models/infdit (mp_rank_00_model_states.pt or a converted file)"}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": "weight dtype; auto picks bf16 where supported"}),
+        }}
+
+    RETURN_TYPES = ("INFDIT_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load Inf-DiT (4x pixel-space upscaler with Unidirectional Block Attention)."
+
+    def load(self, model_name: str, dtype: str = "auto"):
+        path = host.model_path(host.INFDIT_FOLDER, model_name)
+        device = host.torch_device()
+        chosen = host.choose_dtype(dtype, device, stored=_stored_dtype(path))
+        model = load_infdit(path, dtype=chosen)
+        return (host.wrap_model(model, device, host.offload_device()),)
+
+
+class InfDiTUpscale:
+    """Upscales an image 2x/4x/8x/16x with Inf-DiT, block batch by block batch within the free memory."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("INFDIT_MODEL",),
+            "image": ("IMAGE",),
+            "scale": (SCALES, {"default": "4", "tooltip": "4x is native; 2x uses the reference's trick; "
+                                                       "8x and 16x chain passes"}),
+            "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
+                              "tooltip": "EDM Heun steps (20 = the reference, 39 model calls)"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "block_batch": (BLOCK_BATCHES, {"default": "auto", "tooltip": "n x n blocks of 128 px per forward; "
+                                                                           "auto = largest that fits free memory"}),
+            "offload_cache": (OFFLOAD, {"default": "auto", "tooltip": "keep the KV cache in host RAM"}),
+            "color_match": (COLOR_MATCH, {"default": "none", "tooltip": "none = reference; wavelet keeps the "
+                                                                         "input's low frequencies (colours)"}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "upscale"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Inf-DiT upscaling with UniBA block-wise inference; memory grows with the image side."
+
+    def upscale(self, model, image: torch.Tensor, scale: str = "4", steps: int = DEFAULT_STEPS, seed: int = 0,
+                block_batch: str = "auto", offload_cache: str = "auto", color_match: str = "none",
+                unique_id: str | None = None):
+        module = model.model
+        device = host.torch_device()
+        lr_h, lr_w = int(image.shape[1]), int(image.shape[2])
+        plan = plan_upscale(module.config, lr_h, lr_w, int(scale), host.free_memory(device),
+                            block_batch=block_batch if block_batch == "auto" else int(block_batch),
+                            offload_cache=offload_cache, dtype=module.dtype, weights_resident=True)
+        host.make_room(plan.peak_bytes - plan.weights_bytes, device)
+        module = host.load_to_device(model, memory_required=max(0, plan.peak_bytes - plan.weights_bytes))
+        progress = host.Progress(1, node_id=unique_id, desc="Inf-DiT")
+        lr = image[..., :4].movedim(-1, 1).to(torch.float32) * 2 - 1
+        try:
+            out = upscale(module, lr, scale=int(scale), steps=int(steps), seed=int(seed),
+                          block_batch=block_batch if block_batch == "auto" else int(block_batch),
+                          offload_cache=offload_cache, progress=progress, color_match=color_match,
+                          free_bytes=host.free_memory(device), is_oom=host.is_oom)
+        finally:
+            progress.close()
+            host.soft_empty_cache()
+        result = ((out + 1) / 2).clamp(0, 1).movedim(1, -1)
+        return (result.to(host.intermediate_device(), torch.float32),)
+
+
+NODE_CLASS_MAPPINGS = {"InfDiTLoader": InfDiTLoader, "InfDiTUpscale": InfDiTUpscale}
+NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTLoader": "Load Inf-DiT", "InfDiTUpscale": "Inf-DiT Upscale (UniBA)"}

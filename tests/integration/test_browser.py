@@ -1,0 +1,272 @@
+"""Real browser: ComfyUI with this pack and its real frontend on 127.0.0.1, driven by headless Chromium.
+
+Needs ``COMFYUI_DIR`` (like the whole integration tier), Debian's ``chromium`` (``apt-get install chromium``)
+and ``websocket-client``; skipped otherwise. Screenshots go to ``$UNIBA_ARTIFACT_DIR`` (default
+``tests/artifacts/browser``). With ``UNIBA_WRITE_SCREENSHOTS=1`` the per-workflow screenshots also go to
+``docs/screenshots/`` and become the template browser's thumbnails (``workflows/<name>.jpg``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import chromium_cdp as cdp  # noqa: E402
+import workflow_tools as wt  # noqa: E402
+
+REPO = cdp.REPO
+PACK = cdp.PACK_FOLDER
+WORKFLOW_NAMES = sorted(p.stem for p in wt.workflow_files())
+ARTIFACTS = Path(os.environ.get("UNIBA_ARTIFACT_DIR", REPO / "tests" / "artifacts" / "browser"))
+WRITE_DOCS = os.environ.get("UNIBA_WRITE_SCREENSHOTS") == "1"
+OUR_SCRIPT = f"/extensions/{PACK}/"
+
+
+def _skip_reason() -> str | None:
+    if not os.environ.get("COMFYUI_DIR"):
+        return "COMFYUI_DIR is not set"
+    if cdp.find_chromium() is None:
+        return "chromium is not installed (apt-get install chromium)"
+    try:
+        import websocket  # noqa: F401
+    except ImportError:
+        return "websocket-client is not installed"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+def _write_input_image(path: Path) -> None:
+    from PIL import Image
+
+    img = Image.new("RGB", (256, 192))
+    for x in range(256):
+        for y in range(192):
+            img.putpixel((x, y), (x, y, (x * y) % 256))
+    img.save(path)
+
+
+def _write_models(models: Path) -> None:
+    """Tiny files under the names the workflows use, so combos hold them and the plan reads a real header."""
+    try:
+        from tiny_infdit import write_tiny_infdit
+    except ImportError:
+        return
+    write_tiny_infdit(models / "infdit", "Inf-DiT.safetensors")
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("comfyui-browser")
+    (base / "input").mkdir()
+    _write_input_image(base / "input" / "example.png")
+    server = cdp.ComfyServer(os.environ["COMFYUI_DIR"], base, base / "comfyui.log")
+    _write_models(base / "models")
+    server.start()
+    # readable screenshots: no minimap, no low-detail rendering when the whole workflow is in view
+    for key, value in (("Comfy.Minimap.Visible", False), ("LiteGraph.Canvas.MinFontSizeForLOD", 0)):
+        cdp.http_json(f"{server.url}/settings/{key}", data=json.dumps(value).encode(), method="POST")
+    browser = None
+    try:
+        browser = cdp.Chromium(cdp.find_chromium(), width=2400, height=1350)
+        page = browser.page
+        page.navigate(server.url)
+        page.wait_for("!!(window.app && window.app.graph && window.app.canvas)", timeout=180)
+        page.wait_for("!!document.querySelector('.templates-tab-button')", timeout=60)
+        page.pump(2.0)
+        _close_dialogs(page)  # a fresh user gets the template browser on first load
+        yield server, page
+    finally:
+        if browser:
+            browser.close()
+        server.stop()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(base / "comfyui.log", ARTIFACTS / "comfyui.log")
+
+
+def _our_errors(page: cdp.Page) -> list[dict]:
+    return [m for m in page.console
+            if m["level"] in ("error", "exception", "assert")
+            and (OUR_SCRIPT in m.get("url", "") or OUR_SCRIPT in m.get("text", "") or "uniba" in m["text"].lower())]
+
+
+def _close_dialogs(page: cdp.Page) -> None:
+    page.evaluate("document.querySelectorAll('.p-dialog .p-dialog-close-button').forEach(b => b.click())")
+    page.wait_for("!document.querySelector('.p-dialog')", timeout=15)
+
+
+def _on_failure_screenshot(page: cdp.Page, name: str):
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(ARTIFACTS / f"{name}-FAILED.png")
+            try:
+                _close_dialogs(page)
+            except TimeoutError:
+                pass
+            return False
+
+    return _Guard()
+
+
+def test_page_loads_our_extension_without_console_errors(session) -> None:
+    server, page = session
+    assert page.evaluate("app.extensions.some(e => e.name === 'uniba.InfDiT')"), "the extension did not register"
+    scripts = page.evaluate("window.comfyAPI.api.api.getExtensions()")
+    assert f"{OUR_SCRIPT}js/uniba.js" in scripts and f"{OUR_SCRIPT}js/uniba_logic.js" in scripts
+    assert _our_errors(page) == []
+    failed = [line for line in server.log().splitlines() if "IMPORT FAILED" in line and PACK in line]
+    assert failed == []
+
+
+def test_templates_are_served_under_the_pack_name(session) -> None:
+    server, _page = session
+    listed = cdp.http_json(server.url + "/workflow_templates")
+    assert sorted(listed.get(PACK, [])) == WORKFLOW_NAMES
+    for name in WORKFLOW_NAMES:
+        served = cdp.http_json(f"{server.url}/api/workflow_templates/{PACK}/{name}.json")
+        assert served == wt.load_workflow(f"{name}.json")
+
+
+def test_pack_nodes_are_in_the_node_library(session) -> None:
+    server, page = session
+    info = cdp.http_json(server.url + "/object_info")
+    ours = {name: d for name, d in info.items() if d.get("python_module", "").endswith(PACK)}
+    assert ours, "the server registered none of the pack's nodes"
+    page.evaluate("document.querySelector('.node-library-tab-button').click()")
+    page.wait_for("!!document.querySelector('.side-bar-panel .search-box-input')", timeout=30)
+    missing = []
+    for name, node_def in sorted(ours.items()):
+        title = node_def["display_name"] or name
+        page.evaluate(f"""(() => {{ const i = document.querySelector('.side-bar-panel .search-box-input');
+            i.value = {json.dumps(title)}; i.dispatchEvent(new Event('input', {{bubbles: true}})); }})()""")
+        try:
+            page.wait_for(f"document.querySelector('.side-bar-panel').innerText.split('\\n')"
+                          f".some(l => l.trim() === {json.dumps(title)})", timeout=10)
+        except TimeoutError:
+            missing.append(title)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(ARTIFACTS / "node_library.png")
+    page.evaluate("document.querySelector('.node-library-tab-button').click()")  # close the panel again
+    assert missing == []
+
+
+def _open_template(page: cdp.Page, name: str) -> None:
+    if not page.evaluate("!!document.querySelector('.p-dialog li[role=option]')"):
+        page.evaluate("document.querySelector('.templates-tab-button').click()")
+    category = f'.p-dialog li[role=option][aria-label="{PACK}"]'
+    page.wait_for(f"!!document.querySelector('{category}')", timeout=30)
+    page.evaluate(f"document.querySelector('{category}').click()")
+    card = f'.p-dialog h3[title="{name}"]'
+    page.wait_for(f"!!document.querySelector('{card}')", timeout=30)
+    page.evaluate(f"document.querySelector('{card}').click()")
+    page.wait_for("!document.querySelector('.p-dialog li[role=option]')", timeout=60)
+
+
+def _fit_view(page: cdp.Page) -> None:
+    page.evaluate("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    page.pump(1.0)
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_workflow_loads_from_the_template_browser(session, name: str) -> None:
+    _server, page = session
+    workflow = wt.load_workflow(f"{name}.json")
+    with _on_failure_screenshot(page, name):
+        _check_template(_server, page, name, workflow)
+
+
+def _check_template(server: cdp.ComfyServer, page: cdp.Page, name: str, workflow: dict) -> None:
+    _open_template(page, name)
+    page.wait_for(f"app.graph._nodes.length === {len(workflow['nodes'])}", timeout=30)
+    page.pump(1.0)
+    dialogs = page.evaluate("[...document.querySelectorAll('.p-dialog')].map(d => d.innerText)")
+    assert not [d for d in dialogs if "missing" in d.lower() or "not found" in d.lower()], dialogs
+    toasts = page.evaluate("[...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)")
+    assert not [t for t in toasts if "invalid" in t.lower() or "error" in t.lower()], toasts
+    unknown = page.evaluate("app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type] "
+                            "|| n.has_errors).map(n => n.type)")
+    assert unknown == []
+    types = page.evaluate("app.graph._nodes.map(n => n.type).sort()")
+    assert types == sorted(n["type"] for n in workflow["nodes"])
+
+    if any(n["type"] == "InfDiTUpscale" for n in workflow["nodes"]):
+        text = page.wait_for("(() => { const t = document.querySelector('.uniba-plan-text');"
+                             " return t && /Blocks \\d+×\\d+/.test(t.textContent) && t.textContent; })()", timeout=60)
+        assert "Peak" in text and ("Fits" in text or "Does not fit" in text), text
+    # the queued prompt the frontend builds matches our own UI -> API conversion (widget order, seed controls)
+    api_prompt = page.evaluate("app.graphToPrompt().then(p => p.output)")
+    for node_id, node in api_prompt.items():
+        ui = next(n for n in workflow["nodes"] if str(n["id"]) == node_id)
+        assert node["class_type"] == ui["type"]
+    defs = cdp.http_json(server.url + "/object_info")
+    ours = wt.to_api(workflow, defs)
+    assert {k: v["inputs"] for k, v in api_prompt.items()} == {k: v["inputs"] for k, v in ours.items()}
+
+    _fit_view(page)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(ARTIFACTS / f"{name}.png")
+    if WRITE_DOCS:
+        shot = page.screenshot(REPO / "docs" / "screenshots" / f"{name}.png")
+        _thumbnail(shot, wt.WORKFLOWS / f"{name}.jpg")
+    assert _our_errors(page) == []
+
+
+def _thumbnail(png: Path, jpg: Path) -> None:
+    from PIL import Image
+
+    with Image.open(png) as img:
+        img = img.convert("RGB")
+        img.thumbnail((640, 400))
+        img.save(jpg, quality=85)
+
+
+def test_plan_readout_updates_and_shows_block_progress(session) -> None:
+    _server, page = session
+    with _on_failure_screenshot(page, "plan_readout"):
+        _check_readout(page)
+
+
+def _check_readout(page: cdp.Page) -> None:
+    _open_template(page, "upscale_render_4x")
+    read = "app.graph._nodes.find(n => n.type === 'InfDiTUpscale')"
+    # LoadImage's 256x192 example, once its preview has loaded (before that: the assumed 1024x1024) -> 4x
+    plan = page.wait_for(f"{read}?.__uniba?.plan?.lr_width === 256 && {read}.__uniba.plan", timeout=60)
+    assert (plan["out_width"], plan["out_height"]) == (1024, 768), plan
+    assert plan["lr_width"] == 256 and plan["lr_height"] == 192
+    # a widget change re-plans
+    page.evaluate(f"(() => {{ const n = {read}; const w = n.widgets.find(w => w.name === 'scale');"
+                  f" w.value = '2'; n.onWidgetChanged?.('scale', '2', '4', w);"
+                  f" const b = n.widgets.find(w => w.name === 'block_batch'); b.value = '1';"
+                  f" n.onWidgetChanged?.('block_batch', '1', 'auto', b); }})()")
+    page.wait_for(f"{read}.__uniba.plan.out_width === 512 && {read}.__uniba.plan.batches_per_step > 1", timeout=30)
+    # a progress event (as ComfyUI sends during a run) marks finished blocks in the grid
+    node_id = page.evaluate(f"{read}.id")
+    page.evaluate(f"(() => {{ const n = {read}; const p = n.__uniba.plan; const calls = 2 * 20 - 1;"
+                  f" const per = p.batches_per_step; window.comfyAPI.api.api.dispatchCustomEvent('progress',"
+                  f" {{value: Math.floor(per / 2) + per * 3, max: calls * per, node: '{node_id}',"
+                  f" prompt_id: 'x'}}); }})()")
+    text = page.wait_for("(() => { const t = document.querySelector('.uniba-plan-text');"
+                         " return t && t.textContent.includes('Running') && t.textContent; })()", timeout=10)
+    assert "model call 4/39" in text, text
+    green = page.evaluate("(() => { const c = document.querySelector('.uniba-plan-grid');"
+                          " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let g = 0;"
+                          " for (let i = 0; i < d.length; i += 4) if (d[i+1] > 150 && d[i] < 120) g++; return g; })()")
+    assert green > 0, "no finished block drawn"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    _fit_view(page)
+    page.screenshot(ARTIFACTS / "plan_readout_progress.png")
+    assert _our_errors(page) == []

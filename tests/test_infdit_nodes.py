@@ -1,0 +1,76 @@
+"""The Inf-DiT nodes headless (issue item 9): inputs, loading from models/infdit, upscale, progress, cancel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_infdit import write_tiny_infdit
+from uniba_pack.nodes import host, infdit_nodes
+from uniba_pack.nodes.infdit_nodes import InfDiTLoader, InfDiTUpscale
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    write_tiny_infdit(tmp_path / "infdit")
+    monkeypatch.setenv("UNIBA_MODELS_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_input_contract():
+    loader = InfDiTLoader.INPUT_TYPES()["required"]
+    assert list(loader) == ["model_name", "dtype"] and loader["dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
+    up = InfDiTUpscale.INPUT_TYPES()["required"]
+    assert list(up) == ["model", "image", "scale", "steps", "seed", "block_batch", "offload_cache", "color_match"]
+    assert up["scale"][0] == ["4", "2", "8", "16"] and up["scale"][1]["default"] == "4"
+    assert up["steps"][1]["default"] == 20 and up["seed"][1]["default"] == 0
+    assert up["seed"][1]["control_after_generate"]
+    assert up["block_batch"][0] == ["auto"] + [str(n) for n in range(1, 17)]
+    assert up["offload_cache"][0] == ["auto", "on", "off"] and up["color_match"][0] == ["none", "wavelet"]
+    assert InfDiTLoader.RETURN_TYPES == ("INFDIT_MODEL",) and InfDiTUpscale.RETURN_TYPES == ("IMAGE",)
+    assert InfDiTLoader.CATEGORY == InfDiTUpscale.CATEGORY == "UniBA/Inf-DiT"
+    assert set(infdit_nodes.NODE_CLASS_MAPPINGS) == {"InfDiTLoader", "InfDiTUpscale"}
+
+
+def test_load_and_upscale_headless(models_dir):
+    assert InfDiTLoader.INPUT_TYPES()["required"]["model_name"][0] == ["infdit_tiny.safetensors"]
+    (patcher,) = InfDiTLoader().load("infdit_tiny.safetensors", "fp32")
+    image = torch.rand(1, 36, 40, 3)
+    (out,) = InfDiTUpscale().upscale(patcher, image, "4", 1, 0, "2", "off", "none")
+    assert out.shape == (1, 144, 160, 3) and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 1
+    (again,) = InfDiTUpscale().upscale(patcher, image, "4", 1, 0, "auto", "auto", "none")
+    assert (again - out).abs().max() <= 1e-5  # the same on any block batch
+    (rgba,) = InfDiTUpscale().upscale(patcher, torch.rand(1, 32, 32, 4), "2", 1, 0, "1", "on", "wavelet")
+    assert rgba.shape == (1, 64, 64, 4)
+
+
+def test_cancel_propagates_from_the_progress_callback(models_dir, monkeypatch):
+    (patcher,) = InfDiTLoader().load("infdit_tiny.safetensors", "auto")
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted
+
+    monkeypatch.setattr(host, "check_interrupt", check)
+    with pytest.raises(Interrupted):
+        InfDiTUpscale().upscale(patcher, torch.rand(1, 32, 32, 3), "4", 2, 0, "1", "auto", "none")
+    assert len(calls) == 3  # stopped at the block batch where Cancel was seen
+
+
+def test_missing_model_file_says_where_to_put_it(models_dir):
+    with pytest.raises(FileNotFoundError, match="models/infdit"):
+        InfDiTLoader().load("nope.safetensors", "auto")

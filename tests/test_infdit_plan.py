@@ -1,0 +1,72 @@
+"""The planner and ``python -m uniba plan infdit`` (issue item 7)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_infdit import TINY
+
+from uniba.cli import main
+from uniba.infdit import plan_upscale, release_config
+from uniba.infdit.plan import block_cache_bytes, passes_for_scale, weights_bytes
+from uniba.memory import GIB
+
+KEYS = {"out_height", "out_width", "passes", "grid_rows", "grid_cols", "block_px", "traversal", "block_batch",
+        "batches_per_step", "cache_bytes", "peak_bytes", "weights_bytes", "free_bytes", "fits", "offload_cache",
+        "steps_model_evals"}
+
+
+def test_release_figures_from_the_research_notes():
+    config = release_config()
+    assert block_cache_bytes(config, torch.bfloat16) == 28 * 2 * 1024 * 1280 * 2  # 146.8 MB per block
+    dit = weights_bytes(config.replace(clip=None), torch.bfloat16)
+    assert dit == (753_762_928 - 327_680 - 4_480) * 2
+
+
+def test_4096_fits_a_12gb_card_growing_with_the_side():
+    config = release_config()
+    plan = plan_upscale(config, 1024, 1024, 4, 12 * GIB)
+    data = plan.to_dict()
+    assert KEYS <= set(data) and json.loads(json.dumps(data)) == data
+    assert plan.fits and not plan.offload_cache and plan.block_batch[0] >= 1
+    assert (plan.grid_rows, plan.grid_cols, plan.block_px, plan.steps_model_evals) == (32, 32, 128, 39)
+    assert plan.peak_bytes <= 12 * GIB
+    # the cache grows with the side, not the area: 4x the side is well under 16x the cache
+    small = plan_upscale(config, 256, 256, 4, 12 * GIB, block_batch=1)
+    big = plan_upscale(config, 1024, 1024, 4, 12 * GIB, block_batch=1)
+    assert big.cache_bytes < 5 * small.cache_bytes
+
+
+def test_wide_images_traverse_column_major_and_small_budgets_offload():
+    config = release_config()
+    wide = plan_upscale(config, 256, 1024, 4, 24 * GIB)
+    assert wide.traversal == "column-major" and wide.out_width == 4096 and wide.out_height == 1024
+    tight = plan_upscale(config, 1024, 1024, 4, 6 * GIB)
+    assert tight.offload_cache and tight.fits
+    assert plan_upscale(config, 1024, 1024, 4, 6 * GIB, offload_cache="off", block_batch=1).fits is False
+    forced = plan_upscale(config, 256, 256, 4, None, block_batch=5, offload_cache="on")
+    assert forced.block_batch == (5, 5) and forced.offload_cache and forced.fits
+
+
+def test_passes_and_padding():
+    assert passes_for_scale(4) == [4] and passes_for_scale(2) == [2]
+    assert passes_for_scale(8) == [4, 2] and passes_for_scale(16) == [4, 4]
+    plan = plan_upscale(TINY, 35, 41, 8, None)
+    assert [p["scale"] for p in plan.passes] == [4, 2]
+    assert (plan.passes[0]["padded_height"], plan.passes[0]["padded_width"]) == (40, 48)
+    assert (plan.out_height, plan.out_width) == (280, 328)
+    with pytest.raises(ValueError, match="at least 32"):
+        plan_upscale(TINY, 16, 64, 4, None)
+    with pytest.raises(ValueError, match="scale"):
+        plan_upscale(TINY, 64, 64, 3, None)
+
+
+def test_cli_plan_prints_the_release_plan(capsys):
+    assert main(["plan", "infdit", "--size", "4096x4096", "--vram", "12GB"]) == 0
+    text = capsys.readouterr().out
+    assert "row-major" in text and "KV cache" in text and "fits" in text and "1 pass" in text
+    assert main(["plan", "infdit", "--size", "4096x4096", "--vram", "12GB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["out_width"] == 4096 and data["fits"]

@@ -1,0 +1,150 @@
+"""The public upscale(): sizes, padding, alpha, 2x trick, chaining, batches, seeds, bad inputs (items 5, 6, 12)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_infdit import TINY, random_state_dict, sat_state_dict
+
+from uniba.infdit import RopeWrapWarning, load_infdit, upscale
+from uniba.infdit.keys import ours_to_sat
+from uniba.infdit.model import upsample_lr
+from uniba.infdit.upscale import reflect_pad, sample_canvas
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_infdit({ours_to_sat(k): v for k, v in random_state_dict(TINY, seed=1).items()})
+
+
+def _image(h, w, c=3, seed=0):
+    return torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_seeded_upscale_equals_the_reference_procedure(model):
+    lr = _image(32, 64)
+    out = upscale(model, lr, steps=2, seed=7, block_batch=1)
+    noise = torch.randn((1, 3, 128, 256), generator=torch.Generator().manual_seed(7))
+    ref = sample_canvas(model, lr, clip_embedding=model.clip.embed(lr), noise=noise, steps=2).clamp(-1, 1)
+    assert out.shape == (1, 3, 128, 256)
+    assert (out - ref).abs().max().item() <= 1e-5
+    # independent of the block batch and of the cache placement
+    assert (upscale(model, lr, steps=2, seed=7, block_batch=2, offload_cache="on") - out).abs().max() <= 1e-5
+    assert not torch.equal(upscale(model, lr, steps=2, seed=8, block_batch=2), out)
+
+
+def test_noise_and_clip_embedding_replace_the_seeded_draws(model):
+    lr = _image(32, 32)
+    noise = torch.randn(1, 3, 128, 128)
+    emb = F.normalize(torch.randn(1, TINY.vector_dim), dim=-1)
+    out = upscale(model, lr, steps=1, noise=noise, clip_embedding=emb)
+    ref = sample_canvas(model, lr, clip_embedding=emb, noise=noise, steps=1).clamp(-1, 1)
+    assert torch.equal(out, ref)
+
+
+def test_inputs_that_are_not_whole_blocks_are_reflect_padded_and_cropped(model):
+    lr = _image(35, 41)  # blocks of 32 px output = 8 px input: pads to 40x48
+    out = upscale(model, lr, steps=1, seed=0)
+    assert out.shape == (1, 3, 140, 164)
+    padded = reflect_pad(lr, 40, 48)
+    assert torch.equal(padded[..., :35, :41], lr) and torch.equal(padded[..., 35:40, :41], lr.flip(-2)[..., 1:6, :])
+    noise = torch.randn((1, 3, 160, 192), generator=torch.Generator().manual_seed(0))
+    ref = sample_canvas(model, padded, clip_embedding=model.clip.embed(lr), noise=noise, steps=1)
+    assert (out - ref[..., :140, :164].clamp(-1, 1)).abs().max().item() <= 1e-5
+
+
+def test_alpha_is_upscaled_separately_and_reattached(model):
+    rgba = _image(32, 32, c=4)
+    out = upscale(model, rgba, steps=1, seed=3)
+    assert out.shape == (1, 4, 128, 128)
+    assert torch.equal(out[:, :3], upscale(model, rgba[:, :3], steps=1, seed=3))
+    alpha = F.interpolate(rgba[:, 3:], size=(128, 128), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert torch.allclose(out[:, 3:], alpha)
+
+
+def test_2x_uses_the_reference_trick(model):
+    lr = _image(32, 48)
+    out = upscale(model, lr, scale=2, steps=1, seed=0)
+    assert out.shape == (1, 3, 64, 96)
+    concat = upsample_lr(lr, 64, 96)
+    half = F.interpolate(lr, size=(16, 24), mode="bicubic", align_corners=False, antialias=True)
+    noise = torch.randn((1, 3, 64, 96), generator=torch.Generator().manual_seed(0))
+    ref = sample_canvas(model, half, concat_lr=concat, clip_embedding=model.clip.embed(half), noise=noise, steps=1)
+    assert (out - ref.clamp(-1, 1)).abs().max().item() <= 1e-5
+
+
+def test_8x_chains_4x_then_2x(model):
+    lr = _image(32, 32)
+    out = upscale(model, lr, scale=8, steps=1, seed=0)
+    assert out.shape == (1, 3, 256, 256)
+    gen = torch.Generator().manual_seed(0)
+    n1, n2 = torch.randn((1, 3, 128, 128), generator=gen), torch.randn((1, 3, 256, 256), generator=gen)
+    first = sample_canvas(model, lr, clip_embedding=model.clip.embed(lr), noise=n1, steps=1).clamp(-1, 1)
+    half = F.interpolate(first, size=(64, 64), mode="bicubic", align_corners=False, antialias=True)
+    second = sample_canvas(model, half, concat_lr=upsample_lr(first, 256, 256), clip_embedding=model.clip.embed(half),
+                           noise=n2, steps=1)
+    assert (out - second.clamp(-1, 1)).abs().max().item() <= 1e-5
+
+
+def test_a_batch_is_processed_image_by_image(model):
+    a, b = _image(32, 32, seed=1), _image(32, 32, seed=2)
+    both = upscale(model, torch.cat([a, b]), steps=1, seed=5)
+    assert torch.equal(both[:1], upscale(model, a, steps=1, seed=5))
+    assert both.shape == (2, 3, 128, 128) and not torch.equal(both[0], both[1])
+
+
+def test_progress_reports_every_block_batch_with_a_preview(model):
+    seen = []
+    upscale(model, _image(32, 64), steps=2, block_batch=2, progress=lambda d, t, p=None: seen.append((d, t, p)))
+    assert [d for d, _, _ in seen] == list(range(1, 25))  # 3 evals x 8 batches of 2x2 blocks (4x8 grid)
+    assert all(t == 24 for _, t, _ in seen)
+    assert seen[-1][2].shape == (3, 128, 256) and 0 <= seen[-1][2].min() and seen[-1][2].max() <= 1
+
+
+def test_wavelet_color_match_keeps_the_input_colours(model):
+    lr = _image(32, 32) * 0.3 + 0.4
+    plain = upscale(model, lr, steps=1, seed=0)
+    matched = upscale(model, lr, steps=1, seed=0, color_match="wavelet")
+    target = F.interpolate(lr, size=(128, 128), mode="bicubic", align_corners=False)
+    err = lambda x: (F.avg_pool2d(x, 16) - F.avg_pool2d(target, 16)).abs().mean()  # noqa: E731
+    assert err(matched) < err(plain)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.zeros(1, 3, 31, 64), "at least 32 px"),
+    (torch.zeros(1, 2, 64, 64), "3 or 4"),
+    (torch.zeros(64, 64), "3 or 4"),
+])
+def test_bad_inputs(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        upscale(model, bad, steps=1)
+
+
+def test_bad_options(model):
+    lr = _image(32, 32)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        upscale(model, lr, scale=3)
+    with pytest.raises(ValueError, match="color_match"):
+        upscale(model, lr, color_match="lab")
+    with pytest.raises(ValueError, match="noise must be"):
+        upscale(model, lr, steps=1, noise=torch.zeros(1, 3, 64, 64))
+    without_clip = load_infdit({ours_to_sat(k): v for k, v in random_state_dict(TINY.replace(clip=None)).items()})
+    with pytest.raises(ValueError, match="no CLIP image tower"):
+        upscale(without_clip, lr)
+
+
+def test_outputs_beyond_the_rope_table_warn_that_positions_wrap():
+    small_table = TINY.replace(rope_grid=32, clip=None)  # 128 px before positions wrap
+    model = load_infdit(sat_state_dict(small_table))  # the table size comes from the RoPE buffer's shape
+    assert model.config.rope_grid == 32
+    with pytest.warns(RopeWrapWarning, match="wrap"):
+        upscale(model, _image(40, 32), steps=1, clip_embedding=torch.ones(1, TINY.vector_dim) / 4)

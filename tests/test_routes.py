@@ -1,0 +1,142 @@
+"""The plan route answers what the InfDiTUpscale node will do: same planner, same dtype rule, same free memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from tiny_infdit import write_tiny_infdit
+
+from uniba.infdit import plan as planner
+from uniba_pack.nodes import infdit_nodes, routes
+
+GIB = 2**30
+
+
+def _query(**kw) -> dict[str, str]:
+    base = {"width": "1024", "height": "768", "scale": "4", "block_batch": "auto", "offload_cache": "auto"}
+    base.update({k: str(v) for k, v in kw.items()})
+    return base
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIBA_MODELS_DIR", str(tmp_path))
+    routes._config_cache.clear()
+    return tmp_path
+
+
+def test_release_plan_equals_the_planner(models_dir) -> None:
+    answer = routes.plan_for_query(_query(), free_bytes=lambda: 12 * GIB)
+    direct = planner.plan_upscale(planner.release_config(), 768, 1024, 4, 12 * GIB, dtype=torch.float32,
+                                  weights_resident=True).to_dict()
+    assert {k: answer[k] for k in direct} == direct
+    assert answer["model"] == "release" and answer["dtype"] == "float32"  # auto on the CPU is fp32
+    assert (answer["out_width"], answer["out_height"]) == (4096, 3072)
+    assert (answer["lr_width"], answer["lr_height"], answer["scale"]) == (1024, 768, 4)
+    assert json.loads(json.dumps(answer)) == answer  # plain JSON
+
+
+def test_free_memory_drives_block_batch_and_fit(models_dir) -> None:
+    roomy = routes.plan_for_query(_query(), free_bytes=lambda: 80 * GIB)
+    tight = routes.plan_for_query(_query(), free_bytes=lambda: 3 * GIB)
+    assert roomy["block_batch"][0] * roomy["block_batch"][1] > tight["block_batch"][0] * tight["block_batch"][1]
+    assert roomy["peak_bytes"] > tight["peak_bytes"]
+    forced = routes.plan_for_query(_query(block_batch=16, offload_cache="off"), free_bytes=lambda: 3 * GIB)
+    assert forced["fits"] is False and forced["offload_cache"] is False
+    offloaded = routes.plan_for_query(_query(block_batch=1, offload_cache="on"), free_bytes=lambda: 3 * GIB)
+    assert offloaded["offload_cache"] is True
+    sixteen = routes.plan_for_query(_query(scale=16, width=256, height=192), free_bytes=lambda: 12 * GIB)
+    assert len(sixteen["passes"]) == 2 and sixteen["out_width"] == 4096
+
+
+def test_model_file_config_is_read_from_its_header(models_dir) -> None:
+    path = write_tiny_infdit(models_dir / "infdit", "tiny.safetensors")
+    answer = routes.plan_for_query(_query(model="tiny.safetensors", width=64, height=48), free_bytes=lambda: GIB)
+    config = planner.config_for_file(path)
+    direct = planner.plan_upscale(config, 48, 64, 4, GIB, dtype=torch.float32, weights_resident=True).to_dict()
+    assert {k: answer[k] for k in direct} == direct
+    assert answer["model"] == "tiny.safetensors"
+    assert answer["block_px"] == config.block_px != planner.release_config().block_px
+
+
+def test_missing_model_falls_back_to_the_release_plan(models_dir) -> None:
+    answer = routes.plan_for_query(_query(model="Inf-DiT.safetensors"), free_bytes=lambda: 12 * GIB)
+    assert answer["model"].startswith("release (Inf-DiT.safetensors not found")
+    assert answer["block_px"] == planner.release_config().block_px
+
+
+def test_not_an_infdit_file_is_a_clear_error(models_dir) -> None:
+    from uniba.checkpoint import save_safetensors
+
+    (models_dir / "infdit").mkdir()
+    save_safetensors({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)},
+                     models_dir / "infdit" / "sdxl.safetensors")
+    with pytest.raises(routes.BadRequest, match="sdxl.safetensors"):
+        routes.plan_for_query(_query(model="sdxl.safetensors"), free_bytes=lambda: GIB)
+
+
+@pytest.mark.parametrize("query,message", [
+    ({"width": None}, "width is required"),
+    ({"width": "abc"}, "whole number"),
+    ({"height": "0"}, "between 1 and"),
+    ({"scale": "3"}, "scale must be one of"),
+    ({"block_batch": "0"}, "block_batch must be one of"),
+    ({"offload_cache": "maybe"}, "offload_cache must be one of"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"width": "16"}, "at least"),  # the planner's own minimum size
+])
+def test_bad_queries_name_the_input(models_dir, query, message) -> None:
+    q = _query(**{k: v for k, v in query.items() if v is not None})
+    for k, v in query.items():
+        if v is None:
+            q.pop(k)
+    with pytest.raises(routes.BadRequest, match=message):
+        routes.plan_for_query(q, free_bytes=lambda: GIB)
+
+
+def test_route_offers_exactly_the_node_choices() -> None:
+    spec = infdit_nodes.InfDiTUpscale.INPUT_TYPES()["required"]
+    assert list(routes.SCALES) == list(spec["scale"][0])
+    assert list(routes.BLOCK_BATCHES) == list(spec["block_batch"][0])
+    assert list(routes.OFFLOAD) == list(spec["offload_cache"][0])
+    assert list(routes.DTYPES) == list(infdit_nodes.InfDiTLoader.INPUT_TYPES()["required"]["dtype"][0])
+
+
+def test_node_runs_the_plan_the_route_shows(models_dir, monkeypatch) -> None:
+    write_tiny_infdit(models_dir / "infdit", "tiny.safetensors")
+    free = 2 * GIB
+    monkeypatch.setattr(infdit_nodes.host, "free_memory", lambda device=None: free)
+    seen = []
+    real = infdit_nodes.plan_upscale
+
+    def spy(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        seen.append(plan.to_dict())
+        return plan
+
+    monkeypatch.setattr(infdit_nodes, "plan_upscale", spy)
+    (model,) = infdit_nodes.InfDiTLoader().load("tiny.safetensors", "auto")
+    image = torch.rand(1, 40, 56, 3)
+    (out,) = infdit_nodes.InfDiTUpscale().upscale(model, image, scale="4", steps=1, seed=0, block_batch="2")
+    assert tuple(out.shape) == (1, 160, 224, 3)
+    answer = routes.plan_for_query(_query(model="tiny.safetensors", width=56, height=40, block_batch=2),
+                                   free_bytes=lambda: free)
+    assert seen and {k: answer[k] for k in seen[0]} == seen[0]
+
+
+def test_handler_answers_json(models_dir) -> None:
+    pytest.importorskip("aiohttp")
+    from aiohttp.test_utils import make_mocked_request
+
+    ok = asyncio.run(routes.infdit_plan(make_mocked_request("GET", "/uniba/infdit/plan?width=512&height=512")))
+    assert ok.status == 200 and json.loads(ok.body)["out_width"] == 2048
+    bad = asyncio.run(routes.infdit_plan(make_mocked_request("GET", "/uniba/infdit/plan?width=512")))
+    assert bad.status == 400 and "height is required" in json.loads(bad.body)["error"]
+
+
+def test_route_registers_only_inside_comfyui() -> None:
+    assert routes.register() is False
+    assert routes.PLAN_ROUTE == "/uniba/infdit/plan"

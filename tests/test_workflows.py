@@ -1,0 +1,194 @@
+"""The sample workflows match the node definitions: the pack's classes and a recorded core snapshot."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+
+import pytest
+import workflow_tools as wt
+from uniba_pack.nodes import NODE_CLASS_MAPPINGS
+
+EXPECTED = {
+    "sana_1024_to_4096_infdit", "sana_4k_native", "sdxl_hidiffusion_2048", "sdxl_hidiffusion_to_4096_infdit",
+    "upscale_render_4x",
+}
+
+
+@pytest.fixture(scope="module")
+def defs() -> dict:
+    return wt.node_definitions(NODE_CLASS_MAPPINGS)
+
+
+def _load(name: str) -> dict:
+    return wt.load_workflow(f"{name}.json")
+
+
+def _widgets(workflow: dict, node_type: str, defs: dict, index: int = 0) -> dict:
+    node = wt.nodes_of_type(workflow, node_type)[index]
+    return wt.widget_values_by_name(node, defs[node_type])
+
+
+def test_the_five_workflows_are_shipped() -> None:
+    assert {p.stem for p in wt.workflow_files()} == EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_workflow_matches_node_definitions(name: str, defs: dict) -> None:
+    workflow = _load(name)
+    assert workflow["version"] == 0.4 and isinstance(workflow["links"], list)
+    uuid.UUID(workflow["id"])  # the frontend's schema rejects a workflow whose id is not a UUID
+    assert wt.validate_workflow(workflow, defs) == []
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_workflow_has_a_note_naming_models_and_downloads(name: str, defs: dict) -> None:
+    workflow = _load(name)
+    notes = [n for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    assert "models/" in text and "https://" in text
+    pack_types = {n["type"] for n in workflow["nodes"]} & set(NODE_CLASS_MAPPINGS)
+    if pack_types & {"InfDiTLoader"}:
+        assert "models/infdit" in text
+    if pack_types & {"SanaDiTLoader"}:
+        assert "models/diffusion_models" in text and "models/text_encoders" in text and "models/vae" in text
+    if any(n["type"] == "CheckpointLoaderSimple" for n in workflow["nodes"]):
+        assert "models/checkpoints" in text
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_api_conversion_gives_every_required_input(name: str, defs: dict) -> None:
+    prompt = wt.to_api(_load(name), defs)
+    assert prompt, "empty prompt"
+    for node_id, node in prompt.items():
+        node_def = defs[node["class_type"]]
+        for input_name in node_def["input"].get("required", {}):
+            assert input_name in node["inputs"], f"{node_id} {node['class_type']} misses {input_name}"
+        for input_name, value in node["inputs"].items():
+            assert wt.input_spec(node_def, input_name) is not None, f"{node['class_type']} has no {input_name}"
+            if isinstance(value, list):
+                assert value[0] in prompt, f"{node_id}.{input_name} links to a node that is not queued"
+        assert all(v not in wt.SEED_CONTROL_VALUES for k, v in node["inputs"].items() if k.endswith("seed"))
+
+
+def test_sana_1024_to_4096_settings(defs: dict) -> None:
+    w = _load("sana_1024_to_4096_infdit")
+    latent = _widgets(w, "SanaEmptyLatent", defs)
+    assert (latent["width"], latent["height"]) == (1024, 1024)
+    sampler = _widgets(w, "SanaSampler", defs)
+    assert (sampler["steps"], sampler["cfg"], sampler["solver"]) == (20, 4.5, "flow_dpm_solver")
+    assert _widgets(w, "InfDiTUpscale", defs)["scale"] == "4"
+    prompt = wt.to_api(w, defs)
+    upscale = next(n for n in prompt.values() if n["class_type"] == "InfDiTUpscale")
+    decode_id = upscale["inputs"]["image"][0]
+    assert prompt[decode_id]["class_type"] == "SanaVAEDecode"
+    save = next(n for n in prompt.values() if n["class_type"] == "SaveImage")
+    assert prompt[save["inputs"]["images"][0]]["class_type"] == "InfDiTUpscale"
+
+
+def test_sana_4k_settings(defs: dict) -> None:
+    w = _load("sana_4k_native")
+    latent = _widgets(w, "SanaEmptyLatent", defs)
+    assert (latent["width"], latent["height"]) == (4096, 4096)
+    assert "4K" in _widgets(w, "SanaDiTLoader", defs)["unet_name"]
+    assert _widgets(w, "SanaVAEDecode", defs)["tile_size"] == 0  # 0 = tiles chosen from free memory
+    assert _widgets(w, "SanaSampler", defs)["solver"] == "flow_dpm_solver"
+
+
+@pytest.mark.parametrize("name,scale", [("sdxl_hidiffusion_2048", None), ("sdxl_hidiffusion_to_4096_infdit", "2")])
+def test_sdxl_hidiffusion_settings(name: str, scale: str | None, defs: dict) -> None:
+    w = _load(name)
+    latent = _widgets(w, "EmptyLatentImage", defs)
+    assert (latent["width"], latent["height"]) == (2048, 2048)
+    patch = _widgets(w, "HiDiffusionPatch", defs)
+    assert patch["raunet"] is True and patch["msw_msa"] is True
+    prompt = wt.to_api(w, defs)
+    ksampler = next(n for n in prompt.values() if n["class_type"] == "KSampler")
+    assert prompt[ksampler["inputs"]["model"][0]]["class_type"] == "HiDiffusionPatch"
+    if scale:
+        assert _widgets(w, "InfDiTUpscale", defs)["scale"] == scale
+    else:
+        assert not wt.nodes_of_type(w, "InfDiTUpscale")
+
+
+def test_upscale_render_chain(defs: dict) -> None:
+    prompt = wt.to_api(_load("upscale_render_4x"), defs)
+    assert sorted(n["class_type"] for n in prompt.values()) == ["InfDiTLoader", "InfDiTUpscale", "LoadImage",
+                                                                 "SaveImage"]
+    upscale = next(n for n in prompt.values() if n["class_type"] == "InfDiTUpscale")
+    assert upscale["inputs"]["scale"] == "4"
+    assert prompt[upscale["inputs"]["image"][0]]["class_type"] == "LoadImage"
+
+
+def test_seed_control_values_follow_seeds(defs: dict) -> None:
+    w = _load("upscale_render_4x")
+    node = wt.nodes_of_type(w, "InfDiTUpscale")[0]
+    slots = wt.widget_slots(defs["InfDiTUpscale"])
+    seed_at = slots.index(("seed", "value"))
+    assert slots[seed_at + 1] == ("seed", "control")
+    assert node["widgets_values"][seed_at + 1] in wt.SEED_CONTROL_VALUES
+    load = wt.nodes_of_type(w, "LoadImage")[0]
+    assert load["widgets_values"] == ["example.png", "image"]  # file name + the upload button's value
+
+
+# --------------------------------------------------------------------------- the checker itself catches mistakes
+
+def _broken(mutate) -> list[str]:
+    defs = wt.node_definitions(NODE_CLASS_MAPPINGS)
+    workflow = copy.deepcopy(_load("sana_1024_to_4096_infdit"))
+    mutate(workflow)
+    return wt.validate_workflow(workflow, defs)
+
+
+def _node(workflow: dict, node_type: str) -> dict:
+    return wt.nodes_of_type(workflow, node_type)[0]
+
+
+def test_checker_flags_unknown_node_type() -> None:
+    errors = _broken(lambda w: _node(w, "SanaSampler").update(type="SanaSamplerOld"))
+    assert any("unknown node type" in e for e in errors)
+
+
+def test_checker_flags_mismatched_link() -> None:
+    def mutate(w: dict) -> None:
+        link = next(link for link in w["links"] if link[5] == "VAE")
+        link[1], link[2] = _node(w, "SanaDiTLoader")["id"], 0  # MODEL into a VAE input
+    errors = _broken(mutate)
+    assert any("MODEL" in e and "vae" in e for e in errors)
+
+
+def test_checker_flags_bad_widget_values() -> None:
+    defs = wt.node_definitions(NODE_CLASS_MAPPINGS)
+    slots = wt.widget_slots(defs["SanaSampler"])
+
+    def set_value(name: str, role: str, value) -> list[str]:
+        return _broken(lambda w: _node(w, "SanaSampler")["widgets_values"].__setitem__(slots.index((name, role)),
+                                                                                       value))
+
+    assert any("solver" in e for e in set_value("solver", "value", "dpmpp_2m"))
+    assert any("steps" in e for e in set_value("steps", "value", 0))
+    assert any("steps" in e for e in set_value("steps", "value", 2.5))
+    assert any("control_after_generate" in e for e in set_value("seed", "control", "sometimes"))
+    assert _broken(lambda w: _node(w, "SanaSampler")["widgets_values"].pop())  # one value short
+
+
+def test_checker_flags_unconnected_required_input() -> None:
+    def mutate(w: dict) -> None:
+        node = _node(w, "InfDiTUpscale")
+        image = next(i for i in node["inputs"] if i["name"] == "image")
+        w["links"] = [link for link in w["links"] if link[0] != image["link"]]
+        image["link"] = None
+    assert any("'image' is not connected" in e for e in _broken(mutate))
+
+
+def test_checker_accepts_any_model_file_name(defs: dict) -> None:
+    assert wt.check_widget_value("InfDiTLoader", "model_name", [], {}, "my-own.safetensors") is None
+    assert wt.check_widget_value("InfDiTLoader", "model_name", [], {}, "") is not None
+
+
+def test_core_snapshot_is_recorded() -> None:
+    snapshot = json.loads(wt.CORE_SNAPSHOT.read_text(encoding="utf-8"))
+    assert {"KSampler", "CheckpointLoaderSimple", "SaveImage", "LoadImage", "VAEDecode"} <= set(snapshot)
+    assert not set(snapshot) & set(NODE_CLASS_MAPPINGS), "a pack node id collides with a core node"

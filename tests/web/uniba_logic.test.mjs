@@ -1,0 +1,177 @@
+// Pure logic of the frontend extension, run with Node's built-in test runner: node --test tests/web/
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import {
+  batchOrder, batchesPerPass, batchesPerStep, blockBatchShape, estimateImageSize, formatBytes, formatPlan, gridLayout,
+  modelCalls, passCount, planQuery, progressState, traversalAxis,
+} from "../../web/js/uniba_logic.js";
+
+// the shape of uniba.infdit.plan.UpscalePlan.to_dict() (a 384x256 input, 4x)
+const PASS_4X = { scale: 4, in_height: 256, in_width: 384, padded_height: 256, padded_width: 384, out_height: 1024,
+  out_width: 1536, canvas_height: 1024, canvas_width: 1536 };
+const PLAN = {
+  out_height: 1024, out_width: 1536, passes: [PASS_4X], grid_rows: 8, grid_cols: 12, block_px: 128,
+  traversal: "row-major", block_batch: [2, 4], batches_per_step: 12, cache_bytes: 3 * 2 ** 30,
+  peak_bytes: 9.5 * 2 ** 30, weights_bytes: 2 * 2 ** 30, free_bytes: 11 * 2 ** 30, fits: true,
+  offload_cache: false, steps_model_evals: 39, rope_wraps: false,
+};
+
+test("formatBytes picks binary units", () => {
+  assert.equal(formatBytes(0), "0 B");
+  assert.equal(formatBytes(1536), "1.5 KiB");
+  assert.equal(formatBytes(9.5 * 2 ** 30), "9.5 GiB");
+  assert.equal(formatBytes(300 * 2 ** 20), "300 MiB");
+  assert.equal(formatBytes(undefined), "?");
+  assert.equal(formatBytes(-2048), "-2.0 KiB");
+});
+
+test("traversal and block batch shapes", () => {
+  assert.equal(traversalAxis("row-major"), "rows");
+  assert.equal(traversalAxis("column-major"), "columns");
+  assert.equal(traversalAxis("columns"), "columns");
+  assert.deepEqual(blockBatchShape({ block_batch: [2, 4] }), [2, 4]);
+  assert.deepEqual(blockBatchShape({ block_batch: 3 }), [3, 3]);
+  assert.equal(batchesPerStep({ ...PLAN, batches_per_step: undefined }), 4 * 3);
+  // ragged edge: 5 rows in batches of 2 -> 3 batch rows
+  assert.equal(batchesPerStep({ grid_rows: 5, grid_cols: 5, block_batch: [2, 2] }), 9);
+});
+
+test("batch order covers every block once, in traversal order", () => {
+  for (const traversal of ["row-major", "column-major"]) {
+    const plan = { grid_rows: 5, grid_cols: 7, block_batch: [2, 3], traversal };
+    const order = batchOrder(plan);
+    assert.equal(order.length, 3 * 3);
+    const seen = new Set(order.flat().map(([r, c]) => `${r},${c}`));
+    assert.equal(seen.size, 35);
+    assert.equal(order.flat().length, 35);
+    // the second batch moves along the traversal axis
+    assert.deepEqual(order[1][0], traversal === "row-major" ? [0, 3] : [2, 0]);
+    // ragged corner batch is 1x1 (row 4, col 6)
+    assert.deepEqual(order[order.length - 1], [[4, 6]]);
+  }
+});
+
+test("passes and model calls", () => {
+  assert.equal(passCount(PLAN), 1);
+  assert.equal(passCount({ passes: 2 }), 2);
+  assert.equal(modelCalls(PLAN, 20), 39); // Heun: two calls per step, one for the last
+  assert.equal(modelCalls(PLAN, undefined), 39);
+  const twoPass = { ...PLAN, passes: [{ ...PASS_4X, canvas_height: 256, canvas_width: 384 }, PASS_4X] };
+  assert.deepEqual(batchesPerPass(twoPass), [Math.ceil(2 / 2) * Math.ceil(3 / 3), 12]);
+});
+
+test("progress ticks per block batch per model call mark exactly the finished batches", () => {
+  const calls = 39;
+  const max = calls * 12;
+  const start = progressState(PLAN, 0, max, 20);
+  assert.equal(start.doneBatches, 0);
+  assert.equal(start.call, 1);
+  assert.equal(start.calls, 39);
+  assert.ok(start.done.flat().every((d) => !d));
+
+  // third model call, five batches done: rows 0-1 fully (3 batches of 2x4 = 12 cols) + 2 batches of rows 2-3
+  const mid = progressState(PLAN, 2 * 12 + 5, max, 20);
+  assert.equal(mid.call, 3);
+  assert.equal(mid.doneBatches, 5);
+  assert.equal(mid.done.flat().filter(Boolean).length, 5 * 8);
+  assert.equal(mid.done[0][11], true);
+  assert.equal(mid.done[3][7], true);
+  assert.equal(mid.done[3][8], false);
+  assert.equal(mid.done[4][0], false);
+
+  const end = progressState(PLAN, max, max, 20);
+  assert.equal(end.call, calls);
+  assert.ok(end.done.flat().every(Boolean));
+});
+
+test("coarse or overflowing progress stays in range; earlier passes leave the last grid empty", () => {
+  const coarse = progressState(PLAN, 1, 2, 20); // half way
+  assert.ok(coarse.call >= 19 && coarse.call <= 21);
+  const over = progressState(PLAN, 25, 20, 20);
+  assert.ok(over.done.flat().every(Boolean));
+  const twoPass = { ...PLAN, passes: [{ ...PASS_4X, canvas_height: 256, canvas_width: 384 }, PASS_4X] };
+  // pass 1 has 1 batch per call (39 ticks), pass 2 has 12 per call (468 ticks)
+  const first = progressState(twoPass, 20, 39 + 468, 20);
+  assert.equal(first.pass, 1);
+  assert.equal(first.passes, 2);
+  assert.ok(first.done.flat().every((d) => !d));
+  const second = progressState(twoPass, 39 + 12 + 3, 39 + 468, 20);
+  assert.equal(second.pass, 2);
+  assert.equal(second.call, 2);
+  assert.equal(second.doneBatches, 3);
+});
+
+test("grid layout keeps the aspect ratio and fits the box", () => {
+  const g = gridLayout(PLAN, 240, 100);
+  assert.equal(g.cell, 12); // min(240/12, 100/8) -> 12
+  assert.equal(g.cells.length, 96);
+  assert.equal(g.width, 144);
+  assert.equal(g.height, 96);
+  for (const c of g.cells) {
+    assert.ok(c.x >= 0 && c.y >= 0 && c.x + c.w <= 240 && c.y + c.h <= 100);
+  }
+  const last = g.cells[g.cells.length - 1];
+  assert.equal(last.row, 7);
+  assert.equal(last.col, 11);
+  assert.equal(last.x, g.x + 11 * 12);
+});
+
+test("formatPlan reports grid, batch, passes, peak and fit", () => {
+  const out = formatPlan(PLAN);
+  assert.equal(out.fits, true);
+  const text = out.lines.join("\n");
+  assert.match(text, /1536×1024 px, 1 pass \(4x\)/);
+  assert.match(text, /Blocks 12×8 of 128 px/);
+  assert.match(text, /Block batch 4×2 \(12 per model call\)/);
+  assert.match(text, /Peak ≈ 9\.5 GiB/);
+  assert.match(text, /Fits: 11\.0 GiB free/);
+
+  const tooBig = formatPlan({ ...PLAN, fits: false, free_bytes: 4 * 2 ** 30, offload_cache: true,
+    passes: [PASS_4X, PASS_4X], rope_wraps: true });
+  assert.equal(tooBig.status, "too-big");
+  assert.match(tooBig.lines.join("\n"), /Does not fit: 4\.0 GiB free/);
+  assert.match(tooBig.lines.join("\n"), /2 passes \(4x \+ 4x\)/);
+  assert.match(tooBig.lines.join("\n"), /positions wrap/);
+  assert.match(tooBig.lines.join("\n"), /offloaded/);
+  const missing = formatPlan({ ...PLAN, model: "release (Inf-DiT.safetensors not found in models/infdit)" });
+  assert.match(missing.lines.at(-1), /released model: Inf-DiT\.safetensors not found in models\/infdit$/);
+  assert.equal(formatPlan({ error: "no model" }).status, "error");
+  assert.equal(formatPlan(null).status, "unknown");
+});
+
+test("planQuery encodes inputs and waits for a size", () => {
+  assert.equal(planQuery({ model: "a b.safetensors", width: 0, height: 512 }), null);
+  const q = planQuery({ model: "a b.safetensors", dtype: "bf16", width: 1024, height: 768, scale: "4",
+    block_batch: "auto", offload_cache: "on" });
+  const url = new URL(q, "http://x");
+  assert.equal(url.pathname, "/uniba/infdit/plan");
+  assert.equal(url.searchParams.get("model"), "a b.safetensors");
+  assert.equal(url.searchParams.get("width"), "1024");
+  assert.equal(url.searchParams.get("height"), "768");
+  assert.equal(url.searchParams.get("offload_cache"), "on");
+});
+
+function fakeNode(type, widgets = {}, inputs = {}, size = null) {
+  return { type, widget: (n) => widgets[n], input: (n) => inputs[n] ?? null, imageSize: () => size };
+}
+
+test("estimateImageSize walks the graph upstream", () => {
+  const latent = fakeNode("SanaEmptyLatent", { width: 1024, height: 768 });
+  const sampler = fakeNode("SanaSampler", {}, { latent_image: latent });
+  const decode = fakeNode("SanaVAEDecode", {}, { samples: sampler });
+  assert.deepEqual(estimateImageSize(decode), [1024, 768]);
+
+  const sdxl = fakeNode("VAEDecode", {}, { samples: fakeNode("KSampler", {}, {
+    latent_image: fakeNode("EmptyLatentImage", { width: 2048, height: 2048 }) }) });
+  const scaled = fakeNode("ImageScaleBy", { scale_by: 0.5 }, { image: sdxl });
+  assert.deepEqual(estimateImageSize(scaled), [1024, 1024]);
+  const up = fakeNode("InfDiTUpscale", { scale: "2" }, { image: sdxl });
+  assert.deepEqual(estimateImageSize(up), [4096, 4096]);
+
+  assert.deepEqual(estimateImageSize(fakeNode("LoadImage", {}, {}, [640, 480])), [640, 480]);
+  assert.equal(estimateImageSize(fakeNode("LoadImage")), null);
+  assert.equal(estimateImageSize(fakeNode("SomethingElse")), null);
+  assert.equal(estimateImageSize(null), null);
+  assert.deepEqual(estimateImageSize(fakeNode("Reroute", {}, { "": latent })), [1024, 768]);
+});

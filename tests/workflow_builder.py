@@ -1,0 +1,312 @@
+"""Writes the sample workflows in ``workflows/`` (UI format) from short descriptions.
+
+Run ``python tests/workflow_builder.py`` after a node's inputs change: widget values are given by input
+name here and laid out positionally from the node definitions (the pack's classes + the core snapshot),
+with seed control values where the frontend adds them, so the files always match the nodes.
+Hand edits in ComfyUI (moving nodes) are fine; rerunning the builder overwrites them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import workflow_tools as wt  # noqa: E402
+
+SANA_1K = "Sana_1600M_1024px_BF16.pth"
+SANA_4K = "Sana_1600M_4Kpx_BF16.pth"
+GEMMA = "gemma-2-2b-it"
+DCAE = "dc-ae-f32c32-sana-1.1.safetensors"
+INFDIT = "Inf-DiT.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+
+PROMPT = ("A cozy alpine village at dawn, snow on the roofs, warm light in the windows, a frozen lake in the "
+          "foreground reflecting the mountains, ultra detailed, sharp focus, 8k photograph")
+NEGATIVE_SDXL = "blurry, lowres, jpeg artifacts, watermark, text, deformed"
+
+INFDIT_NOTE = """\
+**Inf-DiT** (models/infdit/): the released checkpoint `mp_rank_00_model_states.pt` from the
+[Inf-DiT README](https://github.com/zai-org/Inf-DiT) (Tsinghua cloud link; about 2.5 GB). Put it in
+`ComfyUI/models/infdit/` (a converted `.safetensors` works too) and press *Refresh*.
+The readout under **Inf-DiT Upscale** shows the block grid, the block batch chosen from your free VRAM,
+the passes and the estimated peak memory before you run; during the run it shows which blocks are done.
+If it says *does not fit*, lower `block_batch` or set `offload_cache` to `on`."""
+
+SANA_TE_VAE_NOTE = """\
+**Gemma-2 text encoder** (models/text_encoders/): the whole Hugging Face folder
+[Efficient-Large-Model/gemma-2-2b-it](https://huggingface.co/Efficient-Large-Model/gemma-2-2b-it)
+(config.json, tokenizer and safetensors) as `ComfyUI/models/text_encoders/gemma-2-2b-it/`.
+**DC-AE** (models/vae/): `model.safetensors` of
+[mit-han-lab/dc-ae-f32c32-sana-1.1](https://huggingface.co/mit-han-lab/dc-ae-f32c32-sana-1.1),
+saved as `ComfyUI/models/vae/dc-ae-f32c32-sana-1.1.safetensors` (the diffusers `-diffusers` layout works too)."""
+
+SDXL_NOTE = """\
+**SDXL base 1.0** (models/checkpoints/): `sd_xl_base_1.0.safetensors` from
+[stabilityai/stable-diffusion-xl-base-1.0](https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0).
+Any SDXL fine-tune works; set `model_variant` to `sdxl_turbo` for Turbo models.
+**HiDiffusion** needs no weights: it patches the UNet (RAU-Net for the early steps, MSW-MSA window
+attention) so SDXL renders 2048 px without repeated objects. Ancestral samplers work best with it."""
+
+NOTES = {
+    "sana_1024_to_4096_infdit": f"""\
+# Sana 1.6B 1024 px -> Inf-DiT 4x -> 4096 px
+
+Sana renders 1024x1024 in 20 Flow-DPM-Solver steps (CFG 4.5), the DC-AE decodes it, Inf-DiT adds
+4x detail block by block (memory grows with the width, not the area) and the result is saved at 4096x4096.
+About 12 GB of VRAM is enough: each model is unloaded before the next one runs.
+
+**Sana 1.6B 1024px** (models/diffusion_models/): `{SANA_1K}` from
+[Efficient-Large-Model/Sana_1600M_1024px_BF16](https://huggingface.co/Efficient-Large-Model/Sana_1600M_1024px_BF16)
+(`checkpoints/` folder). Other 1024 px Sana releases (fp16, MultiLing) work too.
+
+{SANA_TE_VAE_NOTE}
+
+{INFDIT_NOTE}
+""",
+    "sana_4k_native": f"""\
+# Sana 4K, native 4096 px
+
+The Sana 1.6B 4K model samples a 128x128 DC-AE latent directly (Flow-DPM-Solver, 20 steps, CFG 4.5;
+the shift is chosen for the resolution when `shift` is 0). The DC-AE decode is tiled
+(`tile_size` 0 = chosen from free memory) so the 4096 px image decodes on a 12-16 GB card.
+
+**Sana 1.6B 4Kpx** (models/diffusion_models/): `{SANA_4K}` from
+[Efficient-Large-Model/Sana_1600M_4Kpx_BF16](https://huggingface.co/Efficient-Large-Model/Sana_1600M_4Kpx_BF16)
+(`checkpoints/` folder). It is a bf16 release: keep `weight_dtype` on auto/bf16 (fp16 overflows).
+
+{SANA_TE_VAE_NOTE}
+""",
+    "sdxl_hidiffusion_2048": f"""\
+# SDXL + HiDiffusion, 2048 px
+
+Plain SDXL at 2048x2048 repeats objects; **HiDiffusion Patch** fixes that without training and is faster
+than the unpatched model. Keep `raunet` and `msw_msa` on; `model_variant` auto detects SD1.5/SD2.1/SDXL.
+
+{SDXL_NOTE}
+""",
+    "sdxl_hidiffusion_to_4096_infdit": f"""\
+# SDXL + HiDiffusion 2048 px -> Inf-DiT 2x -> 4096 px
+
+SDXL with HiDiffusion renders 2048x2048, then Inf-DiT in its 2x mode adds detail up to 4096x4096.
+The 2048 px image is also shown in the preview node.
+
+{SDXL_NOTE}
+
+{INFDIT_NOTE}
+""",
+    "upscale_render_4x": f"""\
+# Upscale a render 4x with Inf-DiT
+
+Load any image (a render, a photo, a generated image) and Inf-DiT upscales it 4x, e.g. 1024 -> 4096 px.
+It generates new detail (it is a diffusion model) while staying faithful to the input; `color_match`
+wavelet keeps the input's colours exactly. Sides are padded to whole 128 px blocks and cropped back.
+Use `scale` 16 for two 4x passes (memory still grows only with the width).
+
+{INFDIT_NOTE}
+""",
+}
+
+
+@dataclass
+class N:
+    """One node of a workflow description: widget values by input name, links by input name."""
+
+    id: int
+    type: str
+    pos: tuple[float, float]
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)  # input name -> (source id, output slot)
+    title: str | None = None
+    size: tuple[float, float] | None = None
+
+
+def _note(id_: int, text: str, pos: tuple[float, float]) -> N:
+    return N(id_, "MarkdownNote", pos, {"text": text}, title="Read me: models and downloads", size=(460, 560))
+
+
+def build(name: str, spec: list[N], defs: dict[str, Any]) -> dict[str, Any]:
+    by_id = {n.id: n for n in spec}
+    links: list[list[Any]] = []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    inputs_of: dict[int, list[dict[str, Any]]] = {}
+    for node in spec:
+        if node.type in ("MarkdownNote", "Note"):
+            continue
+        node_def = defs[node.type]
+        socket_inputs = []
+        for inp_name, kind, opts, _req in wt._ordered_inputs(node_def):
+            if wt._is_widget(kind, opts) and inp_name not in node.links:
+                continue
+            entry: dict[str, Any] = {"name": inp_name, "type": kind if isinstance(kind, str) else "COMBO",
+                                     "link": None}
+            if wt._is_widget(kind, opts):
+                entry["widget"] = {"name": inp_name}
+            if inp_name in node.links:
+                src, slot = node.links[inp_name]
+                link_id = len(links) + 1
+                out_type = defs[by_id[src].type]["output"][slot]
+                links.append([link_id, src, slot, node.id, len(socket_inputs), out_type])
+                entry["link"] = link_id
+                out_links.setdefault((src, slot), []).append(link_id)
+            socket_inputs.append(entry)
+        inputs_of[node.id] = socket_inputs
+
+    nodes = []
+    for order, node in enumerate(spec):
+        if node.type in ("MarkdownNote", "Note"):
+            nodes.append({"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size),
+                          "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [],
+                          "title": node.title, "properties": {}, "widgets_values": [node.widgets["text"]],
+                          "color": "#432", "bgcolor": "#653"})
+            continue
+        node_def = defs[node.type]
+        values = []
+        for inp_name, role in wt.widget_slots(node_def):
+            if role == "control":
+                values.append(node.widgets.get(f"{inp_name}:control", "fixed"))
+            elif role == "upload":
+                values.append("image")
+            else:
+                if inp_name not in node.widgets:
+                    kind, opts, _ = wt.input_spec(node_def, inp_name)
+                    default = opts.get("default", kind[0] if isinstance(kind, list) and kind else None)
+                    values.append(default)
+                else:
+                    values.append(node.widgets[inp_name])
+        outputs = [{"name": oname, "type": otype, "links": out_links.get((node.id, slot), []), "slot_index": slot}
+                   for slot, (otype, oname) in enumerate(zip(node_def["output"], node_def["output_name"],
+                                                             strict=True))]
+        n_widgets = len(wt.widget_slots(node_def))
+        height = 46 + 24 * max(len(inputs_of[node.id]), len(outputs)) + 26 * n_widgets
+        if node.type == "InfDiTUpscale":
+            height += 240  # the plan readout
+        entry = {"id": node.id, "type": node.type, "pos": list(node.pos),
+                 "size": list(node.size or (340, height)), "flags": {}, "order": order, "mode": 0,
+                 "inputs": inputs_of[node.id], "outputs": outputs,
+                 "properties": {"Node name for S&R": node.type}, "widgets_values": values}
+        if node.title:
+            entry["title"] = node.title
+        nodes.append(entry)
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/uniba-ultrares/ComfyUI-UniBA/{name}")),
+        "revision": 0, "last_node_id": max(by_id), "last_link_id": len(links),
+        "nodes": nodes, "links": links, "groups": [], "config": {},
+        "extra": {"ds": {"scale": 0.6, "offset": [40, 60]}, "uniba": {"workflow": name}},
+        "version": 0.4,
+    }
+
+
+def _sana_text_to_latent(first_id: int, unet: str, width: int, height: int, x0: float) -> list[N]:
+    i = first_id
+    return [
+        N(i, "SanaDiTLoader", (x0, 0), {"unet_name": unet, "weight_dtype": "auto"}),
+        N(i + 1, "SanaTextEncoderLoader", (x0, 170), {"model_name": GEMMA, "dtype": "auto"}),
+        N(i + 2, "SanaTextEncode", (x0 + 380, 0), {"text": PROMPT, "use_chi": True},
+          links={"text_encoder": (i + 1, 0)}, title="Positive prompt", size=(400, 220)),
+        N(i + 3, "SanaTextEncode", (x0 + 380, 260), {"text": "", "use_chi": False},
+          links={"text_encoder": (i + 1, 0)}, title="Negative prompt", size=(400, 180)),
+        N(i + 4, "SanaEmptyLatent", (x0, 340), {"width": width, "height": height, "batch_size": 1}),
+        N(i + 5, "SanaSampler", (x0 + 820, 0),
+          {"seed": 42, "seed:control": "fixed", "steps": 20, "cfg": 4.5, "solver": "flow_dpm_solver", "shift": 0.0,
+           "denoise": 1.0},
+          links={"model": (i, 0), "positive": (i + 2, 0), "negative": (i + 3, 0), "latent_image": (i + 4, 0)}),
+        N(i + 6, "SanaVAELoader", (x0 + 820, 330), {"vae_name": DCAE, "dtype": "auto"}),
+        N(i + 7, "SanaVAEDecode", (x0 + 1200, 0), {"tile_size": 0}, links={"samples": (i + 5, 0), "vae": (i + 6, 0)}),
+    ]
+
+
+def _sdxl_hidiffusion(first_id: int, x0: float) -> list[N]:
+    i = first_id
+    return [
+        N(i, "CheckpointLoaderSimple", (x0, 0), {"ckpt_name": SDXL}),
+        N(i + 1, "HiDiffusionPatch", (x0, 160),
+          {"raunet": True, "msw_msa": True, "model_variant": "auto", "seed": 0, "seed:control": "fixed"},
+          links={"model": (i, 0)}),
+        N(i + 2, "CLIPTextEncode", (x0 + 380, 0), {"text": PROMPT}, links={"clip": (i, 1)},
+          title="Positive prompt", size=(400, 200)),
+        N(i + 3, "CLIPTextEncode", (x0 + 380, 240), {"text": NEGATIVE_SDXL}, links={"clip": (i, 1)},
+          title="Negative prompt", size=(400, 160)),
+        N(i + 4, "EmptyLatentImage", (x0, 380), {"width": 2048, "height": 2048, "batch_size": 1}),
+        N(i + 5, "KSampler", (x0 + 820, 0),
+          {"seed": 42, "seed:control": "fixed", "steps": 30, "cfg": 7.0, "sampler_name": "euler_ancestral",
+           "scheduler": "normal", "denoise": 1.0},
+          links={"model": (i + 1, 0), "positive": (i + 2, 0), "negative": (i + 3, 0), "latent_image": (i + 4, 0)}),
+        N(i + 6, "VAEDecode", (x0 + 1200, 0), links={"samples": (i + 5, 0), "vae": (i, 2)}),
+    ]
+
+
+def _infdit(first_id: int, image: tuple[int, int], scale: str, x0: float, y0: float = 0) -> list[N]:
+    i = first_id
+    return [
+        N(i, "InfDiTLoader", (x0, y0 + 560), {"model_name": INFDIT, "dtype": "auto"}),
+        N(i + 1, "InfDiTUpscale", (x0, y0),
+          {"scale": scale, "steps": 20, "seed": 0, "seed:control": "fixed", "block_batch": "auto",
+           "offload_cache": "auto", "color_match": "wavelet"},
+          links={"model": (i, 0), "image": image}),
+    ]
+
+
+def specs() -> dict[str, list[N]]:
+    sana1k = _sana_text_to_latent(2, SANA_1K, 1024, 1024, 0)
+    sana4k = _sana_text_to_latent(2, SANA_4K, 4096, 4096, 0)
+    return {
+        "sana_1024_to_4096_infdit": [
+            _note(1, NOTES["sana_1024_to_4096_infdit"], (-500, 0)), *sana1k,
+            N(10, "PreviewImage", (1200, 200), links={"images": (9, 0)}, title="Sana 1024 px", size=(360, 400)),
+            *_infdit(11, (9, 0), "4", 1600),
+            N(13, "SaveImage", (2000, 0), {"filename_prefix": "uniba/sana_infdit_4096"}, links={"images": (12, 0)},
+              size=(480, 520)),
+        ],
+        "sana_4k_native": [
+            _note(1, NOTES["sana_4k_native"], (-500, 0)), *sana4k,
+            N(10, "SaveImage", (1600, 0), {"filename_prefix": "uniba/sana_4k"}, links={"images": (9, 0)},
+              size=(480, 520)),
+        ],
+        "sdxl_hidiffusion_2048": [
+            _note(1, NOTES["sdxl_hidiffusion_2048"], (-500, 0)), *_sdxl_hidiffusion(2, 0),
+            N(9, "SaveImage", (1600, 0), {"filename_prefix": "uniba/sdxl_hidiffusion_2048"}, links={"images": (8, 0)},
+              size=(480, 520)),
+        ],
+        "sdxl_hidiffusion_to_4096_infdit": [
+            _note(1, NOTES["sdxl_hidiffusion_to_4096_infdit"], (-500, 0)), *_sdxl_hidiffusion(2, 0),
+            N(9, "PreviewImage", (1200, 200), links={"images": (8, 0)}, title="SDXL 2048 px", size=(360, 400)),
+            *_infdit(10, (8, 0), "2", 1600),
+            N(12, "SaveImage", (2000, 0), {"filename_prefix": "uniba/sdxl_hidiffusion_infdit_4096"},
+              links={"images": (11, 0)}, size=(480, 520)),
+        ],
+        "upscale_render_4x": [
+            _note(1, NOTES["upscale_render_4x"], (-500, 0)),
+            N(2, "LoadImage", (0, 0), {"image": "example.png"}, size=(340, 420)),
+            *_infdit(3, (2, 0), "4", 400),
+            N(5, "SaveImage", (800, 0), {"filename_prefix": "uniba/upscaled_4x"}, links={"images": (4, 0)},
+              size=(480, 520)),
+        ],
+    }
+
+
+def main(classes: dict[str, type] | None = None) -> None:
+    if classes is None:
+        sys.path.insert(0, str(HERE.parent))
+        import conftest  # noqa: F401 - registers the pack as uniba_pack
+        from uniba_pack.nodes import NODE_CLASS_MAPPINGS as classes
+
+    defs = wt.node_definitions(classes)
+    for name, spec in specs().items():
+        workflow = build(name, spec, defs)
+        errors = wt.validate_workflow(workflow, defs)
+        if errors:
+            raise SystemExit(f"{name}: " + "\n".join(errors))
+        path = wt.WORKFLOWS / f"{name}.json"
+        path.write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print("wrote", path.relative_to(HERE.parent))
+
+
+if __name__ == "__main__":
+    main()

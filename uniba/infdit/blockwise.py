@@ -1,0 +1,269 @@
+"""UniBA block-wise inference: block batches in dependency order with a KV cache (infdit.md §2.4).
+
+Each denoiser call walks the block grid in batches of ``n_h x n_w`` blocks, top-left to
+bottom-right, along the shorter side (row-major when the image is at most as wide as it is tall,
+so the cache holds one block row; column-major otherwise). Per layer the cache keeps only the
+K/V of finished blocks that an unfinished block still reads (its right, lower or lower-right
+neighbour is not done yet): for row-major with n_h-high batches that is one block row across the
+image, the n_h blocks left of the batch and one corner block. The result depends only on the
+dependency DAG, so it is the same for every batch size, traversal and offload setting, and equal to
+the whole-canvas computation.
+
+Batches are restartable: a batch writes its new cache entries to a pending set committed only after
+it succeeded, so on an out-of-memory error the batch is recomputed at half the size
+(:func:`uniba.memory.retry_on_oom`) with an unchanged result. The cache lives only within one
+denoiser call and is freed in ``finally`` (also on Cancel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..memory import is_out_of_memory, retry_on_oom
+from .model import BlockRect, InfDiT, upsample_lr
+
+BatchCallback = Callable[[BlockRect, torch.Tensor], None]
+
+ROW_MAJOR = "row-major"
+COLUMN_MAJOR = "column-major"
+
+
+def choose_traversal(grid_h: int, grid_w: int) -> str:
+    """Traverse along the shorter side, so the cached strip spans the shorter side."""
+    return ROW_MAJOR if grid_w <= grid_h else COLUMN_MAJOR
+
+
+def _next_rect_row_major(done: list[list[bool]], n_h: int, n_w: int) -> BlockRect:
+    grid_h, grid_w = len(done), len(done[0])
+    r0, c0 = next((i, j) for i in range(grid_h) for j in range(grid_w) if not done[i][j])
+    c1 = c0
+    while c1 < min(c0 + n_w, grid_w) and not done[r0][c1]:
+        c1 += 1
+    r1 = r0 + 1
+    while (r1 < min(r0 + n_h, grid_h) and not any(done[r1][c0:c1])
+           and (c0 == 0 or done[r1][c0 - 1])):
+        r1 += 1
+    return BlockRect(r0, r1, c0, c1)
+
+
+def next_rect(done: list[list[bool]], n_h: int, n_w: int, traversal: str) -> BlockRect:
+    """The next batch: starts at the first unfinished block in traversal order, at most n_h x n_w blocks,
+    shrunk so that every block's top, left and top-left neighbours are finished or inside it."""
+    if traversal == ROW_MAJOR:
+        return _next_rect_row_major(done, n_h, n_w)
+    transposed = [list(col) for col in zip(*done)]
+    r = _next_rect_row_major(transposed, n_w, n_h)
+    return BlockRect(r.col0, r.col1, r.row0, r.row1)
+
+
+class BlockKVCache:
+    """Per-block, per-layer K/V of finished blocks that unfinished blocks still read."""
+
+    def __init__(self, grid_h: int, grid_w: int, storage: torch.device | None) -> None:
+        self.grid_h, self.grid_w = grid_h, grid_w
+        self.storage = storage  # None: keep on the compute device
+        self.blocks: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self.peak_blocks = 0
+
+    def needed(self, i: int, j: int, done: list[list[bool]]) -> bool:
+        for di, dj in ((0, 1), (1, 0), (1, 1)):
+            a, b = i + di, j + dj
+            if a < self.grid_h and b < self.grid_w and not done[a][b]:
+                return True
+        return False
+
+    def store(self, t: torch.Tensor) -> torch.Tensor:
+        if self.storage is None:
+            return t.clone()
+        pin = self.storage.type == "cpu" and t.device.type == "cuda"
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.storage, pin_memory=pin)
+        out.copy_(t, non_blocking=pin)
+        return out
+
+    def evict(self, done: list[list[bool]]) -> None:
+        for key in [k for k in self.blocks if not self.needed(*k, done)]:
+            del self.blocks[key]
+
+    def clear(self) -> None:
+        self.blocks.clear()
+
+
+class _BatchKV:
+    """The :class:`~uniba.infdit.model.NeighbourKV` view of the cache for one batch."""
+
+    def __init__(self, cache: BlockKVCache, rect: BlockRect, keep: list[tuple[int, int]], layers: int) -> None:
+        self.cache, self.rect = cache, rect
+        self.keep_blocks = keep
+        self.pending: dict[tuple[int, int], list] = {key: [None] * layers for key in keep}
+
+    def _cached(self, layer: int, i: int, j: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.cache.blocks.get((i, j))
+        if entry is None or entry[layer] is None:
+            raise RuntimeError(f"Inf-DiT block ({i}, {j}) was needed before it was computed (traversal bug)")
+        k, v = entry[layer]
+        return k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+
+    def keep(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        r = self.rect
+        for i, j in self.keep_blocks:
+            self.pending[(i, j)][layer] = (self.cache.store(k[:, i - r.row0, j - r.col0]),
+                                           self.cache.store(v[:, i - r.row0, j - r.col0]))
+
+    def _extend(self, layer: int, t: torch.Tensor, which: int) -> torch.Tensor:
+        r = self.rect
+        dev = t.device
+
+        def cached(i: int, j: int) -> torch.Tensor:
+            return self._cached(layer, i, j, dev)[which]
+
+        # replicate-clamped neighbours: block row 0 is its own top, column 0 its own left
+        top = t[:, 0] if r.row0 == 0 else torch.stack([cached(r.row0 - 1, j) for j in range(r.col0, r.col1)], 1)
+        left = t[:, :, 0] if r.col0 == 0 else torch.stack([cached(i, r.col0 - 1) for i in range(r.row0, r.row1)], 1)
+        if r.row0 == 0 and r.col0 == 0:
+            corner = t[:, 0, 0]
+        elif r.row0 == 0:
+            corner = left[:, 0]
+        elif r.col0 == 0:
+            corner = top[:, 0]
+        else:
+            corner = cached(r.row0 - 1, r.col0 - 1)
+        first_row = torch.cat([corner[:, None], top], dim=1)[:, None]
+        rows = torch.cat([left[:, :, None], t], dim=2)
+        return torch.cat([first_row, rows], dim=1)
+
+    def neighbours(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._extend(layer, k, 0), self._extend(layer, v, 1)
+
+
+def resolve_block_batch(block_batch: int | tuple[int, int] | None, grid_h: int, grid_w: int) -> tuple[int, int]:
+    if block_batch is None:
+        return grid_h, grid_w
+    n_h, n_w = (block_batch, block_batch) if isinstance(block_batch, int) else block_batch
+    if n_h < 1 or n_w < 1:
+        raise ValueError(f"block_batch must be at least 1, got {block_batch}")
+    return min(n_h, grid_h), min(n_w, grid_w)
+
+
+def run_network(model: InfDiT, x: torch.Tensor, concat_lr: torch.Tensor, c_in: torch.Tensor, lr: torch.Tensor,
+                emb: torch.Tensor, block_batch: tuple[int, int], *, c_skip: torch.Tensor | None = None,
+                c_out: torch.Tensor | None = None, traversal: str = "auto", offload_cache: bool = False,
+                on_batch: BatchCallback | None = None,
+                is_oom: Callable[[BaseException], bool] = is_out_of_memory,
+                on_oom: Callable[[], None] | None = None, position_offset: tuple[int, int] = (0, 0),
+                stats: dict | None = None) -> torch.Tensor:
+    """Network output F of a whole canvas, computed block batch by block batch.
+
+    The network input ``c_in * [x, concat_lr]`` is built per batch, never for the whole canvas. With
+    ``c_skip``/``c_out`` the result is the denoiser output ``c_skip x + c_out F`` instead of F, also
+    assembled per batch, so the only canvas-sized allocation is the result. ``on_batch(rect,
+    result_rect)`` runs after each finished batch (progress, preview, Cancel). ``stats``, when given,
+    receives the traversal, the batch rectangles and the peak number of cached blocks. Returns float32
+    (B, out_channels, H, W).
+    """
+    c = model.config
+    bp = c.block_px
+    b, _, height, width = x.shape
+    grid_h, grid_w = height // bp, width // bp
+    if traversal == "auto":
+        traversal = choose_traversal(grid_h, grid_w)
+    if traversal not in (ROW_MAJOR, COLUMN_MAJOR):
+        raise ValueError(f"traversal must be auto, {ROW_MAJOR} or {COLUMN_MAJOR}, got {traversal!r}")
+    n_h, n_w = resolve_block_batch(block_batch, grid_h, grid_w)
+    storage = torch.device("cpu") if offload_cache else None
+    cache = BlockKVCache(grid_h, grid_w, storage)
+    done = [[False] * grid_w for _ in range(grid_h)]
+    out = torch.empty(b, c.out_channels, height, width, dtype=torch.float32, device=x.device)
+    c_in = c_in.view(-1, 1, 1, 1).float()
+    current = [max(n_h, n_w)]
+    try:
+        remaining = grid_h * grid_w
+        while remaining:
+            def work(unit: int) -> tuple[BlockRect, torch.Tensor, _BatchKV]:
+                rect = next_rect(done, min(n_h, unit), min(n_w, unit), traversal)
+                after = [row[:] for row in done]
+                for i, j in rect.blocks():
+                    after[i][j] = True
+                keep = [(i, j) for i, j in rect.blocks() if cache.needed(i, j, after)]
+                view = _BatchKV(cache, rect, keep, c.num_layers)
+                region = (slice(None), slice(None), slice(rect.row0 * bp, rect.row1 * bp),
+                          slice(rect.col0 * bp, rect.col1 * bp))
+                pixels = torch.cat([x[region].float(), concat_lr[region].float()], dim=1) * c_in
+                result = model.forward_blocks(pixels, lr, emb, rect, (grid_h, grid_w), view, position_offset)
+                current[0] = unit
+                return rect, result, view
+
+            kwargs = {"on_oom": on_oom} if on_oom is not None else {}
+            rect, result, view = retry_on_oom(work, current[0], what="Inf-DiT block batch", is_oom=is_oom, **kwargs)
+            region = (slice(None), slice(None), slice(rect.row0 * bp, rect.row1 * bp),
+                      slice(rect.col0 * bp, rect.col1 * bp))
+            if c_skip is not None:
+                out[region] = c_skip.view(-1, 1, 1, 1) * x[region].float() + c_out.view(-1, 1, 1, 1) * result.float()
+            else:
+                out[region] = result.float()
+            del result
+            for i, j in rect.blocks():
+                done[i][j] = True
+            cache.blocks.update(view.pending)
+            cache.peak_blocks = max(cache.peak_blocks, len(cache.blocks))
+            cache.evict(done)
+            remaining -= rect.n_h * rect.n_w
+            if stats is not None:
+                stats.setdefault("rects", []).append(rect)
+                stats["traversal"] = traversal
+                stats["peak_cached_blocks"] = cache.peak_blocks
+            if on_batch is not None:
+                on_batch(rect, out[region])
+    finally:
+        cache.clear()
+    return out
+
+
+def prepare_inputs(model: InfDiT, x: torch.Tensor, sigma: torch.Tensor | float, lr: torch.Tensor,
+                   clip_embedding: torch.Tensor, concat_lr: torch.Tensor | None = None):
+    """EDM preconditioning of one call: (concat_lr, emb, c_skip, c_out, c_in), shapes checked."""
+    c = model.config
+    b, ch, height, width = x.shape
+    if ch != c.out_channels:
+        raise ValueError(f"x must have {c.out_channels} channels, got {ch}")
+    if height % c.block_px or width % c.block_px:
+        raise ValueError(f"the HR canvas {height}x{width} must be a multiple of the {c.block_px}-px block")
+    lr_h, lr_w = height // c.native_scale, width // c.native_scale
+    if tuple(lr.shape[-2:]) != (lr_h, lr_w):
+        raise ValueError(f"lr must be {lr_h}x{lr_w} (1/{c.native_scale} of the canvas), got {tuple(lr.shape[-2:])}")
+    sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+    if sigma_t.numel() == 1:
+        sigma_t = sigma_t.expand(b)
+    c_skip, c_out, c_in, c_noise = model.precondition(sigma_t)
+    if concat_lr is None:
+        concat_lr = upsample_lr(lr, height, width)
+    emb = model.embedding(c_noise, clip_embedding.reshape(b, -1) if clip_embedding.shape[0] == b
+                          else clip_embedding.expand(b, -1))
+    return concat_lr.to(x.device), emb, c_skip, c_out, c_in
+
+
+@torch.no_grad()
+def denoise_blockwise(model: InfDiT, x: torch.Tensor, sigma: torch.Tensor | float, lr: torch.Tensor,
+                      clip_embedding: torch.Tensor, *, block_batch: int | tuple[int, int] | None = None,
+                      concat_lr: torch.Tensor | None = None, traversal: str = "auto",
+                      offload_cache: bool = False, progress=None,
+                      is_oom: Callable[[BaseException], bool] = is_out_of_memory,
+                      position_offset: tuple[int, int] = (0, 0), stats: dict | None = None) -> torch.Tensor:
+    """D(x; sigma) = c_skip x + c_out F(c_in [x, up(lr)]) computed block-wise (see module docstring)."""
+    c = model.config
+    concat_lr, emb, c_skip, c_out, c_in = prepare_inputs(model, x, sigma, lr, clip_embedding, concat_lr)
+    grid = (x.shape[-2] // c.block_px, x.shape[-1] // c.block_px)
+    n = resolve_block_batch(block_batch, *grid)
+    on_batch = None
+    if progress is not None:
+        finished = [0]
+        total = -(-grid[0] // n[0]) * -(-grid[1] // n[1])
+
+        def on_batch(rect: BlockRect, _f: torch.Tensor) -> None:
+            finished[0] += 1
+            progress(finished[0], max(total, finished[0]), None)
+
+    return run_network(model, x, concat_lr, c_in, lr.to(x.device), emb, n, c_skip=c_skip, c_out=c_out,
+                       traversal=traversal, offload_cache=offload_cache, on_batch=on_batch, is_oom=is_oom,
+                       position_offset=position_offset, stats=stats)

@@ -1,0 +1,124 @@
+"""Reading Inf-DiT checkpoints: the released SAT/DeepSpeed ``.pt``, or a converted ``.safetensors``.
+
+The released ``mp_rank_00_model_states.pt`` holds the state dict under ``module`` (unwrapped by
+:func:`uniba.checkpoint.read_state_dict`, which never runs pickled code). Keys are renamed by
+:mod:`uniba.infdit.keys`, checked strictly against the model built from the inferred config, with
+the documented ignore list; a file of another family gets an error saying what it looks like.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+
+from ..checkpoint import (
+    CheckpointError,
+    StateDict,
+    check_keys,
+    read_safetensors_metadata,
+    read_state_dict,
+    save_safetensors,
+    wrong_family_error,
+)
+from .config import METADATA_KEY, OPEN_CLIP_PREFIX, SAT_CLIP_PREFIX, InfDiTConfig, infer_clip_config, infer_config
+from .keys import IGNORED, is_our_layout, is_sat_layout, map_open_clip_visual, map_sat_state_dict
+from .model import InfDiT
+
+log = logging.getLogger(__name__)
+
+FAMILY = "Inf-DiT"
+FIX = ("Choose the Inf-DiT release (mp_rank_00_model_states.pt from the Inf-DiT README) or a file "
+       "converted from it with python -m uniba convert-infdit, and put it into models/infdit/.")
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _clip_state(clip: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[StateDict, str | None]:
+    path = None if isinstance(clip, Mapping) else os.fspath(clip)
+    state = dict(clip) if isinstance(clip, Mapping) else read_state_dict(path)
+    if any(k.startswith(SAT_CLIP_PREFIX) for k in state):
+        state = {k[len("image_encoder.model."):]: v for k, v in state.items() if k.startswith(SAT_CLIP_PREFIX)}
+    mapped = map_open_clip_visual(state)
+    if not mapped:
+        raise wrong_family_error(path, "open_clip ViT-L-14 (visual tower)", state.keys(),
+                                 "Use open_clip_pytorch_model.bin/.safetensors of "
+                                 "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K.")
+    return mapped, path
+
+
+def prepare_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                       path: str | None = None) -> tuple[InfDiTConfig, StateDict]:
+    """(config, state dict in our key names) from a SAT-layout or converted state dict."""
+    metadata = metadata or {}
+    if is_sat_layout(state):
+        try:
+            config = infer_config(_shapes(state))
+        except (KeyError, ValueError):
+            raise wrong_family_error(path, FAMILY, state.keys(), FIX) from None
+        return config, map_sat_state_dict(state)
+    if is_our_layout(state):
+        if METADATA_KEY not in metadata:
+            raise CheckpointError(path, "is a converted Inf-DiT file without its config metadata.",
+                                  "Convert the release again with "
+                                  "python -m uniba convert-infdit IN.pt OUT.safetensors.")
+        return InfDiTConfig.from_json(metadata[METADATA_KEY]), dict(state)
+    raise wrong_family_error(path, FAMILY, state.keys(), FIX)
+
+
+def build_model(config: InfDiTConfig, state: Mapping[str, torch.Tensor], path: str | None,
+                dtype: torch.dtype | None) -> InfDiT:
+    """Strict key check, then the weights are assigned into a model built without initialisation."""
+    with torch.device("meta"):
+        model = InfDiT(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(state, expected, path=path, family=FAMILY, ignore=IGNORED)
+    if dtype is None:
+        dtype = state["patch_embed.weight"].dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+    kept = {k: v.to(dtype) for k, v in state.items() if k in expected}
+    model.load_state_dict(kept, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                *, clip: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> InfDiT:
+    """Load Inf-DiT from the released ``.pt``, a converted ``.safetensors`` or a state dict.
+
+    ``dtype=None`` keeps the stored dtype. ``clip`` optionally supplies the CLIP ViT-L/14 visual
+    tower separately (an open_clip file) when the checkpoint does not contain it.
+    """
+    metadata: dict[str, str] = {}
+    if isinstance(path_or_state_dict, Mapping):
+        path, state = None, dict(path_or_state_dict)
+    else:
+        path = os.fspath(path_or_state_dict)
+        state = read_state_dict(path)
+        if path.lower().endswith((".safetensors", ".sft")):
+            metadata = read_safetensors_metadata(path)
+    state = {k: v for k, v in state.items() if not k.startswith("golden.")}
+    config, mapped = prepare_state_dict(state, metadata, path)
+    if clip is not None:
+        clip_state, _ = _clip_state(clip)
+        mapped = {k: v for k, v in mapped.items() if not k.startswith("clip.")}
+        mapped.update(clip_state)
+        config = config.replace(clip=infer_clip_config({"visual." + k[5:]: tuple(v.shape)
+                                                        for k, v in clip_state.items()}, OPEN_CLIP_PREFIX))
+    model = build_model(config, mapped, path, dtype)
+    if model.clip is None:
+        log.info("%s has no CLIP image tower: pass clip= or clip_embedding= to upscale", path or "state dict")
+    return model
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
+                       clip: str | os.PathLike | None = None) -> InfDiT:
+    """Write the model of ``src`` to a safetensors file that loads without unpickling (config in metadata)."""
+    model = load_infdit(src, dtype, clip=clip)
+    save_safetensors(model.state_dict(), dst, metadata={METADATA_KEY: model.config.to_json(), "format": "pt"})
+    return model

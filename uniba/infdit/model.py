@@ -1,0 +1,331 @@
+"""The Inf-DiT network (infdit.md §1), computed on block batches.
+
+A forward pass works on an ``n_h x n_w`` rectangle of 128-px blocks (the whole canvas is just the
+largest rectangle). Per layer, the rectangle's queries attend to the keys of each block itself and
+of its top-left, left and top neighbours (slot order [self, top-left, left, top], replicate-clamped
+at the image border). Neighbours outside the rectangle come from a :class:`NeighbourKV` provider
+(the block-wise KV cache of :mod:`uniba.infdit.blockwise`).
+
+Reference quirks reproduced here, each of which changes the output measurably: both input halves
+scaled by c_in; SiLU applied twice to the conditioning; keys normalised with the *q* LayerNorm;
+``re_pos`` slot embeddings added to keys after RoPE; 2-D interleaved RoPE with row in the first half
+of each head and positions modulo the table size; layer-0 LR cross-attention with an affine
+``post_cross_attention_layernorm`` replacing the plain pre-MLP norm; LR tokens zero-padded after
+``proj_lr``; two affine-free LayerNorms before the final modulation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import ClipVisionTower
+from .config import InfDiTConfig
+
+
+class NeighbourKV(Protocol):
+    """Gives a block batch the keys/values of finished neighbour blocks, and keeps what later batches need."""
+
+    def neighbours(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extended grids ``(B, n_h+1, n_w+1, T, H, D)`` whose row 0 / column 0 hold the top / left neighbours."""
+        ...
+
+    def keep(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class BlockRect:
+    """Blocks ``[row0, row1) x [col0, col1)`` of a ``grid_h x grid_w`` block grid."""
+
+    row0: int
+    row1: int
+    col0: int
+    col1: int
+
+    @property
+    def n_h(self) -> int:
+        return self.row1 - self.row0
+
+    @property
+    def n_w(self) -> int:
+        return self.col1 - self.col0
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return [(i, j) for i in range(self.row0, self.row1) for j in range(self.col0, self.col1)]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of the EDM noise level, no endpoint (dit/embeddings.py)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """Frequencies of one axis: a quarter of the head's channels, each used by an interleaved pair."""
+    axis_dim = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, axis_dim, 2, device=device)[: axis_dim // 2].float() / axis_dim))
+
+
+def rope_tables(config: InfDiTConfig, rect: BlockRect, device: torch.device, dtype: torch.dtype,
+                offset: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``(n_h, n_w, T, head_dim)`` for the rectangle's tokens, from absolute canvas positions.
+
+    Equal bit for bit to the reference's 1024x1024 table lookup, without the table. ``offset``
+    shifts the token positions (a tile placed elsewhere on a larger canvas).
+    """
+    bt = config.block_tokens
+    freqs = rope_frequencies(config.head_dim, config.rope_theta, device).repeat_interleave(2)
+    rows = (torch.arange(rect.row0 * bt, rect.row1 * bt, device=device) + offset[0]) % config.rope_grid
+    cols = (torch.arange(rect.col0 * bt, rect.col1 * bt, device=device) + offset[1]) % config.rope_grid
+    rows, cols = rows.float(), cols.float()
+    ang_r = (rows[:, None] * freqs).view(rect.n_h, 1, bt, 1, -1).expand(-1, rect.n_w, -1, bt, -1)
+    ang_c = (cols[:, None] * freqs).view(1, rect.n_w, 1, bt, -1).expand(rect.n_h, -1, bt, -1, -1)
+    angles = torch.cat([ang_r, ang_c], dim=-1).reshape(rect.n_h, rect.n_w, bt * bt, -1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (GPT-J style). ``x``: (..., T, H, D); cos/sin: (..., T, 1, D)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+def _norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, c: InfDiTConfig) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+        self.proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+
+class Mlp(nn.Module):
+    def __init__(self, c: InfDiTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(c.hidden_size, c.mlp_hidden)
+        self.fc2 = nn.Linear(c.mlp_hidden, c.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, c: InfDiTConfig) -> None:
+        super().__init__()
+        self.attn = Attention(c)
+        self.mlp = Mlp(c)
+        self.adaln = nn.Linear(c.hidden_size, 4 * c.hidden_size)
+        self.qk_norm = nn.LayerNorm(c.head_dim, eps=1e-6)
+
+
+class LRCrossAttention(nn.Module):
+    """Layer-0 attention of each HR block to the 3x3 neighbourhood of LR blocks around it (infdit.md §1.4)."""
+
+    def __init__(self, c: InfDiTConfig) -> None:
+        super().__init__()
+        self.proj_lr = nn.Conv2d(3, c.hidden_size, c.lr_patch_size, c.lr_patch_size)
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key_value = nn.Linear(c.hidden_size, 2 * c.hidden_size)
+        self.proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.post_norm = nn.LayerNorm(c.hidden_size, eps=1e-6)
+        self.q_norm = nn.LayerNorm(c.head_dim, eps=1e-6)
+        self.k_norm = nn.LayerNorm(c.head_dim, eps=1e-6)
+        self.query_pos = nn.Parameter(torch.zeros(1, c.tokens_per_block, c.num_heads, c.head_dim))
+        self.key_pos = nn.Parameter(torch.zeros(1, c.lr_window**2, c.num_heads, c.head_dim))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, c: InfDiTConfig) -> None:
+        super().__init__()
+        self.adaln = nn.Linear(c.hidden_size, 2 * c.hidden_size)
+        self.linear = nn.Linear(c.hidden_size, c.patch_size**2 * c.out_channels)
+
+
+class InfDiT(nn.Module):
+    """Inf-DiT built from an :class:`InfDiTConfig`; ``clip`` is the optional CLIP visual tower."""
+
+    def __init__(self, config: InfDiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embed = nn.Conv2d(c.in_channels, c.hidden_size, c.patch_size, c.patch_size)
+        self.t_embed = nn.Sequential(nn.Linear(c.time_channels, c.hidden_size), nn.SiLU(),
+                                     nn.Linear(c.hidden_size, c.hidden_size))
+        self.clip_embed = nn.Sequential(nn.Linear(c.vector_dim, c.hidden_size), nn.SiLU(),
+                                        nn.Linear(c.hidden_size, c.hidden_size))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.block_pos = nn.Parameter(torch.zeros(c.num_layers, 4, c.num_heads, c.head_dim))
+        self.lr_xattn = LRCrossAttention(c)
+        self.final = FinalLayer(c)
+        self.clip = ClipVisionTower(c.clip) if c.clip is not None else None
+
+    # ------------------------------------------------------------------ conditioning
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embed.weight.device
+
+    @device.setter
+    def device(self, value: torch.device) -> None:
+        # ComfyUI's ModelPatcher records the device it moved the model to; the weights already tell it
+        pass
+
+    def precondition(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """EDM c_skip, c_out, c_in, c_noise (float32) for sigma of shape (B,)."""
+        sd = self.config.sigma_data
+        sigma = sigma.float()
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2) ** 0.5
+        c_in = 1 / (sigma**2 + sd**2) ** 0.5
+        c_noise = 0.25 * sigma.log()
+        return c_skip, c_out, c_in, c_noise
+
+    def embedding(self, c_noise: torch.Tensor, clip_embedding: torch.Tensor) -> torch.Tensor:
+        """``SiLU(t_embed + clip_embed)``; each adaLN head applies another SiLU (the double SiLU)."""
+        t = timestep_embedding(c_noise, self.config.time_channels).to(self.dtype)
+        v = clip_embedding.to(device=self.device, dtype=self.dtype)
+        return F.silu(self.t_embed(t) + self.clip_embed(v))
+
+    # ------------------------------------------------------------------ one block batch
+
+    def lr_kv(self, lr: torch.Tensor, rect: BlockRect, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K/V of the rectangle's LR windows: ``(B*n_h*n_w, window^2, H, D)`` each.
+
+        Only the LR pixels under the windows are projected; tokens outside the image are zeros
+        placed after ``proj_lr`` (as the reference's Unfold padding does), then go through
+        ``key_value`` like every other token.
+        """
+        c = self.config
+        lrb, p = c.lr_block_tokens, c.lr_patch_size
+        x = self.lr_xattn
+        r_lo, r_hi = (rect.row0 - 1) * lrb, (rect.row1 + 1) * lrb
+        c_lo, c_hi = (rect.col0 - 1) * lrb, (rect.col1 + 1) * lrb
+        rr0, rr1 = max(r_lo, 0), min(r_hi, grid_h * lrb)
+        cc0, cc1 = max(c_lo, 0), min(c_hi, grid_w * lrb)
+        pixels = lr[:, :, rr0 * p:rr1 * p, cc0 * p:cc1 * p].to(self.dtype)
+        tokens = x.proj_lr(pixels)
+        tokens = F.pad(tokens, (cc0 - c_lo, c_hi - cc1, rr0 - r_lo, r_hi - rr1))
+        kv = x.key_value(tokens.permute(0, 2, 3, 1))  # (B, rows, cols, 2C)
+        k, v = kv.chunk(2, dim=-1)
+        k = x.k_norm(k.unflatten(-1, (c.num_heads, c.head_dim))).flatten(-2)
+        win = c.lr_window
+
+        def windows(t: torch.Tensor) -> torch.Tensor:
+            t = t.unfold(1, win, lrb).unfold(2, win, lrb)  # (B, n_h, n_w, C, win, win)
+            t = t.permute(0, 1, 2, 4, 5, 3)
+            return t.reshape(-1, win * win, c.num_heads, c.head_dim)
+
+        return windows(k) + x.key_pos, windows(v)
+
+    def forward_blocks(self, x_in: torch.Tensor, lr: torch.Tensor, emb: torch.Tensor, rect: BlockRect,
+                       grid: tuple[int, int], kv: NeighbourKV, position_offset: tuple[int, int] = (0, 0)
+                       ) -> torch.Tensor:
+        """Network output F for one rectangle of blocks.
+
+        ``x_in``: (B, in_channels, n_h*block_px, n_w*block_px), already multiplied by c_in;
+        ``lr``: the whole LR image (B, 3, h, w); ``emb``: (B, hidden) from :meth:`embedding`.
+        Returns (B, out_channels, n_h*block_px, n_w*block_px).
+        """
+        c = self.config
+        b = x_in.shape[0]
+        bt, nh, nw, heads, hd = c.block_tokens, rect.n_h, rect.n_w, c.num_heads, c.head_dim
+        n_tok = c.tokens_per_block
+        dtype = self.dtype
+
+        h = self.patch_embed(x_in.to(dtype))  # (B, C, nh*bt, nw*bt)
+        h = h.view(b, c.hidden_size, nh, bt, nw, bt).permute(0, 2, 4, 3, 5, 1).reshape(b, nh, nw, n_tok, -1)
+        cos, sin = rope_tables(c, rect, h.device, dtype, position_offset)
+        cos, sin = cos[None, :, :, :, None], sin[None, :, :, :, None]
+        emb_act = F.silu(emb)
+
+        for index, block in enumerate(self.blocks):
+            mods = block.adaln(emb_act).view(b, 1, 1, 1, 4, -1).unbind(-2)
+            shift_a, scale_a, shift_m, scale_m = mods
+            a = _modulate(_norm(h, c.eps), shift_a, scale_a)
+            q, k, v = block.attn.qkv(a).view(b, nh, nw, n_tok, 3, heads, hd).unbind(-3)
+            q = apply_rope(block.qk_norm(q), cos, sin)
+            k = apply_rope(block.qk_norm(k), cos, sin)  # the q-norm, as the reference does
+            kv.keep(index, k, v)
+            k_ext, v_ext = kv.neighbours(index, k, v)
+            pos = self.block_pos[index].to(dtype)
+            # slots [self, top-left, left, top]; each slot's keys get their own learned offset
+            keys = torch.cat([k_ext[:, 1:, 1:] + pos[0], k_ext[:, :-1, :-1] + pos[1],
+                              k_ext[:, 1:, :-1] + pos[2], k_ext[:, :-1, 1:] + pos[3]], dim=3)
+            values = torch.cat([v_ext[:, 1:, 1:], v_ext[:, :-1, :-1], v_ext[:, 1:, :-1], v_ext[:, :-1, 1:]], dim=3)
+            del k_ext, v_ext, k, v
+            out = F.scaled_dot_product_attention(
+                q.reshape(-1, n_tok, heads, hd).transpose(1, 2),
+                keys.reshape(-1, 4 * n_tok, heads, hd).transpose(1, 2),
+                values.reshape(-1, 4 * n_tok, heads, hd).transpose(1, 2))
+            del keys, values, q
+            h = h + block.attn.proj(out.transpose(1, 2).reshape(b, nh, nw, n_tok, -1))
+            del out
+            if index == 0:
+                h = h + self._lr_cross_attention(h, lr, rect, grid)
+                m = self.lr_xattn.post_norm(h)
+            else:
+                m = _norm(h, c.eps)
+            h = h + block.mlp(_modulate(m, shift_m, scale_m))
+            del m, a
+
+        shift_f, scale_f = self.final.adaln(emb_act).view(b, 1, 1, 1, 2, -1).unbind(-2)
+        # SAT's final_layernorm, then the final layer's own affine-free LN (LN twice)
+        out = self.final.linear(_modulate(_norm(_norm(h, c.eps), c.eps), shift_f, scale_f))
+        p = c.patch_size
+        out = out.view(b, nh, nw, bt, bt, p, p, c.out_channels)
+        return out.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, c.out_channels, nh * bt * p, nw * bt * p)
+
+    def _lr_cross_attention(self, h: torch.Tensor, lr: torch.Tensor, rect: BlockRect,
+                            grid: tuple[int, int]) -> torch.Tensor:
+        c = self.config
+        x = self.lr_xattn
+        b, nh, nw, n_tok, _ = h.shape
+        q = x.query(_norm(h, c.eps)).view(-1, n_tok, c.num_heads, c.head_dim)
+        q = x.q_norm(q) + x.query_pos
+        k, v = self.lr_kv(lr, rect, *grid)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return x.proj(out.transpose(1, 2).reshape(b, nh, nw, n_tok, -1))
+
+    # ------------------------------------------------------------------ whole-canvas API
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, lr: torch.Tensor,
+                clip_embedding: torch.Tensor, block_batch: int | tuple[int, int] | None = None, *,
+                concat_lr: torch.Tensor | None = None, traversal: str = "auto",
+                offload_cache: bool = False, progress=None, position_offset: tuple[int, int] = (0, 0)
+                ) -> torch.Tensor:
+        """One EDM denoiser call D(x; sigma) on a whole HR canvas (images in [-1, 1], NCHW).
+
+        ``block_batch=None`` computes the whole canvas in one batch (the reference's ``full`` mode);
+        an int ``n`` or ``(n_h, n_w)`` runs UniBA block batches with a KV cache. ``concat_lr``
+        defaults to the bicubic upsampling of ``lr`` (the 2x mode passes its own). ``position_offset``
+        shifts the RoPE positions, in patches.
+        """
+        from .blockwise import denoise_blockwise
+
+        return denoise_blockwise(self, x, sigma, lr, clip_embedding, block_batch=block_batch,
+                                 concat_lr=concat_lr, traversal=traversal, offload_cache=offload_cache,
+                                 progress=progress, position_offset=position_offset)
+
+
+def upsample_lr(lr: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The concatenated LR channels: torchvision-style bicubic resize (antialias, a=-0.5), clipped to [-1, 1]."""
+    up = F.interpolate(lr.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return up.clamp(-1, 1)

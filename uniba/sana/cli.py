@@ -1,0 +1,55 @@
+"""Sana subcommands of ``python -m uniba``: ``convert-sana`` and ``sana-info``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+import torch
+
+from ..checkpoint import check_keys, save_safetensors
+
+_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .keys import ours_to_original
+    from .loader import FAMILY, METADATA_KEY, expected_shapes, read_sana_checkpoint
+
+    ckpt = read_sana_checkpoint(args.input)
+    check_keys(ckpt.state_dict, expected_shapes(ckpt.config), path=args.input, family=FAMILY)
+    state = ours_to_original(ckpt.state_dict) if args.to == "original" else ckpt.state_dict
+    dtype = _DTYPES[args.dtype]
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    save_safetensors(state, args.output, metadata={METADATA_KEY: ckpt.config.to_json()})
+    print(f"wrote {args.output}: {len(state)} tensors, {args.to} keys, config {ckpt.config.to_json()}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .loader import read_sana_checkpoint
+
+    ckpt = read_sana_checkpoint(args.input)
+    params = sum(v.numel() for v in ckpt.state_dict.values())
+    print(f"{args.input}: {ckpt.source_format} format, {str(ckpt.stored_dtype).replace('torch.', '')}, "
+          f"{params / 1e6:.1f} M parameters")
+    for key, value in asdict(ckpt.config).items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    convert = subparsers.add_parser(
+        "convert-sana", help="convert a Sana DiT (.pth or diffusers) to one safetensors file",
+        description="Read a Sana DiT checkpoint safely (original .pth/.safetensors or diffusers file/folder) and "
+                    "write it as a single .safetensors file with its config in the metadata.")
+    convert.add_argument("input", help="checkpoint file or diffusers transformer folder")
+    convert.add_argument("output", help="output .safetensors path")
+    convert.add_argument("--to", choices=["diffusers", "original"], default="diffusers", help="key names to write")
+    convert.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help="cast the weights")
+    convert.set_defaults(func=_convert)
+
+    info = subparsers.add_parser("sana-info", help="show the format and inferred config of a Sana DiT checkpoint")
+    info.add_argument("input")
+    info.set_defaults(func=_info)

@@ -1,0 +1,178 @@
+"""Sana DiT hyper-parameters: the config dataclass, the released configurations, and shape inference.
+
+A checkpoint's tensor shapes give depth, width, FFN width, caption width and qk-norm. Two things
+they do not give: the cross-attention head count (16 for width 1152, 20 for width 2240 in every
+release) and whether the 2K/4K sincos position embedding is used (the original ``pos_embed``
+buffer holds it; diffusers files need their ``config.json`` or the file name).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+# Cross-attention heads of the released widths (SANA registry: SanaMS_600M_* 16 heads, 1600M/4800M 20 heads).
+CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
+
+# Flow shift of the scheduler each release was trained/evaluated with (sana.md §3.2).
+DEFAULT_SHIFT = 3.0
+SHIFT_4K = 6.0
+
+
+@dataclass(frozen=True)
+class SanaConfig:
+    """Everything needed to build a :class:`~uniba.sana.model.SanaDiT`.
+
+    ``pe_base_size``/``pe_interpolation`` only matter with ``use_pe``: positions span
+    ``[0, pe_base_size / pe_interpolation)`` whatever the latent size (PixArt-style interpolation).
+    """
+
+    hidden_size: int = 2240
+    depth: int = 20
+    linear_head_dim: int = 32
+    cross_heads: int = 20
+    mlp_ratio: float = 2.5
+    in_channels: int = 32
+    out_channels: int = 32
+    patch_size: int = 1
+    caption_channels: int = 2304
+    qk_norm: bool = False
+    cross_norm: bool = False
+    use_pe: bool = False
+    pe_base_size: int = 32
+    pe_interpolation: float = 1.0
+    # eps values of the original SANA code; diffusers uses 1e-5 for the cross-attention q/k norm
+    cross_norm_eps: float = 1e-6
+    qk_norm_eps: float = 1e-5
+    linear_attention_eps: float = 1e-8
+    flow_shift: float = DEFAULT_SHIFT
+
+    @property
+    def linear_heads(self) -> int:
+        return self.hidden_size // self.linear_head_dim
+
+    @property
+    def cross_head_dim(self) -> int:
+        return self.hidden_size // self.cross_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SanaConfig:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> SanaConfig:
+        return replace(self, **changes)
+
+
+def _release(**kw: Any) -> SanaConfig:
+    return SanaConfig(**kw)
+
+
+# The released checkpoints (sana.md §1.6/§1.7). Keys are the release names used on Hugging Face.
+RELEASES: dict[str, SanaConfig] = {
+    "Sana_600M_512px": _release(hidden_size=1152, depth=28, cross_heads=16, pe_base_size=16),
+    "Sana_600M_1024px": _release(hidden_size=1152, depth=28, cross_heads=16),
+    "Sana_1600M_512px": _release(hidden_size=2240, depth=20, cross_heads=20, pe_base_size=16),
+    "Sana_1600M_1024px": _release(hidden_size=2240, depth=20, cross_heads=20),
+    "Sana_1600M_2Kpx": _release(hidden_size=2240, depth=20, cross_heads=20, use_pe=True, pe_base_size=64,
+                                pe_interpolation=1.0),
+    "Sana_1600M_4Kpx": _release(hidden_size=2240, depth=20, cross_heads=20, use_pe=True, pe_base_size=128,
+                                pe_interpolation=2.0, flow_shift=SHIFT_4K),
+    "SANA1.5_1.6B_1024px": _release(hidden_size=2240, depth=20, cross_heads=20, qk_norm=True, cross_norm=True),
+    "SANA1.5_4.8B_1024px": _release(hidden_size=2240, depth=60, cross_heads=20, qk_norm=True, cross_norm=True),
+}
+
+
+def diffusers_config_dict(config: SanaConfig, sample_size: int | None = None) -> dict[str, Any]:
+    """The ``SanaTransformer2DModel`` constructor arguments of a config (tests build the oracle from it)."""
+    return {
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_attention_heads": config.linear_heads,
+        "attention_head_dim": config.linear_head_dim,
+        "num_layers": config.depth,
+        "num_cross_attention_heads": config.cross_heads,
+        "cross_attention_head_dim": config.cross_head_dim,
+        "cross_attention_dim": config.hidden_size,
+        "caption_channels": config.caption_channels,
+        "mlp_ratio": config.mlp_ratio,
+        "sample_size": sample_size or config.pe_base_size * config.patch_size,
+        "patch_size": config.patch_size,
+        "interpolation_scale": config.pe_interpolation if config.use_pe else None,
+        "qk_norm": "rms_norm_across_heads" if config.qk_norm else None,
+    }
+
+
+def config_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:
+    """Config fields stated by a diffusers ``transformer/config.json`` (only what it really says)."""
+    out: dict[str, Any] = {}
+    if "num_attention_heads" in data and "attention_head_dim" in data:
+        out["hidden_size"] = int(data["num_attention_heads"]) * int(data["attention_head_dim"])
+        out["linear_head_dim"] = int(data["attention_head_dim"])
+    if data.get("num_cross_attention_heads"):
+        out["cross_heads"] = int(data["num_cross_attention_heads"])
+    if "num_layers" in data:
+        out["depth"] = int(data["num_layers"])
+    if "qk_norm" in data:
+        out["qk_norm"] = out["cross_norm"] = bool(data["qk_norm"])
+    if data.get("guidance_embeds"):
+        out["guidance_embeds"] = True
+    if "interpolation_scale" in data:
+        scale = data["interpolation_scale"]
+        out["use_pe"] = scale is not None
+        if scale is not None:
+            out["pe_interpolation"] = float(scale)
+    if "sample_size" in data:
+        out["pe_base_size"] = int(data["sample_size"]) // int(data.get("patch_size", 1) or 1)
+        if out.get("use_pe") and out["pe_base_size"] >= 128:
+            out["flow_shift"] = SHIFT_4K
+    return out
+
+
+def hints_from_name(name: str) -> dict[str, Any]:
+    """2K/4K releases have the same tensors as 1024 ones in diffusers format: the file name tells them apart."""
+    lowered = name.lower()
+    if "4kpx" in lowered or "4096" in lowered or "_4k" in lowered:
+        return {"use_pe": True, "pe_base_size": 128, "pe_interpolation": 2.0, "flow_shift": SHIFT_4K}
+    if "2kpx" in lowered or "2048" in lowered or "_2k" in lowered:
+        return {"use_pe": True, "pe_base_size": 64, "pe_interpolation": 1.0}
+    return {}
+
+
+def pe_from_buffer(pos_embed: Any, hidden_size: int) -> dict[str, Any]:
+    """Read use_pe/base size/interpolation from an original checkpoint's ``pos_embed`` buffer.
+
+    The buffer is all zeros in NoPE releases and holds the training-size sincos table otherwise;
+    the interpolation is found by comparing with the tables of the released values.
+    """
+    import torch
+
+    tokens = int(pos_embed.shape[-2])
+    base = math.isqrt(tokens)
+    if base * base != tokens:
+        return {}
+    table = pos_embed.detach().reshape(tokens, -1).float()
+    if not bool(table.abs().amax() > 0):
+        return {"use_pe": False, "pe_base_size": base}
+    from .model import sincos_position_embedding
+
+    best, best_err = 1.0, float("inf")
+    for interp in (1.0, 2.0, 0.5, 4.0, base / 64, base / 32):
+        ref = sincos_position_embedding(hidden_size, base, base, base, interp, torch.device("cpu"), torch.float32)
+        err = float((ref - table).abs().amax())
+        if err < best_err:
+            best, best_err = interp, err
+    hints = {"use_pe": True, "pe_base_size": base, "pe_interpolation": float(best)}
+    if base >= 128:
+        hints["flow_shift"] = SHIFT_4K
+    return hints

@@ -1,0 +1,178 @@
+"""Read Sana DiT checkpoints (original ``.pth``/safetensors or diffusers) into :class:`SanaDiT`.
+
+Accepted: the original releases (``state_dict`` wrapper, fp16/bf16/fp32, optional
+``model.diffusion_model.`` prefix) and diffusers-format safetensors (a single file, or a
+``transformer/`` folder with a sharded index and ``config.json``). Loading is strict: every key
+must map with the right shape; only the documented non-weights (:data:`keys.ORIGINAL_IGNORE`) are
+dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import (
+    CheckpointError,
+    check_keys,
+    read_safetensors_metadata,
+    read_state_dict,
+    wrong_family_error,
+)
+from . import keys as sana_keys
+from .config import CROSS_HEADS_BY_WIDTH, SanaConfig, config_from_diffusers, hints_from_name, pe_from_buffer
+from .model import SanaDiT
+
+FAMILY = "Sana DiT"
+METADATA_KEY = "sana_config"
+_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.scale_shift_table\Z")
+
+
+@dataclass
+class SanaCheckpoint:
+    """A checkpoint converted to our keys, with the config inferred for it."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: SanaConfig
+    source_format: str
+    stored_dtype: torch.dtype
+    path: str | None = None
+
+
+def _sidecar_config(path: Path) -> dict[str, Any]:
+    """A diffusers ``config.json`` in the model folder or beside the file (only a Sana transformer's)."""
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / "config.json", path.with_suffix(".json") if path.is_file() else None):
+        if candidate is not None and candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("_class_name", "SanaTransformer2DModel") == "SanaTransformer2DModel" and (
+                    "num_layers" in data or "attention_head_dim" in data):
+                found = config_from_diffusers(data)
+                found.update(_scheduler_shift(folder.parent / "scheduler" / "scheduler_config.json"))
+                return found
+    return {}
+
+
+def _scheduler_shift(path: Path) -> dict[str, Any]:
+    """The release's flow shift from a diffusers pipeline's ``scheduler/scheduler_config.json``."""
+    try:
+        shift = json.loads(path.read_text()).get("flow_shift")
+    except (OSError, ValueError):
+        return {}
+    return {"flow_shift": float(shift)} if shift else {}
+
+
+def _metadata_config(path: Path) -> dict[str, Any]:
+    if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
+        text = read_safetensors_metadata(path).get(METADATA_KEY)
+        if text:
+            return json.loads(text)
+    return {}
+
+
+def _stored_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
+    counts = Counter(v.dtype for v in state_dict.values() if v.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None = None,
+                 path: str | os.PathLike | None = None) -> SanaConfig:
+    """Hyper-parameters from tensor shapes (our keys), completed by ``hints`` (config.json, file name...)."""
+    hints = dict(hints or {})
+    try:
+        patch = state_dict["patch_embed.proj.weight"]
+        hidden, in_channels, p = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[2])
+        depth = 1 + max(int(m[1]) for k in state_dict if (m := _BLOCK.match(k)))
+        ffn_hidden = int(state_dict["transformer_blocks.0.ff.conv_point.weight"].shape[1])
+        caption_channels = int(state_dict["caption_projection.linear_1.weight"].shape[1])
+        out_channels = int(state_dict["proj_out.weight"].shape[0]) // (p * p)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(path, f"is missing a tensor needed to read the {FAMILY} configuration ({exc}).",
+                              "The file is incomplete or not a supported Sana release.") from None
+    mlp_ratio = ffn_hidden / hidden
+    if int(hidden * mlp_ratio) != ffn_hidden:
+        mlp_ratio = round(mlp_ratio, 6)
+    cross_heads = hints.pop("cross_heads", None) or CROSS_HEADS_BY_WIDTH.get(hidden)
+    if cross_heads is None:
+        raise CheckpointError(
+            path, f"has hidden size {hidden}, which no Sana release uses, so its cross-attention head count is "
+                  "unknown.", "Put the model's diffusers config.json (with num_cross_attention_heads) beside it.")
+    fields_known = {f.name for f in fields(SanaConfig)}
+    derived = {
+        "hidden_size": hidden, "depth": depth, "cross_heads": int(cross_heads), "mlp_ratio": mlp_ratio,
+        "in_channels": in_channels, "out_channels": out_channels, "patch_size": p,
+        "caption_channels": caption_channels,
+        "qk_norm": "transformer_blocks.0.attn1.norm_q.weight" in state_dict,
+        "cross_norm": "transformer_blocks.0.attn2.norm_q.weight" in state_dict,
+    }
+    for shape_fact in ("hidden_size", "depth", "qk_norm", "cross_norm"):
+        hints.pop(shape_fact, None)  # the tensors are the truth
+    derived.update({k: v for k, v in hints.items() if k in fields_known})
+    return SanaConfig(**derived)
+
+
+def read_sana_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor],
+                         overrides: Mapping[str, Any] | None = None) -> SanaCheckpoint:
+    """Read and convert a checkpoint without building the model (the ComfyUI loader builds its own)."""
+    path = None if isinstance(source, Mapping) else Path(source)
+    raw = dict(source) if path is None else read_state_dict(path)
+    stripped = sana_keys.strip_prefix(raw)
+    fmt = sana_keys.detect_format(stripped)
+    if fmt == "sprint":
+        raise CheckpointError(path, "is a Sana-Sprint (TrigFlow, guidance-embedded) checkpoint, which this loader "
+                                    "does not support yet.", "Use a Sana 1.0/1.5 or 2K/4K release.")
+    if fmt is None:
+        raise wrong_family_error(path, f"{FAMILY} (original or diffusers format)", raw.keys(),
+                                 "Choose a Sana transformer file (e.g. Sana_1600M_1024px_BF16.pth or a diffusers "
+                                 "transformer/diffusion_pytorch_model.safetensors) in models/diffusion_models/.")
+    hints: dict[str, Any] = {}
+    if path is not None:
+        hints.update(hints_from_name(path.name if path.is_file() else str(path)))
+        hints.update(_sidecar_config(path))
+        hints.update(_metadata_config(path))
+    if fmt == "original" and "pos_embed" in stripped:
+        hidden = int(stripped["x_embedder.proj.weight"].shape[0]) if "x_embedder.proj.weight" in stripped else 0
+        if hidden and stripped["pos_embed"].shape[-1] == hidden:
+            hints.update(pe_from_buffer(stripped["pos_embed"], hidden))
+    if hints.pop("guidance_embeds", False):
+        raise CheckpointError(path, "is a Sana-Sprint (guidance-embedded) model, which is not supported yet.",
+                              "Use a Sana 1.0/1.5 or 2K/4K release.")
+    hints.update(overrides or {})
+    converted = sana_keys.original_to_ours(stripped) if fmt == "original" else stripped
+    config = infer_config(converted, hints, path)
+    return SanaCheckpoint(converted, config, fmt, _stored_dtype(converted), None if path is None else str(path))
+
+
+def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
+    """Every key and shape of the model for ``config``, without allocating it."""
+    with torch.device("meta"):
+        model = SanaDiT(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def load_sana(source: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, *,
+              device: str | torch.device = "cpu", overrides: Mapping[str, Any] | None = None) -> SanaDiT:
+    """Load a Sana DiT from a file, a diffusers folder or a state dict (either key format).
+
+    ``dtype`` None keeps the checkpoint's dtype. ``overrides`` sets config fields the weights cannot
+    tell (``use_pe``, ``pe_base_size``, ``pe_interpolation``, ``cross_heads``, ``flow_shift``).
+    """
+    ckpt = read_sana_checkpoint(source, overrides)
+    check_keys(ckpt.state_dict, expected_shapes(ckpt.config), path=ckpt.path, family=FAMILY)
+    dtype = dtype or ckpt.stored_dtype
+    with torch.device("meta"):
+        model = SanaDiT(ckpt.config)
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.state_dict.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval()

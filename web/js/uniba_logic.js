@@ -1,0 +1,251 @@
+// Pure logic of the UniBA frontend extension: no DOM, no ComfyUI imports, so Node's test runner
+// can check it (tests/web/*.test.mjs). The extension (uniba.js) only wires it to the canvas.
+
+export const PLAN_ROUTE = "/uniba/infdit/plan";
+export const INFDIT_UPSCALE = "InfDiTUpscale";
+export const INFDIT_LOADER = "InfDiTLoader";
+export const BLOCK_PX = 128;
+
+const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"];
+
+/** Human-readable byte count: 1536 -> "1.5 KiB", 12.3e9 -> "11.5 GiB". */
+export function formatBytes(bytes) {
+  if (bytes === null || bytes === undefined || !Number.isFinite(Number(bytes))) return "?";
+  let value = Number(bytes);
+  const sign = value < 0 ? "-" : "";
+  value = Math.abs(value);
+  let unit = 0;
+  while (value >= 1024 && unit < UNITS.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  const digits = unit === 0 ? 0 : value >= 100 ? 0 : 1;
+  return `${sign}${value.toFixed(digits)} ${UNITS[unit]}`;
+}
+
+/** "row_major", "rows", "row-major" -> "rows"; anything starting with "col" -> "columns". */
+export function traversalAxis(traversal) {
+  return String(traversal ?? "").toLowerCase().startsWith("col") ? "columns" : "rows";
+}
+
+/** The planner's block batch as [n_h, n_w] (it may also come as a single number). */
+export function blockBatchShape(plan) {
+  const bb = plan?.block_batch;
+  if (Array.isArray(bb) && bb.length === 2) return [Math.max(1, bb[0] | 0), Math.max(1, bb[1] | 0)];
+  const n = Math.max(1, Number(bb) | 0);
+  return [n, n];
+}
+
+/** Number of block batches one diffusion step runs (ragged edges included). */
+export function batchesPerStep(plan) {
+  if (Number.isFinite(plan?.batches_per_step) && plan.batches_per_step > 0) return plan.batches_per_step;
+  const [nh, nw] = blockBatchShape(plan);
+  return Math.ceil(plan.grid_rows / nh) * Math.ceil(plan.grid_cols / nw);
+}
+
+/**
+ * The block batches of one step in the order the engine runs them. Row traversal walks batch rows
+ * top to bottom, left to right inside a row; column traversal walks batch columns left to right,
+ * top to bottom inside a column. Each entry lists the [row, col] blocks of that batch.
+ */
+export function batchOrder(plan) {
+  const rows = plan.grid_rows;
+  const cols = plan.grid_cols;
+  const [nh, nw] = blockBatchShape(plan);
+  const batchRows = Math.ceil(rows / nh);
+  const batchCols = Math.ceil(cols / nw);
+  const batches = [];
+  const blocksOf = (br, bc) => {
+    const blocks = [];
+    for (let r = br * nh; r < Math.min(rows, (br + 1) * nh); r++) {
+      for (let c = bc * nw; c < Math.min(cols, (bc + 1) * nw); c++) blocks.push([r, c]);
+    }
+    return blocks;
+  };
+  if (traversalAxis(plan.traversal) === "columns") {
+    for (let bc = 0; bc < batchCols; bc++) for (let br = 0; br < batchRows; br++) batches.push(blocksOf(br, bc));
+  } else {
+    for (let br = 0; br < batchRows; br++) for (let bc = 0; bc < batchCols; bc++) batches.push(blocksOf(br, bc));
+  }
+  return batches;
+}
+
+/** Number of passes (the planner lists them; older answers gave a count). */
+export function passCount(plan) {
+  return Array.isArray(plan?.passes) ? Math.max(1, plan.passes.length) : Math.max(1, Number(plan?.passes) | 0);
+}
+
+/** Model calls per pass: Inf-DiT's Heun sampler evaluates twice per step except the last (39 for 20 steps). */
+export function modelCalls(plan, steps) {
+  if (Number.isFinite(steps) && steps > 0) return Math.max(1, 2 * steps - 1);
+  return Math.max(1, Number(plan?.steps_model_evals) || 1);
+}
+
+/** Block batches per model call of every pass; earlier passes are estimated from their canvas size. */
+export function batchesPerPass(plan) {
+  const last = batchesPerStep(plan);
+  if (!Array.isArray(plan?.passes) || plan.passes.length < 2) return new Array(passCount(plan)).fill(last);
+  const [nh, nw] = blockBatchShape(plan);
+  const px = plan.block_px || BLOCK_PX;
+  return plan.passes.map((p, i) => {
+    if (i === plan.passes.length - 1) return last;
+    const rows = Math.ceil(p.canvas_height / px);
+    const cols = Math.ceil(p.canvas_width / px);
+    return Math.ceil(rows / Math.min(nh, rows)) * Math.ceil(cols / Math.min(nw, cols));
+  });
+}
+
+/**
+ * Where a run is, from ComfyUI's progress event (value of max) and the plan.
+ *
+ * The Inf-DiT node ticks once per block batch per model call, over all passes. The fraction value/max
+ * is mapped onto that schedule, so the grid is exact for those ticks and still sensible for coarser
+ * ones (images in a batch, a node that ticks per step). The grid shows the last pass.
+ * Returns {pass, passes, call, calls, doneBatches, batches, done: boolean[rows][cols], fraction}.
+ */
+export function progressState(plan, value, max, steps) {
+  const perPass = batchesPerPass(plan);
+  const passes = perPass.length;
+  const calls = modelCalls(plan, steps);
+  const units = perPass.map((b) => b * calls);
+  const total = units.reduce((a, b) => a + b, 0);
+  const fraction = max > 0 ? Math.min(1, Math.max(0, value / max)) : 0;
+  let left = Math.min(total, Math.round(fraction * total));
+  let pass = 0;
+  while (pass < passes - 1 && left >= units[pass]) {
+    left -= units[pass];
+    pass += 1;
+  }
+  const batches = perPass[pass];
+  const finished = left >= units[pass];
+  const call = finished ? calls : Math.floor(left / batches) + 1;
+  const doneBatches = finished ? batches : left % batches;
+  const done = Array.from({ length: plan.grid_rows }, () => new Array(plan.grid_cols).fill(false));
+  if (pass === passes - 1) {
+    batchOrder(plan).slice(0, doneBatches).forEach((blocks) => {
+      for (const [r, c] of blocks) done[r][c] = true;
+    });
+  }
+  return { pass: pass + 1, passes, call, calls, doneBatches, batches, done, fraction };
+}
+
+/**
+ * Cell rectangles for drawing the block grid inside a box, keeping the image's aspect ratio.
+ * Returns {x, y, width, height, cell, cells: [{row, col, x, y, w, h}]} in box coordinates.
+ */
+export function gridLayout(plan, boxWidth, boxHeight, gap = 1) {
+  const rows = Math.max(1, plan.grid_rows | 0);
+  const cols = Math.max(1, plan.grid_cols | 0);
+  const cell = Math.max(1, Math.floor(Math.min(boxWidth / cols, boxHeight / rows)));
+  const width = cell * cols;
+  const height = cell * rows;
+  const x = Math.floor((boxWidth - width) / 2);
+  const y = Math.floor((boxHeight - height) / 2);
+  const inner = Math.max(1, cell - gap);
+  const cells = [];
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) cells.push({ row: r, col: c, x: x + c * cell, y: y + r * cell, w: inner, h: inner });
+  }
+  return { x, y, width, height, cell, cells };
+}
+
+/** The lines of the plan readout shown under InfDiTUpscale's widgets. */
+export function formatPlan(plan) {
+  if (!plan) return { lines: ["Inf-DiT plan: waiting for the input size"], fits: null, status: "unknown" };
+  if (plan.error) return { lines: [`Inf-DiT plan: ${plan.error}`], fits: false, status: "error" };
+  const [nh, nw] = blockBatchShape(plan);
+  const blockPx = plan.block_px || BLOCK_PX;
+  const axis = traversalAxis(plan.traversal);
+  const passes = passCount(plan);
+  const chain = Array.isArray(plan.passes) ? ` (${plan.passes.map((p) => `${p.scale}x`).join(" + ")})` : "";
+  const lines = [
+    `Output ${plan.out_width}×${plan.out_height} px, ${passes} pass${passes === 1 ? "" : "es"}${chain}`,
+    `Blocks ${plan.grid_cols}×${plan.grid_rows} of ${blockPx} px, ${axis === "columns" ? "column" : "row"} by ${axis === "columns" ? "column" : "row"}`,
+    `Block batch ${nw}×${nh} (${batchesPerStep(plan)} per model call), KV cache ${plan.offload_cache ? "offloaded" : "on GPU"}`,
+    `Peak ≈ ${formatBytes(plan.peak_bytes)} (weights ${formatBytes(plan.weights_bytes)}, cache ${formatBytes(plan.cache_bytes)})`,
+    plan.fits
+      ? `Fits: ${formatBytes(plan.free_bytes)} free`
+      : `Does not fit: ${formatBytes(plan.free_bytes)} free — lower block_batch or turn offload_cache on`,
+  ];
+  if (plan.rope_wraps) lines.push("Beyond the trained size: positions wrap, expect repeated structure");
+  if (typeof plan.model === "string" && plan.model.startsWith("release (")) {
+    lines.push(`Planned for the released model: ${plan.model.slice(9, -1)}`);
+  }
+  return { lines, fits: Boolean(plan.fits), status: plan.fits ? "fits" : "too-big" };
+}
+
+/** The route's query string for a set of inputs; null while the input size is unknown. */
+export function planQuery({ model, dtype, width, height, scale, block_batch, offload_cache }) {
+  if (!(width > 0 && height > 0)) return null;
+  const params = new URLSearchParams();
+  if (model) params.set("model", model);
+  if (dtype) params.set("dtype", dtype);
+  params.set("width", String(Math.round(width)));
+  params.set("height", String(Math.round(height)));
+  params.set("scale", String(scale ?? "4"));
+  params.set("block_batch", String(block_batch ?? "auto"));
+  params.set("offload_cache", String(offload_cache ?? "auto"));
+  return `${PLAN_ROUTE}?${params.toString()}`;
+}
+
+const num = (v) => (v === undefined || v === null || v === "" ? NaN : Number(v));
+
+/**
+ * Estimate the pixel size [width, height] of the IMAGE arriving at a node input, by walking the
+ * graph upstream. `node` is an adapter: {type, widget(name) -> value, input(name) -> adapter|null,
+ * imageSize() -> [w, h]|null}. Returns null when the size cannot be known before running.
+ */
+export function estimateImageSize(node, depth = 0) {
+  if (!node || depth > 32) return null;
+  const up = (name) => estimateImageSize(node.input(name), depth + 1);
+  const widthHeight = () => {
+    const w = num(node.widget("width"));
+    const h = num(node.widget("height"));
+    return w > 0 && h > 0 ? [w, h] : null;
+  };
+  switch (node.type) {
+    case "LoadImage":
+    case "LoadImageMask":
+      return node.imageSize?.() ?? null;
+    case "EmptyImage":
+    case "EmptyLatentImage":
+    case "EmptySD3LatentImage":
+    case "SanaEmptyLatent":
+    case "ImageScale":
+    case "LatentUpscale":
+      return widthHeight();
+    case "ImageScaleBy":
+    case "LatentUpscaleBy": {
+      const s = up(node.type === "ImageScaleBy" ? "image" : "samples");
+      const f = num(node.widget("scale_by"));
+      return s && f > 0 ? [Math.round(s[0] * f), Math.round(s[1] * f)] : null;
+    }
+    case "InfDiTUpscale": {
+      const s = up("image");
+      const f = num(node.widget("scale"));
+      return s && f > 0 ? [s[0] * f, s[1] * f] : null;
+    }
+    case "VAEDecode":
+    case "VAEDecodeTiled":
+    case "SanaVAEDecode":
+    case "VAEEncode":
+    case "SanaVAEEncode":
+      return up(node.type.endsWith("Encode") ? "pixels" : "samples") ?? up("image");
+    case "KSampler":
+    case "KSamplerAdvanced":
+    case "SanaSampler":
+      return up("latent_image");
+    case "SamplerCustom":
+    case "SamplerCustomAdvanced":
+      return up("latent_image") ?? up("latent");
+    case "Reroute":
+      return up("");
+    default:
+      return null;
+  }
+}
+
+/** A short key of everything the plan depends on, to refetch only when it changes. */
+export function planKey(query) {
+  return query ?? "";
+}
