@@ -8,11 +8,21 @@ module only reads facts about the model, builds the config and registers the hoo
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
+
+import torch
 
 from uniba.hidiffusion import patch as hooks
 from uniba.hidiffusion.detect import Detection, UNetFacts, UnsupportedModelError, detect
-from uniba.hidiffusion.plan import ODD_WINDOW_MODES, UPSCALE_MODES, VARIANTS, HiDiffusionConfig, make_config
+from uniba.hidiffusion.plan import (
+    ODD_WINDOW_MODES,
+    UPSCALE_MODES,
+    VARIANTS,
+    HiDiffusionConfig,
+    make_config,
+    resolve_plan,
+)
 
 from . import host
 
@@ -40,8 +50,8 @@ def unet_facts(model: Any) -> UNetFacts:
         return UNetFacts(is_unet=False, **common)
     downsample, attn = [], []
     for i, block in enumerate(diffusion_model.input_blocks):
-        if any(isinstance(layer, openaimodel.Downsample) and isinstance(getattr(layer, "op", None),
-                                                                      host_conv_types()) for layer in block):
+        if any(isinstance(layer, openaimodel.Downsample) and isinstance(getattr(layer, "op", None), torch.nn.Conv2d)
+               for layer in block):
             downsample.append(i)
         if any(isinstance(layer, attention.SpatialTransformer) for layer in block):
             attn.append(i)
@@ -51,12 +61,6 @@ def unet_facts(model: Any) -> UNetFacts:
         attention_input_blocks=tuple(attn), context_dim=unet_config.get("context_dim"),
         adm_in_channels=unet_config.get("adm_in_channels"),
         in_channels=unet_config.get("in_channels", getattr(diffusion_model, "in_channels", None)), **common)
-
-
-def host_conv_types() -> tuple[type, ...]:
-    import torch
-
-    return (torch.nn.Conv2d,)
 
 
 def _percent_sigmas(model: Any) -> list[float] | None:
@@ -202,6 +206,68 @@ class HiDiffusionPatchAdvanced:
             rad_block=None if rad_block < 0 else int(rad_block), ca_block=None if ca_block < 0 else int(ca_block),
             ca_after_skip=bool(ca_after_skip), upscale_mode=upscale_mode, odd_window_mode=odd_window_mode,
             controlnet_resize=bool(controlnet_resize))
+
+
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
+    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None, "use_linear_in_transformer": False,
+    "context_dim": 768, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
+
+def benchmark_unet_forward(px: int = 1024, repeats: int = 1, steps: int = 50) -> dict:
+    """Seconds for one forward of ComfyUI's SD1.5 UNet (random weights): vanilla, patched early and late step.
+
+    Used by ``python -m uniba bench hidiffusion`` (in a child process that has ComfyUI on its path).
+    """
+    supported_models = host.comfy_module("comfy.supported_models")
+    model_patcher = host.comfy_module("comfy.model_patcher")
+    device = host.torch_device()
+    config = supported_models.SD15(SD15_UNET_CONFIG)
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in base.diffusion_model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                norm = isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight"
+                p.copy_((1.0 if norm else 0.0) + 0.02 * torch.randn(p.shape, generator=g))
+    base.diffusion_model.to(device)
+    patcher = model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+    clone, _detection, hd_config = patch_model(patcher)
+    side = px // 8
+    x = torch.randn(1, 4, side, side, generator=g).to(device)
+    context = torch.randn(1, 77, 768, generator=g).to(device)
+    sample_sigmas = torch.linspace(14.6, 0.0, steps + 1)
+    plan = resolve_plan(hd_config, side, side, steps)
+    late = plan.rad_steps.stop + 1 if plan.rad_steps.stop < steps else steps - 1
+
+    def forward(options: dict) -> None:
+        with torch.no_grad():
+            base.diffusion_model(x, timesteps=torch.tensor([500.0], device=device), context=context,
+                                 transformer_options=options)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def patched(step: int) -> dict:
+        options = dict(clone.model_options["transformer_options"])
+        options.update(sigmas=sample_sigmas[step:step + 1], sample_sigmas=sample_sigmas)
+        return options
+
+    cases = {"vanilla_s": lambda: forward({}), "early_s": lambda: forward(patched(0)),
+             "late_s": lambda: forward(patched(late))}
+    with torch.no_grad():  # warm-up on a small latent (allocator, thread pool), not timed
+        base.diffusion_model(x[..., :16, :16], timesteps=torch.tensor([500.0], device=device), context=context)
+    best = {k: float("inf") for k in cases}
+    for _ in range(max(1, repeats)):
+        for key, fn in cases.items():  # interleaved, so load changes hit all three alike
+            start = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - start)
+    best["late_step"] = late
+    return best
 
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {

@@ -26,8 +26,11 @@ def _stored_dtype(path: str) -> torch.dtype | None:
         return None
     import json
 
-    with open(path, "rb") as fh:
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    try:
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    except (OSError, ValueError):
+        return None  # the loader reports the broken file with a proper message
     names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
     for key, entry in header.items():
         if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in names:
@@ -94,7 +97,6 @@ class InfDiTUpscale:
         plan = plan_upscale(module.config, lr_h, lr_w, int(scale), host.free_memory(device),
                             block_batch=block_batch if block_batch == "auto" else int(block_batch),
                             offload_cache=offload_cache, dtype=module.dtype, weights_resident=True)
-        host.make_room(plan.peak_bytes - plan.weights_bytes, device)
         module = host.load_to_device(model, memory_required=max(0, plan.peak_bytes - plan.weights_bytes))
         progress = host.Progress(1, node_id=unique_id, desc="Inf-DiT")
         lr = image[..., :4].movedim(-1, 1).to(torch.float32) * 2 - 1

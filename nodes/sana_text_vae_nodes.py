@@ -81,7 +81,8 @@ class SanaTextEncoderLoader:
 
         path = host.model_path("text_encoders", model_name.rstrip("/\\"))
         device = host.text_encoder_device()
-        weight_dtype = host.choose_dtype(dtype, device)
+        # "auto" never picks fp16: Gemma-2's activations overflow it (black/NaN images in the forks)
+        weight_dtype = host.choose_dtype(dtype, device, supported=(torch.bfloat16, torch.float32))
         encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu")
         patcher = host.wrap_model(GemmaContainer(encoder.model), load_device=device, offload=host.offload_device())
         return (SanaTextEncoderHandle(patcher, encoder.tokenizer, path),)

@@ -427,3 +427,25 @@ def test_node_inputs_contract() -> None:
     for cls in (nodes.HiDiffusionPatch, nodes.HiDiffusionPatchAdvanced):
         assert cls.CATEGORY == "UniBA/HiDiffusion" and cls.RETURN_TYPES == ("MODEL",)
     assert set(nodes.NODE_CLASS_MAPPINGS) == {"HiDiffusionPatch", "HiDiffusionPatchAdvanced"}
+
+
+# --------------------------------------------------------------------------- CLI and benchmark
+
+
+def test_plan_cli_prints_the_resolved_plan(capsys) -> None:
+    from uniba import cli
+
+    assert cli.main(["hidiffusion-plan", "--model", "sdxl", "--size", "2048x2048", "--steps", "50"]) == 0
+    assert "RAD input 6 steps 0-7" in capsys.readouterr().out
+    assert cli.main(["hidiffusion-plan", "--size", "1000x1001"]) == 2
+
+
+def test_benchmark_host_free_part_runs(capsys, monkeypatch) -> None:
+    from uniba.hidiffusion import bench
+
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    assert bench.run(["--sizes", "256", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "256px" in out and "Table 4" in out and "set COMFYUI_DIR" in out
+    result = bench.attention_times(256, query_slice=256, repeats=1)
+    assert result["tokens"] == 1024 and result["flop_ratio"] == 0.25 and result["sliced"]

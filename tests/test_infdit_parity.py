@@ -129,3 +129,11 @@ def test_sampler_matches_reference(golden):
     assert states == list(range(20))
     assert _max(out, g["sample_out"]) <= 1e-4
     assert _max(out, g["sample_out_fp64"]) <= 1e-4
+
+
+def test_public_upscale_reproduces_the_reference_sampler(golden):
+    from uniba.infdit import upscale
+
+    model, g, _ = golden
+    out = upscale(model, g["lr_image"], noise=g["noise"], clip_embedding=g["vector"], block_batch=2)
+    assert _max(out, g["sample_out"]) <= 1e-4

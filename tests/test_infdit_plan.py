@@ -70,3 +70,17 @@ def test_cli_plan_prints_the_release_plan(capsys):
     assert main(["plan", "infdit", "--size", "4096x4096", "--vram", "12GB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["out_width"] == 4096 and data["fits"]
+
+
+def test_cli_upscale_writes_the_image_atomically(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from tiny_infdit import write_tiny_infdit
+
+    model = write_tiny_infdit(tmp_path)
+    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    Image.fromarray((np.random.default_rng(0).random((33, 40, 3)) * 255).astype("uint8")).save(src)
+    assert main(["upscale", str(src), str(dst), "--model", str(model), "--steps", "1", "--block-batch", "2"]) == 0
+    assert Image.open(dst).size == (160, 132)
+    assert main(["upscale", str(src), str(tmp_path / "bad.png"), "--model", str(src)]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "infdit_tiny.safetensors", "out.png"]

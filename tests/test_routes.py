@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from tiny_infdit import write_tiny_infdit
+from uniba_pack.nodes import infdit_nodes, routes
 
 from uniba.infdit import plan as planner
-from uniba_pack.nodes import infdit_nodes, routes
 
 GIB = 2**30
 

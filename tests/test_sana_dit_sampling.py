@@ -100,6 +100,7 @@ def test_flow_dpm_solver_on_a_tiny_sana_model_with_cfg() -> None:
         return x0_uncond + cfg * (x0_cond - x0_uncond)
 
     got = sample_flow_dpm_solver(denoiser, x.clone(), flow_sigmas(20, 3.0), disable=True)
+    print(f"tiny Sana, 20 steps, CFG 4.5: max abs diff {(got - expected).abs().max().item():.2e}")
     assert (got - expected).abs().max().item() <= 1e-4
     assert expected.abs().max().item() > 0.5
 

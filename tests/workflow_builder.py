@@ -25,6 +25,7 @@ SANA_4K = "Sana_1600M_4Kpx_BF16.pth"
 GEMMA = "gemma-2-2b-it"
 DCAE = "dc-ae-f32c32-sana-1.1.safetensors"
 INFDIT = "Inf-DiT.safetensors"
+ROW2 = 640  # y of the second row: decode, preview, upscale, save
 SDXL = "sd_xl_base_1.0.safetensors"
 
 PROMPT = ("A cozy alpine village at dawn, snow on the roofs, warm light in the windows, a frozen lake in the "
@@ -218,7 +219,7 @@ def _sana_text_to_latent(first_id: int, unet: str, width: int, height: int, x0: 
            "denoise": 1.0},
           links={"model": (i, 0), "positive": (i + 2, 0), "negative": (i + 3, 0), "latent_image": (i + 4, 0)}),
         N(i + 6, "SanaVAELoader", (x0 + 820, 330), {"vae_name": DCAE, "dtype": "auto"}),
-        N(i + 7, "SanaVAEDecode", (x0 + 1200, 0), {"tile_size": 0}, links={"samples": (i + 5, 0), "vae": (i + 6, 0)}),
+        N(i + 7, "SanaVAEDecode", (x0, ROW2), {"tile_size": 0}, links={"samples": (i + 5, 0), "vae": (i + 6, 0)}),
     ]
 
 
@@ -238,7 +239,7 @@ def _sdxl_hidiffusion(first_id: int, x0: float) -> list[N]:
           {"seed": 42, "seed:control": "fixed", "steps": 30, "cfg": 7.0, "sampler_name": "euler_ancestral",
            "scheduler": "normal", "denoise": 1.0},
           links={"model": (i + 1, 0), "positive": (i + 2, 0), "negative": (i + 3, 0), "latent_image": (i + 4, 0)}),
-        N(i + 6, "VAEDecode", (x0 + 1200, 0), links={"samples": (i + 5, 0), "vae": (i, 2)}),
+        N(i + 6, "VAEDecode", (x0, ROW2), links={"samples": (i + 5, 0), "vae": (i, 2)}),
     ]
 
 
@@ -259,26 +260,26 @@ def specs() -> dict[str, list[N]]:
     return {
         "sana_1024_to_4096_infdit": [
             _note(1, NOTES["sana_1024_to_4096_infdit"], (-500, 0)), *sana1k,
-            N(10, "PreviewImage", (1200, 200), links={"images": (9, 0)}, title="Sana 1024 px", size=(360, 400)),
-            *_infdit(11, (9, 0), "4", 1600),
-            N(13, "SaveImage", (2000, 0), {"filename_prefix": "uniba/sana_infdit_4096"}, links={"images": (12, 0)},
+            N(10, "PreviewImage", (380, ROW2), links={"images": (9, 0)}, title="Sana 1024 px", size=(360, 400)),
+            *_infdit(11, (9, 0), "4", 780, ROW2),
+            N(13, "SaveImage", (1160, ROW2), {"filename_prefix": "uniba/sana_infdit_4096"}, links={"images": (12, 0)},
               size=(480, 520)),
         ],
         "sana_4k_native": [
             _note(1, NOTES["sana_4k_native"], (-500, 0)), *sana4k,
-            N(10, "SaveImage", (1600, 0), {"filename_prefix": "uniba/sana_4k"}, links={"images": (9, 0)},
+            N(10, "SaveImage", (380, ROW2), {"filename_prefix": "uniba/sana_4k"}, links={"images": (9, 0)},
               size=(480, 520)),
         ],
         "sdxl_hidiffusion_2048": [
             _note(1, NOTES["sdxl_hidiffusion_2048"], (-500, 0)), *_sdxl_hidiffusion(2, 0),
-            N(9, "SaveImage", (1600, 0), {"filename_prefix": "uniba/sdxl_hidiffusion_2048"}, links={"images": (8, 0)},
+            N(9, "SaveImage", (380, ROW2), {"filename_prefix": "uniba/sdxl_hidiffusion_2048"}, links={"images": (8, 0)},
               size=(480, 520)),
         ],
         "sdxl_hidiffusion_to_4096_infdit": [
             _note(1, NOTES["sdxl_hidiffusion_to_4096_infdit"], (-500, 0)), *_sdxl_hidiffusion(2, 0),
-            N(9, "PreviewImage", (1200, 200), links={"images": (8, 0)}, title="SDXL 2048 px", size=(360, 400)),
-            *_infdit(10, (8, 0), "2", 1600),
-            N(12, "SaveImage", (2000, 0), {"filename_prefix": "uniba/sdxl_hidiffusion_infdit_4096"},
+            N(9, "PreviewImage", (380, ROW2), links={"images": (8, 0)}, title="SDXL 2048 px", size=(360, 400)),
+            *_infdit(10, (8, 0), "2", 780, ROW2),
+            N(12, "SaveImage", (1160, ROW2), {"filename_prefix": "uniba/sdxl_hidiffusion_infdit_4096"},
               links={"images": (11, 0)}, size=(480, 520)),
         ],
         "upscale_render_4x": [

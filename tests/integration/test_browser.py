@@ -28,6 +28,7 @@ WORKFLOW_NAMES = sorted(p.stem for p in wt.workflow_files())
 ARTIFACTS = Path(os.environ.get("UNIBA_ARTIFACT_DIR", REPO / "tests" / "artifacts" / "browser"))
 WRITE_DOCS = os.environ.get("UNIBA_WRITE_SCREENSHOTS") == "1"
 OUR_SCRIPT = f"/extensions/{PACK}/"
+TINY_INFDIT = "infdit_tiny.safetensors"
 
 
 def _skip_reason() -> str | None:
@@ -56,12 +57,13 @@ def _write_input_image(path: Path) -> None:
 
 
 def _write_models(models: Path) -> None:
-    """Tiny files under the names the workflows use, so combos hold them and the plan reads a real header."""
+    """A tiny Inf-DiT for the real run. The workflows' own model names stay missing, so their readouts show
+    the released model's plan (what a user sees before downloading), which is also what the README shows."""
     try:
         from tiny_infdit import write_tiny_infdit
     except ImportError:
         return
-    write_tiny_infdit(models / "infdit", "Inf-DiT.safetensors")
+    write_tiny_infdit(models / "infdit", TINY_INFDIT)
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +272,48 @@ def _check_readout(page: cdp.Page) -> None:
     _fit_view(page)
     page.screenshot(ARTIFACTS / "plan_readout_progress.png")
     assert _our_errors(page) == []
+
+
+def test_real_run_reports_block_progress(session) -> None:
+    """Queue upscale_render_4x (tiny Inf-DiT) from the page: the readout follows the server's progress events."""
+    server, page = session
+    if not (Path(server.base) / "models" / "infdit" / TINY_INFDIT).is_file():
+        pytest.skip("tests/tiny_infdit.py is not available")
+    with _on_failure_screenshot(page, "real_run"):
+        _open_template(page, "upscale_render_4x")
+        read = "app.graph._nodes.find(n => n.type === 'InfDiTUpscale')"
+        page.wait_for(f"{read}?.__uniba?.plan?.lr_width === 256", timeout=60)
+        page.evaluate(f"""(() => {{ const n = {read};
+            for (const [name, value] of [['steps', 1], ['block_batch', '4'], ['scale', '2']]) {{
+                const w = n.widgets.find(w => w.name === name); const old = w.value; w.value = value;
+                n.onWidgetChanged?.(name, value, old, w); }}
+            const loader = app.graph._nodes.find(m => m.type === 'InfDiTLoader');
+            loader.widgets.find(w => w.name === 'model_name').value = '{TINY_INFDIT}';
+            window.__unibaSeen = [];
+            window.comfyAPI.api.api.addEventListener('progress', (e) => {{
+                if (String(e.detail.node) !== String(n.id)) return;
+                setTimeout(() => window.__unibaSeen.push({{value: e.detail.value, max: e.detail.max,
+                    done: n.__uniba.progress?.doneBatches, call: n.__uniba.progress?.call}}), 0); }});
+            window.__unibaFinished = false;
+            window.comfyAPI.api.api.addEventListener('execution_success', () => {{ window.__unibaFinished = true; }});
+            window.comfyAPI.api.api.addEventListener('execution_error', (e) => {{
+                window.__unibaFinished = 'error: ' + JSON.stringify(e.detail).slice(0, 2000); }});
+        }})()""")
+        page.wait_for(f"{read}.__uniba.plan.out_width === 512 && {read}.__uniba.plan.block_batch[0] === 4", 30)
+        plan = page.evaluate(f"{read}.__uniba.plan")
+        page.evaluate("app.queuePrompt(0, 1)")
+        finished = page.wait_for("window.__unibaFinished", timeout=300)
+        assert finished is True, finished
+        page.pump(0.5)
+        seen = page.evaluate("window.__unibaSeen")
+        calls = 1  # one Heun step: a single model call
+        assert seen and seen[-1]["value"] == seen[-1]["max"] == calls * plan["batches_per_step"], seen[-3:]
+        partial = [s for s in seen if 0 < s["done"] < plan["batches_per_step"]]
+        assert partial, "the grid never showed a partly finished model call"
+        assert all(s["call"] <= calls for s in seen)
+        done = page.evaluate(f"{read}.__uniba.progress.done.flat().every(Boolean)")
+        assert done
+        page.wait_for("app.graph._nodes.find(n => n.type === 'SaveImage')?.imgs?.[0]?.naturalWidth === 512", 60)
+        _fit_view(page)
+        page.screenshot(ARTIFACTS / "real_run_done.png")
+        assert _our_errors(page) == []

@@ -137,15 +137,15 @@ def test_controlnet_hint_is_resized_not_dropped(env, caplog) -> None:
     apply = env.host.nodes["ControlNetApplyAdvanced"]()
     positive, negative = apply.apply_controlnet(positive, negative, control, hint, 1.0, 0.0, 1.0)[:2]
 
+    # RAD and the pool on every step, so every step needs resized residuals
+    always = dict(raunet=True, msw_msa=True, seed=0, t1_ratio=1.0, t2_ratio=1.0)
     with caplog.at_level(logging.WARNING):
-        plain = _ksampler(env, _patched(env), *_cond(), steps=2)
+        plain = _ksampler(env, _patched(env, **always), *_cond(), steps=2)
         caplog.clear()
-        with_control = _ksampler(env, _patched(env), positive, negative, steps=2)
-        resized_warnings = [r for r in caplog.records if "control could not be applied" in r.getMessage()]
-        assert not resized_warnings
+        with_control = _ksampler(env, _patched(env, **always), positive, negative, steps=2)
+        assert not [r for r in caplog.records if "control could not be applied" in r.getMessage()]
         assert not torch.equal(plain, with_control)
 
         caplog.clear()  # negative control: without the resize, ComfyUI drops the hint with a warning
-        _ksampler(env, _patched(env, raunet=True, msw_msa=True, seed=0, controlnet_resize=False), positive, negative,
-                  steps=1)
+        _ksampler(env, _patched(env, **always, controlnet_resize=False), positive, negative, steps=1)
         assert any("control could not be applied" in r.getMessage() for r in caplog.records)

@@ -63,6 +63,10 @@ def _draw_order(kind: str, layout) -> list[tuple[str, int, int]]:
     return order
 
 
+_REFERENCE_STATE = ("timestep", "max_timestep", "T1_ratio", "T1", "T1_start", "T1_end", "aggressive_raunet",
+                    "ori_stride", "ori_padding", "ori_dilation", "info", "model", "switching_threshold_ratio")
+
+
 def run_pair(env, kind: str, hw: tuple[int, int], steps: int, *, raunet=True, msw=True, ref_tables=None,
              ref_aggressive=None, ours=None, seed=3, batch=1, only_steps=None):
     """Max |ours - reference| per step over a run of ``steps`` UNet calls (the first ``only_steps`` of them)."""
@@ -111,6 +115,9 @@ def run_pair(env, kind: str, hw: tuple[int, int], steps: int, *, raunet=True, ms
         ref.is_aggressive_raunet, ref.torch = saved[1], saved[2]
         ref.remove_hidiffusion(unet)
         unet.num_upsamplers = saved[3]  # apply_hidiffusion adds 12 and remove_hidiffusion keeps them
+        for module in unet.modules():  # the reference's per-module counters outlive remove_hidiffusion
+            for name in _REFERENCE_STATE:
+                module.__dict__.pop(name, None)
     return diffs
 
 

@@ -55,6 +55,9 @@ class _Hook:
         # sigma at percent k/FALLBACK_STEPS, used only when the sampler gives no sigma schedule
         self.percent_sigmas = tuple(percent_sigmas) if percent_sigmas is not None else None
         self._warned = False
+        # identity memo: every hook call of one UNet forward sees the same sigma tensors, so the
+        # host->device sync of reading them happens once per forward, not once per block
+        self._memo: tuple | None = None
 
     def step_and_plan(self, options: dict[str, Any]) -> tuple[int, StepPlan] | None:
         sigma = options.get("sigmas")
@@ -63,7 +66,12 @@ class _Hook:
             return None
         sample_sigmas = options.get("sample_sigmas")
         if sample_sigmas is not None and len(sample_sigmas) >= 2:
-            step, num_steps = step_index(sigma, sample_sigmas)
+            memo = self._memo
+            if memo is not None and memo[0] is sigma and memo[1] is sample_sigmas:
+                step, num_steps = memo[2]
+            else:
+                step, num_steps = step_index(sigma, sample_sigmas)
+                self._memo = (sigma, sample_sigmas, (step, num_steps))
         elif self.percent_sigmas is not None:
             if not self._warned:
                 log.warning("HiDiffusion: the sampler passed no sigma schedule; thresholds apply to "
@@ -140,8 +148,10 @@ class WindowPartitionPatch(_Hook):
         height, width = hw
         if (height % 2 or width % 2) and self.config.odd_window_mode == "skip":
             return n, context_attn1, value_attn1
-        same_k, same_v = context_attn1 is n, value_attn1 is n
-        if not ((same_k or context_attn1.shape == n.shape) and (same_v or value_attn1.shape == n.shape)):
+        same_k = context_attn1 is None or context_attn1 is n
+        same_v = value_attn1 is n
+        if not ((same_k or context_attn1.shape == n.shape)
+                and (same_v or value_attn1 is None or value_attn1.shape == n.shape)):
             return n, context_attn1, value_attn1  # another patch changed k/v tokens: leave global
         resolved = self.step_and_plan(extra_options)
         step = resolved[0] if resolved is not None else 0
@@ -149,8 +159,12 @@ class WindowPartitionPatch(_Hook):
                                       int(extra_options.get("block_index", 0)))
         windowed, state = windows.partition(n, height, width, choice)
         k = windowed if same_k else windows.partition(context_attn1, height, width, choice)[0]
-        v = windowed if same_v else (k if value_attn1 is context_attn1 else
-                                     windows.partition(value_attn1, height, width, choice)[0])
+        if value_attn1 is None:
+            v = None  # the attention then takes its values from k, as ComfyUI does
+        elif same_v or value_attn1 is context_attn1:
+            v = windowed if same_v else k
+        else:
+            v = windows.partition(value_attn1, height, width, choice)[0]
         extra_options[WINDOW_STATE_KEY] = state
         return windowed, k, v
 

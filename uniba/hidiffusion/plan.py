@@ -219,7 +219,10 @@ def describe(config: HiDiffusionConfig, plan: StepPlan) -> str:
     else:
         parts.append("RAU-Net off;")
     if config.msw_msa:
-        blocks = ", ".join(f"{kind[:2]} {i}" for kind, i in config.layout.msw_blocks)
+        groups = {}
+        for kind, i in config.layout.msw_blocks:
+            groups.setdefault(kind, []).append(str(i))
+        blocks = " / ".join(f"{kind} {','.join(ids)}" for kind, ids in groups.items())
         parts.append(f"MSW-MSA {blocks} every step (seed {config.seed})")
     else:
         parts.append("MSW-MSA off")

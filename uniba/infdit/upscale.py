@@ -155,7 +155,9 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
             block_batch: str | int | tuple[int, int] = "auto", offload_cache: str | bool = "auto",
             progress: ProgressFn | None = None, color_match: str = "none", free_bytes: int | None = None,
             is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
-    """Upscale ``lr`` (B, 3 or 4, h, w) in [-1, 1] by ``scale`` (2, 4, 8, 16) to (B, C, h*scale, w*scale) in [-1, 1].
+    """Upscale ``lr`` (B, 3 or 4, h, w) in [-1, 1] by ``scale`` (2, 4, 8, 16) to (B, C, h*scale, w*scale).
+
+    The result is not clipped (like the reference's ``sample()``): clip it to [-1, 1] when saving.
 
     ``noise`` (B, 3, H, W) on the padded canvas replaces the seeded draw (single-pass scales only) and
     ``clip_embedding`` (B or 1, vector_dim) replaces the CLIP tower's embedding, so results can be
@@ -205,7 +207,7 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
         image = lr[index:index + 1].to(device=device, dtype=torch.float32)
         rgb, alpha = image[:, :3], image[:, 3:]
 
-        for f, h, w, n, plan in plans:
+        for pass_index, (f, h, w, n, plan) in enumerate(plans):
             ph, pw = padded_input(h, f, config), padded_input(w, f, config)
             padded = reflect_pad(rgb, ph, pw)
             height, width = ph * f, pw * f
@@ -245,7 +247,9 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
             out = out[:, :, :h * f, :w * f]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)
-            rgb = out.clamp(-1, 1)
+            # a chained pass reads an image, as the reference would after saving; the last pass is
+            # returned unclipped like the reference's sample() (clipping happens when it is saved)
+            rgb = out.clamp(-1, 1) if pass_index < len(plans) - 1 else out
         if alpha.shape[1]:
             alpha = F.interpolate(alpha, size=rgb.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
             rgb = torch.cat([rgb, alpha], dim=1)
