@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_infdit import TINY, random_state_dict
+from tiny_infdit import TINY, load_tiny_infdit
 
-from uniba.infdit import load_infdit
 from uniba.infdit.blockwise import COLUMN_MAJOR, ROW_MAJOR, denoise_blockwise, next_rect
-from uniba.infdit.keys import ours_to_sat
 from uniba.infdit.plan import cached_blocks
 from uniba.memory import OutOfMemoryAtMinimum
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load_infdit({ours_to_sat(k): v for k, v in random_state_dict(TINY, seed=3).items()})
+    return load_tiny_infdit(TINY, seed=3)
 
 
 def _inputs(model, grid_h, grid_w, seed=0):

@@ -8,13 +8,7 @@ from tiny_infdit import write_tiny_infdit
 from uniba_pack.nodes import host, infdit_nodes
 from uniba_pack.nodes.infdit_nodes import InfDiTLoader, InfDiTUpscale
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

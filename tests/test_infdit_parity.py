@@ -12,14 +12,7 @@ from uniba.infdit import get_sigmas_karras, load_infdit, sample_heun_edm
 from uniba.infdit.blockwise import denoise_blockwise, prepare_inputs, run_network
 from uniba.infdit.model import upsample_lr
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: a second thread only adds contention on the shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

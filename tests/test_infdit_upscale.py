@@ -5,25 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_infdit import TINY, random_state_dict, sat_state_dict
+from tiny_infdit import TINY, load_tiny_infdit, sat_state_dict
 
 from uniba.infdit import RopeWrapWarning, load_infdit, upscale
-from uniba.infdit.keys import ours_to_sat
 from uniba.infdit.model import upsample_lr
 from uniba.infdit.upscale import reflect_pad, sample_canvas
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load_infdit({ours_to_sat(k): v for k, v in random_state_dict(TINY, seed=1).items()})
+    return load_tiny_infdit(TINY, seed=1)
 
 
 def _image(h, w, c=3, seed=0):
@@ -137,7 +130,7 @@ def test_bad_options(model):
         upscale(model, lr, color_match="lab")
     with pytest.raises(ValueError, match="noise must be"):
         upscale(model, lr, steps=1, noise=torch.zeros(1, 3, 64, 64))
-    without_clip = load_infdit({ours_to_sat(k): v for k, v in random_state_dict(TINY.replace(clip=None)).items()})
+    without_clip = load_tiny_infdit(TINY.replace(clip=None))
     with pytest.raises(ValueError, match="no CLIP image tower"):
         upscale(without_clip, lr)
 

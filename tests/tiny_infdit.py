@@ -79,3 +79,11 @@ def write_tiny_infdit(folder: Path, name: str = "infdit_tiny.safetensors", *, co
     else:
         save_safetensors(state, path)
     return path
+
+
+def load_tiny_infdit(config: InfDiTConfig = TINY, seed: int = 0):
+    """A random tiny Inf-DiT loaded through the real loader (state dict under the reference's key names)."""
+    from uniba.infdit import load_infdit
+    from uniba.infdit.keys import ours_to_sat
+
+    return load_infdit({ours_to_sat(k): v for k, v in random_state_dict(config, seed=seed).items()})

@@ -9,11 +9,12 @@ carries the config in its safetensors metadata instead.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
+
+from ..configs import config_from_json, config_to_json
 
 METADATA_KEY = "uniba_infdit_config"
 
@@ -84,16 +85,11 @@ class InfDiTConfig:
         return self.rope_grid * self.patch_size
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return config_to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> InfDiTConfig:
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        if kwargs.get("clip") is not None:
-            kwargs["clip"] = ClipVisionConfig(**kwargs["clip"])
-        return cls(**kwargs)
+        return config_from_json(cls, text, nested={"clip": ClipVisionConfig})
 
     def replace(self, **changes: Any) -> InfDiTConfig:
         return replace(self, **changes)

@@ -8,10 +8,11 @@ buffer holds it; diffusers files need their ``config.json`` or the file name).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
+
+from ..configs import config_from_json, config_to_json
 
 # Cross-attention heads of the released widths (SANA registry: SanaMS_600M_* 16 heads, 1600M/4800M 20 heads).
 CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
@@ -62,13 +63,11 @@ class SanaConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return config_to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> SanaConfig:
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return config_from_json(cls, text)
 
     def replace(self, **changes: Any) -> SanaConfig:
         return replace(self, **changes)
