@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_infdit import deepspeed_model_states
 
 from uniba.checkpoint import (
     CheckpointError,
@@ -163,3 +164,67 @@ def test_save_safetensors_leaves_no_partial_file(tmp_path: Path) -> None:
     with pytest.raises(Exception):  # noqa: B017 - any failure of the writer
         save_safetensors({"a": "not a tensor"}, tmp_path / "bad.safetensors")  # type: ignore[dict-item]
     assert not list(tmp_path.glob("bad*"))
+
+
+def test_deepspeed_release_file_with_every_entry_loads(tmp_path: Path) -> None:
+    from uniba.checkpoint import DEEPSPEED_EXTRA_KEYS
+
+    sd = _state()
+    saved = deepspeed_model_states(sd)
+    assert set(saved) - {"module"} == set(DEEPSPEED_EXTRA_KEYS)
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save(saved, path)
+    loaded = read_state_dict(path)
+    assert loaded.keys() == sd.keys()
+    assert torch.equal(loaded["a.weight"], sd["a.weight"])
+
+
+def test_numpy_rng_state_round_trips_as_plain_array(tmp_path: Path) -> None:
+    import numpy as np
+
+    from uniba.checkpoint import _torch_load_safely
+
+    state = np.random.RandomState(11).get_state()
+    torch.save({"module": _state(), "np_rng_state": state}, tmp_path / "m.pt")
+    got = _torch_load_safely(tmp_path / "m.pt", "cpu")["np_rng_state"]  # type: ignore[index]
+    assert got[0] == "MT19937" and got[1].dtype == np.uint32 and np.array_equal(got[1], state[1])
+
+
+def test_numpy_1x_pickle_names_load(tmp_path: Path) -> None:
+    """Files written under numpy 1.x name ``numpy.core.multiarray`` instead of ``numpy._core``."""
+    import numpy as np
+
+    sd = _state()
+    path = tmp_path / "old_numpy.pt"
+    torch.save({"module": sd, "np_rng_state": np.random.RandomState(3).get_state()}, path,
+               _use_new_zipfile_serialization=False)  # sequential format: the names can be rewritten
+    raw = path.read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert read_state_dict(path).keys() == sd.keys()
+
+
+def test_numpy_object_array_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    import numpy as np
+
+    marker = tmp_path / "pwned"
+    payload = np.empty(2, dtype=object)
+    payload[0], payload[1] = 1, _Payload(marker)
+    plain_objects = np.array([1, "two"], dtype=object)
+    for name, evil in (("payload", payload), ("objects", plain_objects)):
+        path = tmp_path / f"{name}.pt"
+        torch.save({"module": _state(), "np_rng_state": ("MT19937", evil, 0, 0, 0.0)}, path)
+        with pytest.raises(CheckpointError, match="refused and nothing in it ran"):
+            read_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("dtype", ["O", "V8", [("a", "<i4"), ("b", "O")]])
+def test_numpy_non_numeric_dtypes_are_refused(tmp_path: Path, dtype: object) -> None:
+    import numpy as np
+
+    array = np.zeros(3, dtype=dtype)
+    path = tmp_path / "m.pt"
+    torch.save({"module": _state(), "np_rng_state": array}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_state_dict(path)

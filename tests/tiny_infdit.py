@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -67,6 +68,45 @@ def sat_state_dict(config: InfDiTConfig = TINY, seed: int = 0) -> dict[str, torc
     return sat
 
 
+def deepspeed_model_states(sd: dict[str, torch.Tensor]) -> dict[str, object]:
+    """Every entry SAT 0.4.12's ``save_checkpoint`` and DeepSpeed's ``_save_checkpoint`` put in
+    ``mp_rank_00_model_states.pt`` (RNG states saved, as without ``--no-save-rng``)."""
+    import collections
+    import random
+
+    import numpy as np
+
+    shapes = collections.OrderedDict((k, v.shape) for k, v in sd.items())
+    return {
+        "module": sd,
+        "buffer_names": [],
+        "optimizer": None,
+        "param_shapes": [shapes],
+        "frozen_param_shapes": None,
+        "shared_params": {},
+        "frozen_param_fragments": None,
+        "lr_scheduler": {"start_lr": 1e-4, "warmup_iter": 100, "num_iters": 5000, "decay_style": "cosine"},
+        "data_sampler": None,
+        "random_ltd": None,
+        "sparse_tensor_module_names": set(),
+        "skipped_steps": 0,
+        "global_steps": 5000,
+        "global_samples": 640000,
+        "dp_world_size": 64,
+        "mp_world_size": 1,
+        "ds_config": {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True}, "zero_optimization":
+                      {"stage": 1}},
+        "ds_version": "0.12.4",
+        "iteration": 5000,
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.RandomState(7).get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),
+        "rng_tracker_states": {"model-parallel-rng": torch.zeros(16, dtype=torch.uint8)},
+        "args": argparse.Namespace(hidden_size=1280, num_layers=28, bf16=True, lr=1e-4, deepspeed_config=None),
+    }
+
+
 def write_tiny_infdit(folder: Path, name: str = "infdit_tiny.safetensors", *, config: InfDiTConfig = TINY,
                       seed: int = 0) -> Path:
     """Write a tiny random Inf-DiT (SAT key layout, tiny CLIP tower included) and return its path."""
@@ -75,7 +115,7 @@ def write_tiny_infdit(folder: Path, name: str = "infdit_tiny.safetensors", *, co
     path = folder / name
     state = sat_state_dict(config, seed)
     if name.endswith((".pt", ".pth")):
-        torch.save({"module": state, "global_steps": 1}, path)
+        torch.save(deepspeed_model_states(state), path)
     else:
         save_safetensors(state, path)
     return path

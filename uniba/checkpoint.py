@@ -33,6 +33,97 @@ SUPPORTED_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 # only sets attributes on an empty namespace.
 EXTRA_SAFE_GLOBALS: tuple[object, ...] = (argparse.Namespace,)
 
+# What a SwissArmyTransformer/DeepSpeed ``mp_rank_00_model_states.pt`` holds beside ``module``
+# (SAT ``training/model_io.py:save_checkpoint`` without ``--no-save-rng``, DeepSpeed
+# ``engine._save_checkpoint``), for documentation and tests:
+#   SAT client state: iteration, random_rng_state (random.getstate(): tuple of ints),
+#     np_rng_state (numpy.random.get_state(): ('MT19937', uint32 ndarray[624], int, int, float)),
+#     torch_rng_state / cuda_rng_state (uint8 tensors), rng_tracker_states (dict of uint8 tensors)
+#   DeepSpeed: buffer_names, optimizer (None under ZeRO), param_shapes (list of OrderedDict of
+#     torch.Size), frozen_param_shapes, shared_params, frozen_param_fragments, lr_scheduler,
+#     data_sampler, random_ltd, sparse_tensor_module_names, skipped_steps, global_steps,
+#     global_samples, dp_world_size, mp_world_size, ds_config, ds_version, args (argparse.Namespace)
+# Only ``np_rng_state`` needs globals beyond torch's defaults: numpy's array reconstruction. Those
+# names are served by the narrow stand-ins below, which build plain numeric arrays and refuse
+# anything else (object arrays, structured dtypes), so no numpy code path that could run pickled
+# objects is ever reached.
+DEEPSPEED_EXTRA_KEYS: tuple[str, ...] = (
+    "iteration", "random_rng_state", "np_rng_state", "torch_rng_state", "cuda_rng_state",
+    "rng_tracker_states", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes",
+    "shared_params", "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd",
+    "sparse_tensor_module_names", "skipped_steps", "global_steps", "global_samples", "dp_world_size",
+    "mp_world_size", "ds_config", "ds_version", "args",
+)
+
+_NUMERIC_DTYPE_KINDS = "biufc"  # bool, signed, unsigned, float, complex
+
+
+def _numeric_dtype(dtype: object) -> object:
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.fields is not None \
+            or dtype.subdtype is not None or dtype.kind not in _NUMERIC_DTYPE_KINDS:
+        raise pickle.UnpicklingError(f"numpy array of dtype {dtype!r} is not allowed (plain numbers only)")
+    return dtype
+
+
+def _safe_numpy_dtype(spec: object, align: object = False, copy: object = True) -> object:
+    """``numpy.dtype`` for the unpickler: only numeric type codes such as ``'u4'`` or ``'<f8'``."""
+    import numpy as np
+
+    if not isinstance(spec, str) or len(spec) > 8:
+        raise pickle.UnpicklingError(f"numpy dtype {spec!r} is not allowed (plain numbers only)")
+    return _numeric_dtype(np.dtype(spec, align=bool(align), copy=bool(copy)))
+
+
+def _numpy_safe_array_class() -> type:
+    import numpy as np
+
+    class _PlainArray(np.ndarray):
+        """An ndarray whose unpickled state must be a numeric dtype over raw bytes."""
+
+        def __new__(cls, shape: object, dtype: object = float, *args: object, **kwargs: object) -> object:
+            if not isinstance(dtype, np.dtype):
+                dtype = _safe_numpy_dtype(dtype if isinstance(dtype, str) else repr(dtype))
+            return super().__new__(cls, shape, _numeric_dtype(dtype), *args, **kwargs)
+
+        def __setstate__(self, state: object) -> None:
+            if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[4], (bytes, bytearray))):
+                raise pickle.UnpicklingError("numpy array state is not plain numeric data")
+            _numeric_dtype(state[2])
+            super().__setstate__(state)
+
+    return _PlainArray
+
+
+def _numpy_safe_globals() -> list[object]:
+    """Stand-ins for the numpy globals that ``numpy.random.get_state()`` pickles through."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a requirement
+        return []
+    plain_array = _numpy_safe_array_class()
+
+    def reconstruct(cls: object, shape: object, typecode: object) -> object:
+        if cls is not plain_array:
+            raise pickle.UnpicklingError("numpy reconstruction of anything but ndarray is not allowed")
+        return np.ndarray.__new__(plain_array, (0,), np.uint8)
+
+    def scalar(dtype: object, data: object) -> object:
+        if not isinstance(data, (bytes, bytearray)):
+            raise pickle.UnpicklingError("numpy scalar state is not plain numeric data")
+        return np.frombuffer(bytes(data), dtype=_numeric_dtype(dtype), count=1)[0]
+
+    entries: list[object] = [(plain_array, "numpy.ndarray"), (_safe_numpy_dtype, "numpy.dtype")]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2.x and 1.x names
+        entries += [(reconstruct, f"{module}._reconstruct"), (scalar, f"{module}.scalar")]
+    # BUILD (``__setstate__``) on a dtype needs its concrete class allowed; these names are private
+    # so that no pickle can reach the classes by name.
+    for code in "?bBhHiIlLqQefdgFDG":
+        cls = type(np.dtype(code))
+        entries.append((cls, f"uniba.checkpoint.numpy_dtype_class.{code}"))
+    return entries
+
 # Wrappers around the real state dict, tried in this order: DeepSpeed's ``module`` (Inf-DiT),
 # the ``state_dict`` of Lightning/Sana releases, and ``model`` used by some trainers.
 WRAPPER_KEYS = ("module", "state_dict", "model")
@@ -112,7 +203,7 @@ def _torch_load_safely(path: Path, device: str | torch.device) -> object:
                 "It is probably truncated or not a model file: download it again.",
             )
     try:
-        with torch.serialization.safe_globals(list(EXTRA_SAFE_GLOBALS)):
+        with torch.serialization.safe_globals([*EXTRA_SAFE_GLOBALS, *_numpy_safe_globals()]):
             return torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         found = _unsupported_global(str(exc))
