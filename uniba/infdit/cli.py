@@ -91,10 +91,11 @@ class _ProgressBar:
 
 
 def _upscale(args: argparse.Namespace) -> int:
+    from ..memory import device_free_bytes
     from .loader import load_infdit
     from .plan import config_for_file, plan_upscale
     from .sampling import count_evaluations, get_sigmas_karras, named_sampler
-    from .upscale import device_free_bytes, upscale
+    from .upscale import upscale
 
     device = torch.device(args.device) if args.device else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
