@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..memory import parse_bytes
-from .sampling import SAMPLERS
+from .sampling import FAST_PRESET, PRESETS, SAMPLERS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -100,7 +100,8 @@ def _upscale(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     dtype = _DTYPES.get(args.dtype) if args.dtype != "auto" else default_dtype(device)
-    sampler, sigmas = named_sampler(args.sampler), get_sigmas_karras(args.steps)
+    name, steps = PRESETS[args.preset] if args.preset else (args.sampler, args.steps)
+    sampler, sigmas = named_sampler(name), get_sigmas_karras(steps)
     image = _read_image(args.input)
     free = parse_bytes(args.vram) if args.vram else device_free_bytes(device)
     # one plan, checked before the weights load; the upscale runs exactly this plan
@@ -165,6 +166,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--sampler", default="heun", choices=tuple(SAMPLERS),
                     help="heun = the reference (2 evaluations per step); the others take 1 per step")
     up.add_argument("--steps", type=int, default=20, help="steps of the Karras schedule (default 20 = reference)")
+    up.add_argument("--preset", choices=tuple(PRESETS),
+                    help=f"instead of --sampler/--steps: reference = heun 20 (39 evaluations), fast = "
+                         f"{FAST_PRESET[0]} {FAST_PRESET[1]} ({FAST_PRESET[1]} evaluations)")
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--dtype", default="auto", choices=("auto",) + tuple(_DTYPES))
     up.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
