@@ -338,7 +338,7 @@ SAMPLERS: dict[str, Sampler] = {
 # candidate of ``python -m uniba bench infdit-solvers`` at least as close to a 200-step solution as the
 # reference on both benchmark models (README, "Fewer evaluations").
 REFERENCE_PRESET = ("heun", 20)
-FAST_PRESET = ("dpmpp_3m", 10)
+FAST_PRESET = ("dpmpp_3m", 16)
 PRESETS = {"reference": REFERENCE_PRESET, "fast": FAST_PRESET}
 
 
