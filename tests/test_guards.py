@@ -359,3 +359,17 @@ def test_empty_latent_and_sampling_checks_give_shapes_and_refuse_oversize() -> N
     check_sana_sampling(small, 8 * GIB, hidden_size=2240)
     with pytest.raises(WorkTooLarge, match=r"SanaSampler: 64 images of 4096x4096 px"):
         check_sana_sampling(torch.zeros(64, 32, 128, 128).expand(64, 32, 128, 128), 24 * GIB, hidden_size=2240)
+
+
+def test_sharded_folder_checks_each_shard_and_stays_in_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, str(folder / "s1.safetensors"))
+    save_file({"b": torch.tensor([1.0, float("nan")])}, str(folder / "s2.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"s2.safetensors: tensor 'b' holds NaN"):
+        read_state_dict(folder)
+    index.write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match="outside its folder"):
+        read_state_dict(folder)
