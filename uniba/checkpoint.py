@@ -159,10 +159,10 @@ def _describe_size(path: Path) -> str:
 
 
 _SPECIAL_FILES = (
-    (stat.S_ISFIFO, "is a named pipe (FIFO), not a model file; reading it would wait for a writer forever"),
-    (stat.S_ISCHR, "is a character device (such as /dev/zero), not a model file"),
-    (stat.S_ISBLK, "is a block device, not a model file"),
-    (stat.S_ISSOCK, "is a socket, not a model file"),
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file; reading it would wait for a writer forever"),
+    (stat.S_ISCHR, "is a character device (such as /dev/zero), not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
 )
 
 
