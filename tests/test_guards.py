@@ -373,3 +373,19 @@ def test_sharded_folder_checks_each_shard_and_stays_in_its_folder(tmp_path: Path
     index.write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
     with pytest.raises(CheckpointError, match="outside its folder"):
         read_state_dict(folder)
+
+
+def test_conditioning_input_as_nodes_receive_it() -> None:
+    from uniba.guards import check_sana_conditioning_input
+
+    good = [[torch.zeros(1, 300, 2304), {"attention_mask": torch.ones(1, 300)}]]
+    check_sana_conditioning_input(good, "positive", latent_batch=4)
+    with pytest.raises(ValueError, match=r"negative: expected Sana text conditioning .* got \(1, 77, 768\)"):
+        check_sana_conditioning_input([[torch.zeros(1, 77, 768), {"pooled_output": None}]], "negative")
+    with pytest.raises(ValueError, match="positive: the attention_mask has shape"):
+        check_sana_conditioning_input([[torch.zeros(1, 300, 2304), {"attention_mask": torch.ones(1, 77)}]],
+                                      "positive")
+    with pytest.raises(ValueError, match="positive: holds 3 prompts but latent_image holds 4 latents"):
+        check_sana_conditioning_input([[torch.zeros(3, 300, 2304), {}]], "positive", latent_batch=4)
+    with pytest.raises(ValueError, match="positive: expected a CONDITIONING"):
+        check_sana_conditioning_input([], "positive")
