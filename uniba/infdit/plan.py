@@ -224,17 +224,19 @@ def config_for_file(path: str | os.PathLike) -> InfDiTConfig:
 
     Pickled ``.pt`` releases cannot be inspected without loading them: they get the release config.
     """
-    from ..checkpoint import read_safetensors_header, wrong_family_error
+    from ..checkpoint import check_file, read_safetensors_header, wrong_family_error
+    from ..guards import config_from_metadata
     from .config import InfDiTConfig as _Config
     from .keys import is_our_layout
 
     path = os.fspath(path)
+    check_file(path)  # a missing, special or empty file is an error, never "the release plan"
     if not path.lower().endswith((".safetensors", ".sft")):
         return release_config()
     header = read_safetensors_header(path)
     meta = header.pop("__metadata__", None) or {}
     if METADATA_KEY in meta:
-        return _Config.from_json(meta[METADATA_KEY])
+        return config_from_metadata(_Config.from_json, meta[METADATA_KEY], path, METADATA_KEY)
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     if is_our_layout(shapes):
         raise wrong_family_error(path, "Inf-DiT", shapes, "This converted file lost its config metadata: "
