@@ -30,7 +30,8 @@ from .memory import Budget, format_bytes
 __all__ = [
     "NonFiniteError", "WorkTooLarge", "check_finite", "check_state_dict_finite", "finite_denoiser", "check_step_finite",
     "check_sana_latent", "check_sana_conditioning", "check_batch_matches", "check_context_mask",
-    "sana_latent_bytes", "sana_sampling_bytes", "check_sana_memory", "config_from_metadata", "validate_config",
+    "sana_latent_bytes", "sana_sampling_bytes", "check_sana_memory", "check_sana_empty_latent", "check_sana_sampling",
+    "config_from_metadata", "validate_config",
 ]
 
 T = TypeVar("T")
@@ -270,6 +271,30 @@ def check_sana_memory(needed: int, free_bytes: int | None, what: str, *, batch: 
         f"{what}: {_count(batch, 'image')} of {width_px}x{height_px} px need at least {format_bytes(needed)}, "
         f"but only {format_bytes(usable)} of {format_bytes(free_bytes)} free can be used. "
         f"Use {' or '.join(options)}.")
+
+
+def check_sana_empty_latent(batch: int, width_px: int, height_px: int, free_bytes: int | None,
+                            what: str = "SanaEmptyLatent") -> tuple[int, int, int, int]:
+    """The latent shape for an image size, refused before allocation when it cannot fit ``free_bytes``.
+
+    ``free_bytes`` is the free memory of the device the latent is created on (ComfyUI's intermediate
+    device, usually system RAM); ``None`` skips the memory check.
+    """
+    shape = (int(batch), SANA_LATENT_CHANNELS, max(1, int(height_px) // SANA_DOWNSCALE),
+             max(1, int(width_px) // SANA_DOWNSCALE))
+    check_sana_memory(sana_latent_bytes(shape[0], shape[2], shape[3]), free_bytes, what, batch=shape[0],
+                      width_px=shape[3] * SANA_DOWNSCALE, height_px=shape[2] * SANA_DOWNSCALE)
+    return shape
+
+
+def check_sana_sampling(samples: torch.Tensor, free_bytes: int | None, *, hidden_size: int, mlp_ratio: float = 2.5,
+                        element_size: int = 2, cfg: bool = True, what: str = "SanaSampler") -> None:
+    """Refuse sampling a latent whose lower-bound working memory exceeds ``free_bytes`` (weights excluded)."""
+    batch, _, height, width = samples.shape
+    needed = sana_sampling_bytes(batch, height, width, hidden_size=hidden_size, mlp_ratio=mlp_ratio,
+                                 element_size=element_size, cfg=cfg)
+    check_sana_memory(needed, free_bytes, what, batch=batch, width_px=width * SANA_DOWNSCALE,
+                      height_px=height * SANA_DOWNSCALE)
 
 
 # --------------------------------------------------------------------------- configs from metadata
