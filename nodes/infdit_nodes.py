@@ -11,7 +11,7 @@ from uniba.checkpoint import stored_dtype
 from uniba.infdit import load_infdit, plan_upscale, upscale
 from uniba.infdit.sampling import DEFAULT_STEPS
 
-from . import host
+from .comfy import host
 
 CATEGORY = "UniBA/Inf-DiT"
 SCALES = ["4", "2", "8", "16"]
