@@ -55,6 +55,14 @@ def _first_non_finite(tensor: torch.Tensor) -> tuple[int, float] | None:
     flat = tensor.detach().reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start:start + _CHUNK]
+        if not chunk.is_complex():
+            # min/max propagate NaN and show +-inf: ~40x faster than isfinite, which runs only when this fails
+            try:
+                low, high = torch.aminmax(chunk)
+                if math.isfinite(float(low)) and math.isfinite(float(high)):
+                    continue
+            except (RuntimeError, NotImplementedError):
+                pass
         try:
             finite = torch.isfinite(chunk)
         except (RuntimeError, NotImplementedError):  # e.g. float8 types without isfinite on this device
