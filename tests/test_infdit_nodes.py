@@ -110,6 +110,12 @@ def test_optional_sampler_and_sigmas_inputs(models_dir):
     (d,) = node.upscale(patcher, image, "4", 3, 7, "1", "off", "none", FakeKSampler(sample_dpmpp_2m), None)
     assert not torch.equal(a, c) and a.shape == c.shape == d.shape == (1, 128, 192, 3)
 
+    def sample_euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="CFG\\+\\+ sampler.*euler instead of euler_cfg_pp"):
+        node.upscale(patcher, image, "4", 20, 7, "1", "off", "none", FakeKSampler(sample_euler_cfg_pp), sigmas)
+
 
 def test_progress_counts_the_chosen_samplers_evaluations(models_dir, monkeypatch):
     from uniba.infdit.sampling import get_sigmas_karras, sample_dpmpp_2m

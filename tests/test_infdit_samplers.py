@@ -41,11 +41,10 @@ def test_block_wise_equals_whole_canvas_for_every_block_batch(model, sampler):
     sigmas = get_sigmas_karras(4)
     whole = upscale(model, lr, seed=11, sampler=sampler, sigmas=sigmas, block_batch=16)
     assert whole.abs().mean() > 0.1
-    for block_batch in (1, 2, "2x3", "1x4"):
-        for offload in ("off", "on"):
-            out = upscale(model, lr, seed=11, sampler=sampler, sigmas=sigmas, block_batch=block_batch,
-                          offload_cache=offload)
-            assert (out - whole).abs().max().item() <= 2e-5, (block_batch, offload)
+    for block_batch, offload in ((1, "off"), ("2x3", "on")):  # one ragged, one offloaded
+        out = upscale(model, lr, seed=11, sampler=sampler, sigmas=sigmas, block_batch=block_batch,
+                      offload_cache=offload)
+        assert (out - whole).abs().max().item() <= 2e-5, (block_batch, offload)
 
 
 def test_ancestral_noise_comes_from_the_seed_on_the_cpu(model):

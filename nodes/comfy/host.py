@@ -424,6 +424,10 @@ class k_diffusion_sampler:  # noqa: N801 - used like a function
                 raise ValueError(f"the sampler input must be a ComfyUI SAMPLER (KSamplerSelect), got "
                                  f"{type(sampler).__name__}")
             function = sampler
+        if "cfg_pp" in getattr(function, "__name__", ""):
+            raise ValueError(f"the sampler {function.__name__.removeprefix('sample_')} is a CFG++ sampler: it needs "
+                             "classifier-free guidance, which this model does not use; pick its plain variant "
+                             "(e.g. euler instead of euler_cfg_pp)")
         self.function = function
         self.options = dict(getattr(sampler, "extra_options", None) or {})
         self.sampling = _EdmModelSampling(sigma_min, sigma_max, sigma_data)
