@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from uniba.sana.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
+from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 
 from . import host
 
@@ -264,7 +264,7 @@ class SanaVAELoader:
                    "4K decoding within your memory.")
 
     def load(self, vae_name: str, dtype: str) -> tuple[Any]:
-        from uniba.sana.dcae import load_dcae
+        from uniba.dcae.loader import load_dcae
 
         path = host.model_path("vae", vae_name)
         device = host.vae_device()

@@ -19,7 +19,7 @@ METHOD_CLIS = ("uniba.infdit.cli", "uniba.sana.cli", "uniba.hidiffusion.cli")
 BENCHMARKS = {
     "infdit": ("uniba.infdit.bench", "Inf-DiT block-wise vs whole-canvas memory and time"),
     "sana": ("uniba.sana.bench", "Sana linear vs softmax attention scaling; Flow-DPM-Solver vs Flow-Euler"),
-    "dcae": ("uniba.sana.bench_dcae", "DC-AE tiled vs untiled decode memory and time"),
+    "dcae": ("uniba.dcae.bench", "DC-AE exact-tiled vs untiled decode: time, memory, max difference"),
     "hidiffusion": ("uniba.hidiffusion.bench", "MSW-MSA vs global attention; patched vs vanilla UNet"),
 }
 
