@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from uniba.checkpoint import stored_dtype
 from uniba.infdit import load_infdit, plan_upscale, upscale
 from uniba.infdit.sampling import DEFAULT_STEPS
 
@@ -18,24 +19,6 @@ BLOCK_BATCHES = ["auto"] + [str(n) for n in range(1, 17)]
 OFFLOAD = ["auto", "on", "off"]
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 COLOR_MATCH = ["none", "wavelet"]
-
-
-def _stored_dtype(path: str) -> torch.dtype | None:
-    """The dtype of a safetensors file's weights, read from its header (None for pickles)."""
-    if not path.lower().endswith((".safetensors", ".sft")):
-        return None
-    import json
-
-    try:
-        with open(path, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    except (OSError, ValueError):
-        return None  # the loader reports the broken file with a proper message
-    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    for key, entry in header.items():
-        if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in names:
-            return names[entry["dtype"]]
-    return None
 
 
 class InfDiTLoader:
@@ -58,7 +41,7 @@ class InfDiTLoader:
     def load(self, model_name: str, dtype: str = "auto"):
         path = host.model_path(host.INFDIT_FOLDER, model_name)
         device = host.torch_device()
-        chosen = host.choose_dtype(dtype, device, stored=_stored_dtype(path))
+        chosen = host.choose_dtype(dtype, device, stored=stored_dtype(path))
         model = load_infdit(path, dtype=chosen)
         return (host.wrap_model(model, device, host.offload_device()),)
 

@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from uniba.checkpoint import stored_dtype
+
 from . import host, infdit_nodes
 
 PLAN_ROUTE = "/uniba/infdit/plan"
@@ -83,7 +85,7 @@ def plan_for_query(query: Mapping[str, str], free_bytes: Callable[[], int] = hos
     dtype_name = _choice(query, "dtype", DTYPES, "auto")
     config, source, path = model_config(query.get("model") or None)
     # the dtype and planner call mirror InfDiTLoader/InfDiTUpscale, so the readout predicts the node's plan
-    stored = infdit_nodes._stored_dtype(path) if path else None
+    stored = stored_dtype(path) if path else None
     dtype = host.choose_dtype(dtype_name, host.torch_device(), stored=stored)
     free = int(free_bytes())
     try:

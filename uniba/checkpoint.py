@@ -18,9 +18,14 @@ import fnmatch
 import json
 import os
 import pickle
+import threading
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -167,19 +172,65 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         ) from None
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (empty when there is none)."""
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file, without reading any tensor data.
+
+    ``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [...]}, "__metadata__": {...}}``: enough
+    to infer a config from shapes and to know the stored dtypes before loading anything.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or n > 100_000_000:
+            if n <= 0 or n > MAX_HEADER_BYTES:
                 raise ValueError("bad header length")
             header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as exc:
         raise CheckpointError(path, f"has no readable safetensors header ({exc}).",
                               "Download the file again.") from None
-    return dict(header.get("__metadata__") or {})
+    return header
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (empty when there is none)."""
+    return dict(read_safetensors_header(path).get("__metadata__") or {})
+
+
+def header_shapes(header: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the tensors listed in a safetensors header."""
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, Mapping)}
+
+
+def stored_dtype(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype most floating-point tensors of a checkpoint are stored in (releases use one).
+
+    A state dict is read from its tensors; a path from its safetensors header only. ``None`` when
+    nothing tells: no floating-point tensors, a pickle (which must be loaded to tell), or an unreadable
+    file (its loader reports that with a proper message).
+    """
+    if isinstance(source, Mapping):
+        dtypes = [v.dtype for v in source.values() if v.is_floating_point()]
+    else:
+        if not os.fspath(source).lower().endswith(SAFETENSORS_SUFFIXES):
+            return None
+        try:
+            header = read_safetensors_header(source)
+        except CheckpointError:
+            return None
+        dtypes = [SAFETENSORS_DTYPES.get(entry.get("dtype")) for key, entry in header.items()
+                  if key != "__metadata__" and isinstance(entry, Mapping)]
+        dtypes = [d for d in dtypes if d is not None and d.is_floating_point]
+    return Counter(dtypes).most_common(1)[0][0] if dtypes else None
 
 
 def _unsupported_global(message: str) -> str:
@@ -338,19 +389,88 @@ def check_keys(
     )
 
 
-def load_into(
-    module: torch.nn.Module,
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str], *,
+                 marker: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors under the wrapper prefix a checkpoint puts its model in, with the prefix removed.
+
+    The first of ``prefixes`` that applies wins: without ``marker`` a prefix applies when every key
+    carries it; with ``marker`` when some key carrying it passes ``marker`` once stripped, and then keys
+    outside the prefix are dropped (a whole pipeline file ``model.diffusion_model.* + first_stage_model.*``
+    gives the DiT alone). When no prefix applies, the state dict is returned unchanged.
+    """
+    keys = list(state_dict)
+    for prefix in prefixes:
+        carrying = [k for k in keys if k.startswith(prefix)]
+        if not carrying:
+            continue
+        applies = (len(carrying) == len(keys) if marker is None
+                   else any(marker(k[len(prefix):]) for k in carrying))
+        if applies:
+            return {k[len(prefix):]: state_dict[k] for k in carrying}
+    return dict(state_dict)
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device but real buffers.
+
+    For models that compute non-persistent buffers in their constructor (Gemma-2's rotary table and
+    embedding scale), which a checkpoint does not hold. Uses torch's parameter-registration hook and
+    acts only on the calling thread, so a module built elsewhere meanwhile is unaffected.
+    """
+    builder = threading.get_ident()
+
+    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> torch.nn.Parameter | None:
+        if param is None or param.is_meta or threading.get_ident() != builder:
+            return None
+        return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def load_model(
+    build: Callable[[], M],
     state_dict: Mapping[str, torch.Tensor],
     *,
     path: str | os.PathLike | None,
     family: str,
     ignore: Iterable[str] = (),
-) -> None:
-    """Check ``state_dict`` strictly against ``module`` and copy it in (dtype follows the module)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    real_buffers: bool = False,
+) -> M:
+    """The one way every family turns a converted state dict into a model.
+
+    ``build()`` runs on the meta device, so nothing is allocated or initialised twice
+    (``real_buffers=True``: only parameters go to meta, see :func:`parameters_on_meta`). The state
+    dict is then checked strictly against the model (:func:`check_keys`, with the family's documented
+    ``ignore`` patterns) and its tensors are assigned, cast to ``dtype`` (``None``: the stored dtype,
+    :func:`stored_dtype`) and moved to ``device``. Returns the model in eval mode without gradients.
+    """
+    if real_buffers:
+        with parameters_on_meta():
+            model = build()
+    else:
+        with torch.device("meta"):
+            model = build()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(state_dict, expected, path=path, family=family, ignore=ignore)
-    kept = {k: v for k, v in state_dict.items() if k in expected}
-    module.load_state_dict(kept, strict=True, assign=False)
+    dtype = dtype or stored_dtype(state_dict) or torch.float32
+    weights = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+               for k, v in state_dict.items() if k in expected}
+    model.load_state_dict(weights, strict=True, assign=True)
+    unset = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if unset:  # a non-persistent buffer built on meta: the model needs real_buffers=True
+        raise RuntimeError(f"{family}: {_short_list(unset)} were neither in the checkpoint nor computed; "
+                           "build this model with real_buffers=True.")
+    return model.eval().requires_grad_(False)
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,

@@ -63,6 +63,24 @@ class Budget:
         return max(0, int(self.free_bytes * (1.0 - self.safety_fraction)) - self.reserve_bytes)
 
 
+def device_free_bytes(device: torch.device | str) -> int:
+    """Free bytes on ``device`` as torch sees it: ``cuda.mem_get_info`` on CUDA, else available RAM.
+
+    The one free-memory probe of the pack; inside ComfyUI the nodes use the host's own figure instead.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a requirement
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def largest_unit(
     bytes_for_unit: Callable[[int], float] | float,
     budget: int | Budget,

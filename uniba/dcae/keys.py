@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from uniba.checkpoint import wrong_family_error
+from uniba import checkpoint
 
 from .config import FAMILY
 
@@ -49,11 +49,7 @@ _OUTER_RULES: tuple[tuple[str, str], ...] = (
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a wrapper prefix (``first_stage_model.``, ``vae.``...) shared by every key."""
-    keys = list(state_dict)
-    for prefix in _PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys):
-            return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+    return checkpoint.strip_prefix(state_dict, _PREFIXES)
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
@@ -76,7 +72,7 @@ def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | 
         return original_to_diffusers(stripped)
     if layout == "diffusers":
         return stripped
-    raise wrong_family_error(path, FAMILY, state_dict.keys(),
+    raise checkpoint.wrong_family_error(path, FAMILY, state_dict.keys(),
                              "Choose the Sana DC-AE file (mit-han-lab/dc-ae-f32c32-sana-1.x, "
                              "model.safetensors or the -diffusers diffusion_pytorch_model.safetensors) in models/vae/.")
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from uniba.checkpoint import check_keys, read_state_dict
+from uniba.checkpoint import load_model, read_state_dict
 
 from .config import FAMILY, DCAEConfig
 from .keys import to_diffusers_state_dict
@@ -16,10 +16,8 @@ from .model import DCAE
 
 def load_dcae(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu") -> DCAE:
-    """Build on the meta device from the shapes, check every key, then assign the tensors (no copy of random init).
-
-    ``dtype`` ``None`` keeps the stored floating dtype.
-    """
+    """The config from the tensor shapes, then :func:`uniba.checkpoint.load_model` (meta build, strict keys,
+    assign); ``dtype`` ``None`` keeps the stored floating dtype."""
     path = None
     if isinstance(path_or_state_dict, Mapping):
         raw = dict(path_or_state_dict)
@@ -30,12 +28,4 @@ def load_dcae(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
         raw = read_state_dict(path)
     state = to_diffusers_state_dict(raw, path)
     config = DCAEConfig.from_shapes(state, path)
-    with torch.device("meta"):
-        model = DCAE(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(state, expected, path=path, family=FAMILY)
-    if dtype is None:
-        floats = [v.dtype for v in state.values() if v.is_floating_point()]
-        dtype = floats[0] if floats else torch.float32
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return load_model(lambda: DCAE(config), state, path=path, family=FAMILY, dtype=dtype, device=device)

@@ -17,7 +17,7 @@ import torch
 from ..checkpoint import (
     CheckpointError,
     StateDict,
-    check_keys,
+    load_model,
     read_safetensors_metadata,
     read_state_dict,
     save_safetensors,
@@ -73,18 +73,7 @@ def prepare_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[str,
 def build_model(config: InfDiTConfig, state: Mapping[str, torch.Tensor], path: str | None,
                 dtype: torch.dtype | None) -> InfDiT:
     """Strict key check, then the weights are assigned into a model built without initialisation."""
-    with torch.device("meta"):
-        model = InfDiT(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(state, expected, path=path, family=FAMILY, ignore=IGNORED)
-    if dtype is None:
-        dtype = state["patch_embed.weight"].dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-    kept = {k: v.to(dtype) for k, v in state.items() if k in expected}
-    model.load_state_dict(kept, strict=True, assign=True)
-    model.requires_grad_(False)
-    return model.eval()
+    return load_model(lambda: InfDiT(config), state, path=path, family=FAMILY, ignore=IGNORED, dtype=dtype)
 
 
 def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,

@@ -219,35 +219,19 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
     )
 
 
-def _safetensors_header(path: str) -> dict[str, Any]:
-    import json
-
-    from ..checkpoint import CheckpointError
-
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or n > 100_000_000:
-                raise ValueError("bad header length")
-            return json.loads(fh.read(n))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(path, f"has no readable safetensors header ({exc}).",
-                              "Download the file again.") from None
-
-
 def config_for_file(path: str | os.PathLike) -> InfDiTConfig:
     """The config of a model file, from its safetensors header only (no tensor data read).
 
     Pickled ``.pt`` releases cannot be inspected without loading them: they get the release config.
     """
-    from ..checkpoint import wrong_family_error
+    from ..checkpoint import read_safetensors_header, wrong_family_error
     from .config import InfDiTConfig as _Config
     from .keys import is_our_layout
 
     path = os.fspath(path)
     if not path.lower().endswith((".safetensors", ".sft")):
         return release_config()
-    header = _safetensors_header(path)
+    header = read_safetensors_header(path)
     meta = header.pop("__metadata__", None) or {}
     if METADATA_KEY in meta:
         return _Config.from_json(meta[METADATA_KEY])

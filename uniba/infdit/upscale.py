@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..memory import is_out_of_memory
+from ..memory import device_free_bytes, is_out_of_memory
 from ..progress import ProgressFn
 from .blockwise import prepare_inputs, run_network
 from .model import BlockRect, InfDiT, upsample_lr
@@ -32,14 +32,6 @@ PREVIEW_MAX = 512
 
 class RopeWrapWarning(UserWarning):
     """The output is larger than the RoPE table: positions wrap around, as in the reference."""
-
-
-def device_free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def reflect_pad(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

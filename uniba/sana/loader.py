@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,9 +21,10 @@ import torch
 
 from ..checkpoint import (
     CheckpointError,
-    check_keys,
+    load_model,
     read_safetensors_metadata,
     read_state_dict,
+    stored_dtype,
     wrong_family_error,
 )
 from . import keys as sana_keys
@@ -79,11 +79,6 @@ def _metadata_config(path: Path) -> dict[str, Any]:
         if text:
             return json.loads(text)
     return {}
-
-
-def _stored_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
-    counts = Counter(v.dtype for v in state_dict.values() if v.is_floating_point())
-    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None = None,
@@ -151,7 +146,8 @@ def read_sana_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor],
     hints.update(overrides or {})
     converted = sana_keys.original_to_ours(stripped) if fmt == "original" else stripped
     config = infer_config(converted, hints, path)
-    return SanaCheckpoint(converted, config, fmt, _stored_dtype(converted), None if path is None else str(path))
+    return SanaCheckpoint(converted, config, fmt, stored_dtype(converted) or torch.float32,
+                          None if path is None else str(path))
 
 
 def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
@@ -169,10 +165,5 @@ def load_sana(source: str | os.PathLike | Mapping[str, torch.Tensor], dtype: tor
     tell (``use_pe``, ``pe_base_size``, ``pe_interpolation``, ``cross_heads``, ``flow_shift``).
     """
     ckpt = read_sana_checkpoint(source, overrides)
-    check_keys(ckpt.state_dict, expected_shapes(ckpt.config), path=ckpt.path, family=FAMILY)
-    dtype = dtype or ckpt.stored_dtype
-    with torch.device("meta"):
-        model = SanaDiT(ckpt.config)
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.state_dict.items()}
-    model.load_state_dict(weights, strict=True, assign=True)
-    return model.eval()
+    return load_model(lambda: SanaDiT(ckpt.config), ckpt.state_dict, path=ckpt.path, family=FAMILY,
+                      dtype=dtype or ckpt.stored_dtype, device=device)
