@@ -1,15 +1,16 @@
-"""``python -m uniba bench dcae``: DC-AE tiled vs untiled decode, peak memory and time, side by side.
+"""``python -m uniba bench dcae``: one-pass vs exact-tiled DC-AE decode, side by side, and the 4096/8192 px plan.
 
-Every measurement runs in a fresh child process (so the peak RSS of one run does not hide the
-next): the model is built from a fixed seed, a tiny warm-up decode runs, then the peak resident
-memory above that baseline (weights, input and warm-up already counted out) and the wall time of
-one decode are recorded. The output image itself is part of the peak; the "working" column
-subtracts it (inside ComfyUI the output goes to the intermediate device, usually system RAM,
-while the tiles run on the GPU).
+The real f32c32 decoder (sana-1.0/1.1 shapes, 159 M parameters) with random weights from a fixed
+seed. Every measurement runs in a fresh child process (so one run's peak does not hide the next):
+the decoder is built, a tiny warm-up decode runs, then the peak resident memory above that baseline
+(weights and input already counted out) and the wall time of one decode are recorded. Each size is
+decoded in one pass and exact-tiled; the rows show time and peak ratios and the max |tiled - one
+pass|, which must stay <= 1e-5 (fp32). The tiled peak = the whole low-resolution activations + one
+tile + the output image, from which the 4096 and 8192 px peaks are projected next to the planner's
+own estimates.
 
-1. A reduced-width DC-AE (every width / 4, same structure, 32 latent channels): untiled at 1024
-   and 2048 px, tiled (1024-px tiles) at 1024, 2048 and 4096 px; tiled vs untiled at 2048 px.
-2. The real f32c32 config: one 1024-px tile, from which the 4096-px tiled peak is projected.
+A one-pass decode whose planner estimate exceeds the free RAM is skipped (a 2048 px one needs
+~10 GiB in fp32), so the benchmark never pushes a shared machine into swapping.
 """
 
 from __future__ import annotations
@@ -22,62 +23,72 @@ import sys
 import tempfile
 import time
 
+import torch
+
 MIB = 1024**2
 GIB = 1024**3
 
 
-def _configs() -> dict:
-    from .dcae import DCAEConfig
+def random_real_decoder(seed: int = 0, dtype: torch.dtype = torch.float32, width_divisor: int = 1):
+    """The released decoder's shapes (``width_divisor`` > 1 narrows every stage) with seeded random weights.
 
-    real = DCAEConfig.sana_f32c32()
-    reduced = DCAEConfig(encoder_widths=tuple(w // 4 for w in real.encoder_widths),
-                         decoder_widths=tuple(w // 4 for w in real.decoder_widths))
-    return {"real": real, "reduced": reduced}
+    Only the decoder is materialised (the encoder stays on the meta device): half the memory and time.
+    """
+    from torch import nn
+
+    from .config import DCAEConfig
+    from .model import DCAE, RMSNorm2d
+
+    config = DCAEConfig.sana_f32c32()
+    if width_divisor > 1:
+        config = DCAEConfig(encoder_widths=tuple(w // width_divisor for w in config.encoder_widths),
+                            decoder_widths=tuple(w // width_divisor for w in config.decoder_widths))
+    with torch.device("meta"):
+        model = DCAE(config)
+    model.decoder.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.decoder.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                bound = fan_in ** -0.5  # the default init's range: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(module, RMSNorm2d):
+                module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+    model.decoder.to(dtype)
+    return model.eval().requires_grad_(False)
 
 
 def _child(spec: dict) -> dict:
     import resource
 
     import psutil
-    import torch
-
-    from .dcae import DCAE
 
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    model = DCAE(_configs()[spec["config"]]).eval().requires_grad_(False)
+    dtype = getattr(torch, spec["dtype"])
+    model = random_real_decoder(0, dtype, spec.get("width_divisor", 1))
     cells = spec["px"] // 32
     latent = torch.randn(1, 32, cells, cells, generator=torch.Generator().manual_seed(1))
     model.decode_full(latent[..., :2, :2])  # warm-up: kernels, allocator pools
     base = psutil.Process().memory_info().rss
-    counts = {"done": 0, "total": 1}
-
-    class _Enough(Exception):
-        pass
-
-    def progress(done: int, total: int | None = None, preview: object = None) -> None:
-        counts.update(done=done, total=total or 1)
-        if spec.get("max_tiles") and done >= spec["max_tiles"] and done < counts["total"]:
-            raise _Enough
-
     start = time.perf_counter()
-    try:
-        image = model.decode(latent, tile_size=spec["tile"] or spec["px"], progress=progress)
-    except _Enough:
-        image = None
+    if spec["tile"]:
+        image = model.decode(latent, tile_size=spec["tile"])
+    else:
+        image = model.decode_full(latent).float()
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    if spec.get("save") and image is not None:
+    if spec.get("save"):
         torch.save(image, spec["save"])
-    output = 3 * spec["px"] ** 2 * 4  # the fp32 output image (allocated at the first tile)
-    # a capped run measures the peak over its first tiles and projects the time to all tiles
-    projected = elapsed * counts["total"] / max(1, counts["done"])
-    return {"time": projected, "measured_tiles": counts["done"], "tiles": counts["total"], "peak": peak,
-            "output": output, "weights": sum(p.numel() * p.element_size() for p in model.parameters())}
+    weights = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
+    return {"time": elapsed, "peak": peak, "weights": weights, "range": image.abs().max().item()}
 
 
 def _measure(spec: dict) -> dict:
-    code = ("import json, sys; from uniba.sana.bench_dcae import _child; "
+    code = ("import json, sys; from uniba.dcae.bench import _child; "
             "print(json.dumps(_child(json.loads(sys.argv[1]))))")
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,79 +99,86 @@ def _measure(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _row(name: str, px: int, tiles: str, r: dict) -> str:
-    capped = f"  (peak over the first {r['measured_tiles']} tiles, time projected)" \
-        if r["measured_tiles"] < r["tiles"] else ""
-    return (f"{name:<9} {px:>5} {tiles:>6} {r['time']:>8.1f} {r['peak'] / MIB:>10.0f} {r['output'] / MIB:>8.0f} "
-            f"{(r['peak'] - r['output']) / MIB:>9.0f}{capped}")
+def _plan(px: int, dtype: torch.dtype, tile: int | None = None, width_divisor: int = 1):
+    from .config import DCAEConfig
+    from .model import DCAE
+    from .tiling import decoder_steps, plan_pass
+
+    real = DCAEConfig.sana_f32c32()
+    config = DCAEConfig(encoder_widths=tuple(w // width_divisor for w in real.encoder_widths),
+                        decoder_widths=tuple(w // width_divisor for w in real.decoder_widths))
+    with torch.device("meta"):
+        model = DCAE(config)
+    return plan_pass(decoder_steps(model), (1, 32, px // 32, px // 32), dtype, tile_size=tile)
 
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniba bench dcae", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--no-real", action="store_true", help="skip the real f32c32 1024-px tile (the slowest part)")
-    parser.add_argument("--max-tiles-4096", type=int, default=0, metavar="N",
-                        help="stop the tiled 4096-px run after N of its 25 tiles: the peak is reached at the first "
-                             "tile; the time is then projected (for busy machines; default: all tiles)")
+    parser.add_argument("--sizes", default="1024,2048", help="output edges in px (default 1024,2048)")
+    parser.add_argument("--tile", type=int, default=512, help="tile edge of the tiled decodes in px (default 512)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--one-pass-max-gib", type=float, default=6.0,
+                        help="skip one-pass decodes planned above this many GiB (a 2048 px fp32 one: ~14 GiB)")
+    parser.add_argument("--width-divisor", type=int, default=1,
+                        help="narrow every stage by this factor (4: a quick run; 1: the real decoder)")
     args = parser.parse_args(argv)
 
-    import torch
+    import psutil
 
-    from .tiling import activation_bytes_per_pixel, overlap_for, tile_starts
-
-    def n_tiles(px: int, tile_px: int) -> str:
-        n = len(tile_starts(px // 32, tile_px // 32, overlap_for(tile_px // 32)))
-        return f"{n}x{n}"
-
-    real = _configs()["real"]
-    print(f"DC-AE decode benchmark, fp32, {args.threads} threads; each row a fresh process; peak = max RSS above "
-          "weights+input; working = peak - output image")
-    print("1) reduced-width DC-AE (widths 32..256 = real / 4, same structure, 32 latent channels)")
-    print(f"{'mode':<9} {'px':>5} {'tiles':>6} {'time s':>8} {'peak MiB':>10} {'out MiB':>8} {'work MiB':>9}")
-    results: dict[tuple[str, int], dict] = {}
+    dtype = getattr(torch, args.dtype)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    label = "real f32c32" if args.width_divisor == 1 else f"f32c32 with widths / {args.width_divisor}"
+    print(f"DC-AE decode, {label} decoder, random weights, {args.dtype}, {args.threads} threads, tiles of "
+          f"{args.tile} px; each row a fresh process; peak = max RSS above weights + input")
+    print(f"{'px':>5} {'mode':<12} {'time s':>8} {'peak MiB':>9} {'planned MiB':>11}")
+    tile_working = None
     with tempfile.TemporaryDirectory() as tmp:
-        plan = [("untiled", 1024, 0), ("untiled", 2048, 0), ("tiled", 1024, 1024), ("tiled", 2048, 1024),
-                ("tiled", 4096, 1024)]
-        for mode, px, tile in plan:
-            save = os.path.join(tmp, f"{mode}{px}.pt") if px == 2048 else None
-            cap = args.max_tiles_4096 if px == 4096 else 0
-            r = _measure({"config": "reduced", "px": px, "tile": tile, "threads": args.threads, "save": save,
-                          "max_tiles": cap})
-            results[(mode, px)] = r
-            print(_row(mode, px, n_tiles(px, tile) if tile else "1", r), flush=True)
-        untiled = torch.load(os.path.join(tmp, "untiled2048.pt"))
-        tiled = torch.load(os.path.join(tmp, "tiled2048.pt"))
-        diff = (tiled - untiled).abs()
-    t2, t4, u2 = results[("tiled", 2048)], results[("tiled", 4096)], results[("untiled", 2048)]
-
-    def work(r: dict) -> float:
-        return r["peak"] - r["output"]
-
-    flat = work(t4) / work(t2)
-    print(f"   tiled 4096 / tiled 2048 working peak: {flat:.2f}  (flat within 15%: {'yes' if flat <= 1.15 else 'NO'}); "
-          f"with the output image: {t4['peak'] / t2['peak']:.2f}")
-    print(f"   tiled 2048 / untiled 2048 peak: {t2['peak'] / u2['peak']:.2f}  "
-          f"(below untiled: {'yes' if t2['peak'] < u2['peak'] else 'NO'}); time {t2['time'] / u2['time']:.2f}x")
-    print(f"   untiled 2048 / untiled 1024 peak: {u2['peak'] / results[('untiled', 1024)]['peak']:.2f} "
-          "(activations grow with the area)")
-    print(f"   max |tiled - untiled| at 2048 px: {diff.max():.4f} (mean {diff.mean():.5f}; image range "
-          f"{untiled.abs().max():.2f}; random weights, global attention per tile)")
-    if args.no_real:
+        for px in sizes:
+            rows = {}
+            for mode, tile in (("one pass", 0), ("exact tiled", args.tile)):
+                plan = _plan(px, dtype, tile or 1 << 30, args.width_divisor)
+                planned = plan.estimated_peak_bytes + plan.output_bytes
+                limit = min(args.one_pass_max_gib * GIB, 0.8 * psutil.virtual_memory().available)
+                if not tile and planned > limit:
+                    print(f"{px:>5} {mode:<12} skipped: planned {planned / GIB:.1f} GiB > {limit / GIB:.1f} GiB "
+                          "(--one-pass-max-gib, free RAM)", flush=True)
+                    continue
+                save = os.path.join(tmp, f"{px}_{tile}.pt")
+                r = _measure({"px": px, "tile": tile, "threads": args.threads, "dtype": args.dtype, "save": save,
+                              "width_divisor": args.width_divisor})
+                rows[mode] = (r, save)
+                print(f"{px:>5} {mode:<12} {r['time']:>8.1f} {r['peak'] / MIB:>9.0f} {planned / MIB:>11.0f}",
+                      flush=True)
+                if tile:
+                    tiled_plan = _plan(px, dtype, tile, args.width_divisor)
+                    tile_working = r["peak"] - tiled_plan.stored_bytes - tiled_plan.output_bytes
+            if len(rows) == 2:
+                (one, one_path), (tiled, tiled_path) = rows["one pass"], rows["exact tiled"]
+                ref, got = torch.load(one_path), torch.load(tiled_path)
+                diff = (got - ref).abs().max().item()
+                verdict = "ok" if diff <= 1e-5 or dtype != torch.float32 else "TOO LARGE"
+                print(f"      tiled / one pass: time {tiled['time'] / one['time']:.2f}x, peak "
+                      f"{tiled['peak'] / one['peak']:.2f}x; max |tiled - one pass| {diff:.2e} ({verdict}; image "
+                      f"range {ref.abs().max():.2f})", flush=True)
+    if args.width_divisor != 1:
         return 0
-    print("2) real f32c32 (sana-1.0/1.1 shapes, 312 M parameters), one 1024-px tile", flush=True)
-    r = _measure({"config": "real", "px": 1024, "tile": 0, "threads": args.threads})
-    canvas = 3 * 4096**2 * 4
-    projected = r["peak"] - r["output"] + canvas
-    untiled_estimate = activation_bytes_per_pixel(real.decoder_widths, torch.float32) * 4096**2
-    print(f"   1024-px tile: {r['time']:.1f} s, peak {r['peak'] / GIB:.2f} GiB above the weights "
-          f"({r['weights'] / GIB:.2f} GiB)")
-    print(f"   projected 4096-px tiled peak: {projected / GIB:.2f} GiB (one tile + the 4096-px output image; "
-          f"under 4 GB: {'yes' if projected < 4 * 1000**3 else 'NO'})")
-    extrapolated = (r["peak"] - r["output"]) * 16  # activations grow with the area (x4 per doubling)
-    print(f"   untiled 4096 px: ~{extrapolated / GIB:.0f} GiB extrapolated from this run (x16 the 1024-px activations; "
-          f"the planner's conservative estimate {untiled_estimate / GIB:.0f} GiB; sana.md: ~26 GB in bf16) = "
-          f"{extrapolated / projected:.0f}x the tiled peak")
+    size = torch.empty((), dtype=dtype).element_size()
+    print("Plan of larger decodes (no budget given: 768 px tiles), weights not included "
+          f"(decoder {159.2e6 * size / GIB:.2f} GiB in {args.dtype}):")
+    for px in (4096, 8192):
+        for dt in (torch.bfloat16, torch.float32):
+            plan = _plan(px, dt)
+            print(f"  {px} px {str(dt).replace('torch.', ''):<9} planned {plan.estimated_peak_bytes / GIB:.2f} GiB "
+                  f"(whole 1/8-resolution activations {plan.stored_bytes / GIB:.2f} + one tile "
+                  f"{plan.working_bytes / GIB:.2f}) + the fp32 image {plan.output_bytes / GIB:.2f} GiB")
+    if tile_working is not None:
+        for px in (4096, 8192):
+            plan = _plan(px, dtype, args.tile)
+            projected = tile_working + plan.stored_bytes + plan.output_bytes
+            print(f"  projected from the measured {args.tile}-px tile ({tile_working / GIB:.2f} GiB): {px} px "
+                  f"{args.dtype} {projected / GIB:.2f} GiB with {args.tile}-px tiles")
     return 0
 
 

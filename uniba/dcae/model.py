@@ -353,7 +353,7 @@ class DCAE(nn.Module):
         """Unscaled latents (B, C, h, w) -> images in about [-1, 1] (B, 3, 32h, 32w), fp32.
 
         The result equals :meth:`decode_full` (to fp32 rounding) whatever ``tile_size`` (the largest
-        tile edge in output pixels; ``None`` = as large as ``budget_bytes`` allows, 1024 px without a
+        tile edge in output pixels; ``None`` = as large as ``budget_bytes`` allows, 768 px without a
         budget) and whatever memory is free: both only change the speed and the peak memory.
         """
         from .tiling import decode_exact

@@ -44,7 +44,7 @@ from uniba.progress import ProgressFn, report
 from .config import VIT_BLOCK
 from .model import DCAE, DownBlock, EfficientViTBlock, ResBlock, UpBlock, linear_attention_sums
 
-DEFAULT_TILE_PX = 1024  # the tile cap when no memory budget is known
+DEFAULT_TILE_PX = 768  # the tile cap when no memory budget is known (4096 px fp32 planned at ~4.5 GB)
 
 
 # --------------------------------------------------------------------------- steps
@@ -379,11 +379,14 @@ def _remaining_tiles(steps: list[Step], shapes: list[tuple[int, int, int, int, i
                for i in range(start, len(steps)))
 
 
-def _run_pass(model: DCAE, x: torch.Tensor, steps: list[Step], *, full: Callable[[torch.Tensor], torch.Tensor],
+def run_pass(model: DCAE, x: torch.Tensor, steps: list[Step], *, full: Callable[[torch.Tensor], torch.Tensor],
               tile_size: int | None, budget_bytes: int | None, progress: ProgressFn | None,
               output_device: torch.device | str | None, is_oom: Callable[[BaseException], bool],
               preview: Callable[[torch.Tensor], torch.Tensor] | None, what: str) -> torch.Tensor:
-    """Run ``steps`` over ``x``: in one plain pass (``full``) when everything fits, else sweep by sweep."""
+    """Run ``steps`` over ``x``: in one plain pass (``full``) when everything fits, else sweep by sweep.
+
+    The steps come from :func:`decoder_steps` / :func:`encoder_steps` (tests pass altered ones).
+    """
     output_device = torch.device(output_device) if output_device is not None else x.device
     dtype = model.weight_dtype
     plan = plan_pass(steps, tuple(x.shape), dtype, tile_size=tile_size, budget_bytes=budget_bytes)
@@ -438,7 +441,7 @@ def decode_exact(model: DCAE, latent: torch.Tensor, *, tile_size: int | None = N
     def preview(img: torch.Tensor) -> torch.Tensor:
         return (img[:1].float() * 0.5 + 0.5).clamp(0, 1)
 
-    return _run_pass(model, latent, decoder_steps(model), full=model.decode_full, tile_size=tile_size,
+    return run_pass(model, latent, decoder_steps(model), full=model.decode_full, tile_size=tile_size,
                      budget_bytes=budget_bytes, progress=progress, output_device=output_device, is_oom=is_oom,
                      preview=preview, what="decode")
 
@@ -447,6 +450,6 @@ def encode_exact(model: DCAE, image: torch.Tensor, *, tile_size: int | None = No
                  progress: ProgressFn | None = None, output_device: torch.device | str | None = None,
                  is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> latents in fp32, equal to ``model.encode_full`` at any tile size."""
-    return _run_pass(model, image, encoder_steps(model), full=model.encode_full, tile_size=tile_size,
+    return run_pass(model, image, encoder_steps(model), full=model.encode_full, tile_size=tile_size,
                      budget_bytes=budget_bytes, progress=progress, output_device=output_device, is_oom=is_oom,
                      preview=None, what="encode")
