@@ -234,7 +234,7 @@ def test_guess_family_and_wrong_family_error() -> None:
     sdxl_keys = ["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.input_blocks.0.0.weight"]
     assert guess_family(sdxl_keys) == "SDXL checkpoint"
     err = wrong_family_error("sdxl.safetensors", "Inf-DiT", sdxl_keys)
-    assert "sdxl.safetensors: is not a Inf-DiT checkpoint; it looks like a SDXL checkpoint" in str(err)
+    assert "sdxl.safetensors: is not an Inf-DiT checkpoint; it looks like an SDXL checkpoint" in str(err)
     assert guess_family(["foo"]).startswith("unknown model")
 
 

@@ -14,10 +14,13 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import errno
 import fnmatch
 import json
 import os
 import pickle
+import stat
+import sys
 import threading
 import zipfile
 from collections import Counter
@@ -156,12 +159,60 @@ def _describe_size(path: Path) -> str:
         return "unknown size"
 
 
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file; reading it would wait for a writer forever"),
+    (stat.S_ISCHR, "is a character device (such as /dev/zero), not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
+)
+
+
+def check_file(path: str | os.PathLike, *, allow_dir: bool = False,
+               fix: str = "Choose the model file itself.") -> os.stat_result:
+    """``stat`` a path before anything opens it: a regular, non-empty file (or a folder if ``allow_dir``).
+
+    Opening a FIFO blocks until someone writes to it and ``/dev/zero`` never ends, so the file type is
+    checked first, through symlinks; a symlink loop or a dangling link gets its own message.
+    Returns the ``stat`` result so readers can bound what they read by ``st_size``.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise CheckpointError(path, f"is a symbolic link to '{os.readlink(path)}', which does not exist.",
+                                  "Fix or remove the link.") from None
+        raise CheckpointError(path, "does not exist.", "Check the file name and the models folder.") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(path, "is a symbolic link loop (the links point at each other, never at a file).",
+                                  "Replace the link with the real file or a link to it.") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise CheckpointError(path, "cannot be read (permission denied).",
+                                  "Give your user read access to it.") from None
+        raise CheckpointError(path, f"cannot be examined ({exc.strerror or exc}).",
+                              "Check the path.") from None
+    if stat.S_ISDIR(st.st_mode):
+        if allow_dir:
+            return st
+        raise CheckpointError(path, "is a folder, not a file.", fix)
+    for test, problem in _SPECIAL_FILES:
+        if test(st.st_mode):
+            raise CheckpointError(path, problem + ".", fix)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(path, "is not a regular file.", fix)
+    if st.st_size == 0:
+        raise CheckpointError(path, "is empty (0 bytes).", "The download did not finish: download it again.")
+    return st
+
+
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read a ``.safetensors`` file (memory-mapped) into a dict of tensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    check_file(path)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -185,13 +236,16 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 
     ``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [...]}, "__metadata__": {...}}``: enough
     to infer a config from shapes and to know the stored dtypes before loading anything.
+
+    Reads at most the header the file's size allows; a header length past the end of the file is an error.
     """
     path = Path(path)
+    size = check_file(path).st_size
     try:
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or n > MAX_HEADER_BYTES:
-                raise ValueError("bad header length")
+            if n <= 0 or n > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"header length {n} does not fit in a file of {size:,} bytes")
             header = json.loads(fh.read(n))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
@@ -203,7 +257,11 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors header (empty when there is none)."""
-    return dict(read_safetensors_header(path).get("__metadata__") or {})
+    metadata = read_safetensors_header(path).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, "has a safetensors __metadata__ entry that is not an object.",
+                              "Download the file again.")
+    return dict(metadata)
 
 
 def header_shapes(header: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -242,6 +300,7 @@ def _unsupported_global(message: str) -> str:
 
 
 def _torch_load_safely(path: Path, device: str | torch.device) -> object:
+    check_file(path)
     if not zipfile.is_zipfile(path):
         # torch.save writes zip archives since 1.6; an old raw pickle still loads through the
         # weights-only unpickler, but a file that is neither is truncated or not a checkpoint.
@@ -302,43 +361,74 @@ def unwrap_state_dict(obj: object, path: str | os.PathLike | None = None) -> Sta
 
 def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read any supported checkpoint file into a flat ``{key: tensor}`` dict, safely."""
+    from .guards import check_state_dict_finite
+
     path = Path(path)
-    if path.is_dir():
-        return read_sharded_folder(path, device)
-    if not path.exists():
-        raise CheckpointError(path, "does not exist.", "Check the file name and the models folder.")
+    if stat.S_ISDIR(check_file(path, allow_dir=True).st_mode):
+        return read_sharded_folder(path, device)  # checks every shard itself
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return read_safetensors(path, device)
-    if suffix in PICKLE_SUFFIXES:
-        return unwrap_state_dict(_torch_load_safely(path, device), path)
-    raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
-                          f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+        state = read_safetensors(path, device)
+    elif suffix in PICKLE_SUFFIXES:
+        state = unwrap_state_dict(_torch_load_safely(path, device), path)
+    else:
+        raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
+                              f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+    # cheap per tensor (a bounded temporary per chunk) and names the tensor; a NaN weight would
+    # otherwise give black images with no message
+    mappings = checkpoint_mappings()
+    for key, value in state.items():
+        check_state_dict_finite({key: value}, path)
+        release_pages([value], mappings)  # the check touched every page: unmap them (they stay in the page cache)
+    return state
 
 
 def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read a diffusers-style folder: ``*.safetensors.index.json`` shards, or a single safetensors file."""
+    from .guards import check_state_dict_finite
+
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
+        check_file(indexes[0], fix="Replace it with the real shard index of the model.")
         try:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(indexes[0], f"is not a valid shard index ({exc}).",
                                   "Download the folder again.") from None
         state: StateDict = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(set(map(str, weight_map.values()))):
             shard_path = folder / shard
+            if Path(shard).name != shard:  # shards live beside the index, never elsewhere
+                raise CheckpointError(indexes[0], f"names the shard '{shard}' outside its folder.",
+                                      "Download the folder again.")
             if not shard_path.exists():
                 raise CheckpointError(folder, f"is missing the shard '{shard}' named in {indexes[0].name}.",
                                       "Download every shard of the model into the same folder.")
-            state.update(read_safetensors(shard_path, device))
+            shard_state = read_safetensors(shard_path, device)
+            check_state_dict_finite(shard_state, shard_path)
+            state.update(shard_state)
         return state
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
-        return read_safetensors(files[0], device)
+        state = read_safetensors(files[0], device)
+        check_state_dict_finite(state, files[0])
+        return state
     raise CheckpointError(folder, f"holds {len(files)} safetensors files and no *.safetensors.index.json.",
                           "Point at one file, or at a folder with one model (diffusers layout).")
+
+
+def with_article(noun: str) -> str:
+    """``noun`` with "a" or "an" as it is read aloud: "an Inf-DiT", "an SDXL checkpoint", "a UNet", "a VAE"."""
+    word = noun.split(maxsplit=1)[0] if noun.strip() else noun
+    spoken_vowel = word[:1].lower() in "aeiou" and not word.lower().startswith(("uni", "une", "use", "eu"))
+    if word[:2] == "UN" or word.startswith("UNet"):
+        spoken_vowel = False
+    # an acronym read letter by letter ("SD", "F1", "MLP") starts with a vowel sound for these letters
+    acronym = len(word) > 1 and (word[:2].isupper() or any(c.isdigit() for c in word[:3])) and word[:1].isupper()
+    if acronym and word[0] in "AEFHILMNORSX":
+        spoken_vowel = True
+    return f"{'an' if spoken_vowel else 'a'} {noun}"
 
 
 def matches_any(key: str, patterns: Iterable[str]) -> bool:
@@ -385,7 +475,7 @@ def check_keys(
     raise CheckpointError(
         path,
         f"does not match the {family} layout: " + "; ".join(parts) + ".",
-        f"Make sure this is a {family} checkpoint of a supported release, complete and unmodified.",
+        f"Make sure this is {with_article(family)} checkpoint of a supported release, complete and unmodified.",
     )
 
 
@@ -435,6 +525,71 @@ def parameters_on_meta() -> Iterator[None]:
         handle.remove()
 
 
+_MADV_DONTNEED = 4
+_madvise: Callable[[int, int, int], int] | None = None
+
+
+def _libc_madvise() -> Callable[[int, int, int], int]:
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise.restype = ctypes.c_int
+            _madvise = libc.madvise
+        except (OSError, AttributeError):
+            _madvise = lambda *_: -1  # noqa: E731 - remembered: not available here
+    return _madvise
+
+
+def checkpoint_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's private memory maps of checkpoint files (Linux; empty elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    ranges = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[1].endswith("p") and parts[5].rstrip().lower().endswith(
+                        SUPPORTED_SUFFIXES):
+                    low, high = parts[0].split("-")
+                    ranges.append((int(low, 16), int(high, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def release_pages(tensors: Iterable[torch.Tensor], mappings: list[tuple[int, int]] | None = None) -> None:
+    """Take the pages of tensors memory-mapped from a checkpoint file out of this process's resident memory.
+
+    Checkpoints are memory-mapped, so every page a reader touches (the NaN/inf check, a dtype conversion)
+    stays counted until the whole file is unmapped: without this, loading an fp32 file as bf16 would peak at
+    the file's size on top of the model. ``MADV_DONTNEED`` on a private *file* mapping only unmaps: the data
+    stays in the page cache and the next access maps it again from the file. It is applied to whole pages
+    inside tensors that lie in a checkpoint-file mapping (:func:`checkpoint_mappings`) and never to
+    ordinary memory. Only for tensors just read and not written to (a written page would revert to the file).
+    """
+    mappings = checkpoint_mappings() if mappings is None else mappings
+    if not mappings:
+        return
+    madvise = _libc_madvise()
+    page = os.sysconf("SC_PAGE_SIZE")
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or not tensor.numel() or not tensor.is_contiguous():
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(low <= start and end <= high for low, high in mappings):
+            continue
+        first = -(-start // page) * page  # whole pages only: a neighbour's partial page stays
+        last = end // page * page
+        if last > first:
+            madvise(first, last - first, _MADV_DONTNEED)
+
+
 def load_model(
     build: Callable[[], M],
     state_dict: Mapping[str, torch.Tensor],
@@ -463,8 +618,15 @@ def load_model(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(state_dict, expected, path=path, family=family, ignore=ignore)
     dtype = dtype or stored_dtype(state_dict) or torch.float32
-    weights = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-               for k, v in state_dict.items() if k in expected}
+    weights = {}
+    mappings = checkpoint_mappings()
+    for key, value in state_dict.items():  # one tensor at a time: never a second full copy of the model
+        if key not in expected:
+            continue
+        converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        if converted is not value:
+            release_pages([value], mappings)
+        weights[key] = converted
     model.load_state_dict(weights, strict=True, assign=True)
     unset = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if unset:  # a non-persistent buffer built on meta: the model needs real_buffers=True
@@ -524,6 +686,6 @@ def wrong_family_error(
     """The error for a file of another model family: names what was expected and what it looks like."""
     return CheckpointError(
         path,
-        f"is not a {expected} checkpoint; it looks like a {guess_family(keys)}.",
-        fix or f"Choose a {expected} file.",
+        f"is not {with_article(expected)} checkpoint; it looks like {with_article(guess_family(keys))}.",
+        fix or f"Choose {with_article(expected)} file.",
     )

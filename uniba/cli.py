@@ -20,6 +20,7 @@ BENCHMARKS = {
     "infdit": ("uniba.infdit.bench", "Inf-DiT block-wise vs whole-canvas memory and time"),
     "sana": ("uniba.sana.bench", "Sana linear vs softmax attention scaling; Flow-DPM-Solver vs Flow-Euler"),
     "dcae": ("uniba.dcae.bench", "DC-AE exact-tiled vs untiled decode: time, memory, max difference"),
+    "load": ("uniba.bench_load", "load time and peak RSS per released checkpoint; --forward: bf16 vs fp32 smoke"),
     "hidiffusion": ("uniba.hidiffusion.bench", "MSW-MSA vs global attention; patched vs vanilla UNet"),
 }
 
@@ -62,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Bad arguments and unusable files end as one ``error:`` line and exit status 2.
+
+    Expected failures are ``ValueError`` (which includes :class:`~uniba.checkpoint.CheckpointError`,
+    :class:`~uniba.cli_io.CliError`, the guards' NaN and memory refusals), ``OSError`` (a disk that
+    fills up, a permission change mid-run) and :class:`~uniba.memory.OutOfMemoryAtMinimum`. Anything
+    else is a bug and keeps its traceback.
+    """
+    from .memory import OutOfMemoryAtMinimum
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
@@ -70,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OutOfMemoryAtMinimum) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130

@@ -23,6 +23,7 @@ from ..checkpoint import (
     save_safetensors,
     wrong_family_error,
 )
+from ..guards import config_from_metadata, validate_config
 from .config import METADATA_KEY, OPEN_CLIP_PREFIX, SAT_CLIP_PREFIX, InfDiTConfig, infer_clip_config, infer_config
 from .keys import IGNORED, is_our_layout, is_sat_layout, map_open_clip_visual, map_sat_state_dict
 from .model import InfDiT
@@ -60,13 +61,14 @@ def prepare_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[str,
             config = infer_config(_shapes(state))
         except (KeyError, ValueError):
             raise wrong_family_error(path, FAMILY, state.keys(), FIX) from None
-        return config, map_sat_state_dict(state)
+        return validate_config(config, path, "the configuration read from its tensor shapes"), \
+            map_sat_state_dict(state)
     if is_our_layout(state):
         if METADATA_KEY not in metadata:
             raise CheckpointError(path, "is a converted Inf-DiT file without its config metadata.",
                                   "Convert the release again with "
                                   "python -m uniba convert-infdit IN.pt OUT.safetensors.")
-        return InfDiTConfig.from_json(metadata[METADATA_KEY]), dict(state)
+        return config_from_metadata(InfDiTConfig.from_json, metadata[METADATA_KEY], path, METADATA_KEY), dict(state)
     raise wrong_family_error(path, FAMILY, state.keys(), FIX)
 
 
