@@ -237,8 +237,9 @@ def test_plan_for_4096_and_8192_px_of_the_real_config() -> None:
         assert plan.estimated_peak_bytes + weights_fp32 * size / 4 < limit, plan.to_dict()
         budgeted = tiling.plan_pass(steps, (1, 32, 128, 128), dtype, budget_bytes=int(2 * GIB))
         assert budgeted.estimated_peak_bytes <= 2 * GIB
-    huge = tiling.plan_pass(steps, (1, 32, 256, 256), torch.bfloat16, budget_bytes=int(4 * GIB))
-    assert huge.estimated_peak_bytes <= 4 * GIB and not huge.store_on_compute  # 8192 px: activations offloaded
+    # 8192 px in bf16 on a 3 GiB budget: the whole 1/8 activations (2 x 1 GiB) go to the output device
+    huge = tiling.plan_pass(steps, (1, 32, 256, 256), torch.bfloat16, budget_bytes=int(3 * GIB))
+    assert huge.estimated_peak_bytes <= 3 * GIB and not huge.store_on_compute
 
 
 @pytest.mark.slow
