@@ -154,6 +154,8 @@ def run(argv: list[str] | None = None) -> int:
                 if tile:
                     tiled_plan = _plan(px, dtype, tile, args.width_divisor)
                     tile_working = r["peak"] - tiled_plan.stored_bytes - tiled_plan.output_bytes
+                    print(f"      one {tile}-px tile measured at {tile_working / MIB:.0f} MiB working memory "
+                          f"(planned {tiled_plan.working_bytes / MIB:.0f} MiB)", flush=True)
             if len(rows) == 2:
                 (one, one_path), (tiled, tiled_path) = rows["one pass"], rows["exact tiled"]
                 ref, got = torch.load(one_path), torch.load(tiled_path)
@@ -177,8 +179,9 @@ def run(argv: list[str] | None = None) -> int:
         for px in (4096, 8192):
             plan = _plan(px, dtype, args.tile)
             projected = tile_working + plan.stored_bytes + plan.output_bytes
-            print(f"  projected from the measured {args.tile}-px tile ({tile_working / GIB:.2f} GiB): {px} px "
-                  f"{args.dtype} {projected / GIB:.2f} GiB with {args.tile}-px tiles")
+            planned = plan.estimated_peak_bytes + plan.output_bytes
+            print(f"  projected from the measured {args.tile}-px tile: {px} px {args.dtype} {projected / GIB:.2f} GiB "
+                  f"with {args.tile}-px tiles (planned {planned / GIB:.2f} GiB)")
     return 0
 
 
