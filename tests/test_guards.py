@@ -359,3 +359,33 @@ def test_empty_latent_and_sampling_checks_give_shapes_and_refuse_oversize() -> N
     check_sana_sampling(small, 8 * GIB, hidden_size=2240)
     with pytest.raises(WorkTooLarge, match=r"SanaSampler: 64 images of 4096x4096 px"):
         check_sana_sampling(torch.zeros(64, 32, 128, 128).expand(64, 32, 128, 128), 24 * GIB, hidden_size=2240)
+
+
+def test_sharded_folder_checks_each_shard_and_stays_in_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, str(folder / "s1.safetensors"))
+    save_file({"b": torch.tensor([1.0, float("nan")])}, str(folder / "s2.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"s2.safetensors: tensor 'b' holds NaN"):
+        read_state_dict(folder)
+    index.write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match="outside its folder"):
+        read_state_dict(folder)
+
+
+def test_conditioning_input_as_nodes_receive_it() -> None:
+    from uniba.guards import check_sana_conditioning_input
+
+    good = [[torch.zeros(1, 300, 2304), {"attention_mask": torch.ones(1, 300)}]]
+    check_sana_conditioning_input(good, "positive", latent_batch=4)
+    with pytest.raises(ValueError, match=r"negative: expected Sana text conditioning .* got \(1, 77, 768\)"):
+        check_sana_conditioning_input([[torch.zeros(1, 77, 768), {"pooled_output": None}]], "negative")
+    with pytest.raises(ValueError, match="positive: the attention_mask has shape"):
+        check_sana_conditioning_input([[torch.zeros(1, 300, 2304), {"attention_mask": torch.ones(1, 77)}]],
+                                      "positive")
+    with pytest.raises(ValueError, match="positive: holds 3 prompts but latent_image holds 4 latents"):
+        check_sana_conditioning_input([[torch.zeros(3, 300, 2304), {}]], "positive", latent_batch=4)
+    with pytest.raises(ValueError, match="positive: expected a CONDITIONING"):
+        check_sana_conditioning_input([], "positive")

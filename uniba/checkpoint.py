@@ -160,10 +160,10 @@ def _describe_size(path: Path) -> str:
 
 
 _SPECIAL_FILES = (
-    (stat.S_ISFIFO, "is a named pipe (FIFO), not a model file; reading it would wait for a writer forever"),
-    (stat.S_ISCHR, "is a character device (such as /dev/zero), not a model file"),
-    (stat.S_ISBLK, "is a block device, not a model file"),
-    (stat.S_ISSOCK, "is a socket, not a model file"),
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file; reading it would wait for a writer forever"),
+    (stat.S_ISCHR, "is a character device (such as /dev/zero), not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
 )
 
 
@@ -365,16 +365,15 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     path = Path(path)
     if stat.S_ISDIR(check_file(path, allow_dir=True).st_mode):
-        state = read_sharded_folder(path, device)
+        return read_sharded_folder(path, device)  # checks every shard itself
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        state = read_safetensors(path, device)
+    elif suffix in PICKLE_SUFFIXES:
+        state = unwrap_state_dict(_torch_load_safely(path, device), path)
     else:
-        suffix = path.suffix.lower()
-        if suffix in SAFETENSORS_SUFFIXES:
-            state = read_safetensors(path, device)
-        elif suffix in PICKLE_SUFFIXES:
-            state = unwrap_state_dict(_torch_load_safely(path, device), path)
-        else:
-            raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
-                                  f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+        raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
+                              f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
     # cheap per tensor (a bounded temporary per chunk) and names the tensor; a NaN weight would
     # otherwise give black images with no message
     mappings = checkpoint_mappings()
@@ -386,6 +385,8 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read a diffusers-style folder: ``*.safetensors.index.json`` shards, or a single safetensors file."""
+    from .guards import check_state_dict_finite
+
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
@@ -396,16 +397,23 @@ def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = 
             raise CheckpointError(indexes[0], f"is not a valid shard index ({exc}).",
                                   "Download the folder again.") from None
         state: StateDict = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(set(map(str, weight_map.values()))):
             shard_path = folder / shard
+            if Path(shard).name != shard:  # shards live beside the index, never elsewhere
+                raise CheckpointError(indexes[0], f"names the shard '{shard}' outside its folder.",
+                                      "Download the folder again.")
             if not shard_path.exists():
                 raise CheckpointError(folder, f"is missing the shard '{shard}' named in {indexes[0].name}.",
                                       "Download every shard of the model into the same folder.")
-            state.update(read_safetensors(shard_path, device))
+            shard_state = read_safetensors(shard_path, device)
+            check_state_dict_finite(shard_state, shard_path)
+            state.update(shard_state)
         return state
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
-        return read_safetensors(files[0], device)
+        state = read_safetensors(files[0], device)
+        check_state_dict_finite(state, files[0])
+        return state
     raise CheckpointError(folder, f"holds {len(files)} safetensors files and no *.safetensors.index.json.",
                           "Point at one file, or at a folder with one model (diffusers layout).")
 

@@ -29,7 +29,8 @@ from .memory import Budget, format_bytes
 
 __all__ = [
     "NonFiniteError", "WorkTooLarge", "check_finite", "check_state_dict_finite", "finite_denoiser", "check_step_finite",
-    "check_sana_latent", "check_sana_conditioning", "check_batch_matches", "check_context_mask",
+    "check_sana_latent", "check_sana_conditioning", "check_sana_conditioning_input", "check_batch_matches",
+    "check_context_mask",
     "sana_latent_bytes", "sana_sampling_bytes", "check_sana_memory", "check_sana_empty_latent", "check_sana_sampling",
     "config_from_metadata", "validate_config",
 ]
@@ -217,6 +218,27 @@ def check_context_mask(context: torch.Tensor, mask: object, where: str = "positi
             f"{tuple(context.shape)}; expected ({context.shape[0]}, {context.shape[1]}). Re-encode the prompt "
             "with 'SanaTextEncode' instead of combining conditionings of different lengths.")
     return mask
+
+
+def check_sana_conditioning_input(conditioning: object, where: str, latent_batch: int | None = None,
+                                  latent_input: str = "latent_image") -> None:
+    """A node's CONDITIONING input for Sana: ``[[embeddings, {"attention_mask": mask, ...}], ...]``.
+
+    Every entry must hold Gemma-2 embeddings (not SD CLIP's), a mask matching them, and a batch the
+    latent can use; the error names ``where`` (the node input) and what was expected.
+    """
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        empty = " (empty)" if isinstance(conditioning, (list, tuple)) else ""
+        raise ValueError(f"{where}: expected a CONDITIONING from 'SanaTextEncode', got "
+                         f"{type(conditioning).__name__}{empty}.")
+    for entry in conditioning:
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[1], Mapping):
+            raise ValueError(f"{where}: a CONDITIONING entry is not [embeddings, options]; connect "
+                             "'SanaTextEncode' to it.")
+        context = check_sana_conditioning(entry[0], where)
+        check_context_mask(context, entry[1].get("attention_mask"), where)
+        if latent_batch is not None:
+            check_batch_matches(latent_batch, context.shape[0], latent_input, where)
 
 
 def _count(n: int, noun: str) -> str:
