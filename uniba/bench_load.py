@@ -226,10 +226,10 @@ def run_child(kind: str, path: Path, dtype: str | None, forward_out: str | None 
 
 def run_comfy_child(path: Path, dtype: str | None, threads: int = 2) -> dict[str, Any]:
     """The Sana DiT Loader node inside a booted ComfyUI (``COMFYUI_DIR``; ``COMFYUI_PYTHON`` runs it)."""
-    script = Path(__file__).resolve().parents[1] / "tests" / "bench_comfy_load.py"
+    script = Path(__file__).resolve().parents[1] / "tests" / "integration" / "bench_comfy_load.py"
     if not script.is_file():
         return {"kind": "sana (ComfyUI)", "path": str(path),
-                "error": "the ComfyUI path needs a checkout of the pack (tests/bench_comfy_load.py)"}
+                "error": "the ComfyUI path needs a checkout of the pack (tests/integration/bench_comfy_load.py)"}
     spec = {"path": str(path), "dtype": dtype or "auto", "threads": threads}
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))

@@ -4,9 +4,9 @@ Not a test (not collected: no ``test_`` prefix). Boots ComfyUI in-process on the
 custom node (as tests/integration/conftest.py does), resets the peak-RSS mark, then runs the pack's
 **Sana DiT Loader** node on one file and prints ``RESULT {json}`` with load time, peak RSS above the booted
 baseline and the size of the model ComfyUI holds. The engine (``uniba``) never imports ComfyUI; this lives
-in tests/ because it does.
+in tests/integration/ with the other code that touches ComfyUI.
 
-    COMFYUI_DIR=/path/to/ComfyUI python tests/bench_comfy_load.py '{"path": "...", "dtype": "auto"}'
+    COMFYUI_DIR=/path/to/ComfyUI python tests/integration/bench_comfy_load.py '{"path": "...", "dtype": "auto"}'
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "ComfyUI-UniBA"
 
 
