@@ -128,6 +128,18 @@ def free_memory(device: torch.device | None = None) -> int:
     return device_free_bytes(device)
 
 
+def total_memory(device: torch.device | None = None) -> int:
+    """All memory of the device (what could ever be free): ComfyUI's figure, else CUDA's, else the RAM."""
+    device = device or torch_device()
+    if IN_COMFYUI and hasattr(_mm, "get_total_memory"):
+        return int(_mm.get_total_memory(device))
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
 def is_oom(exc: BaseException) -> bool:
     """ComfyUI's ``OOM_EXCEPTION`` where it is specific, else the engine's own detection."""
     if IN_COMFYUI and _mm.OOM_EXCEPTION is not Exception and isinstance(exc, _mm.OOM_EXCEPTION):
