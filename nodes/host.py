@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from uniba.memory import is_out_of_memory
+from uniba.memory import device_free_bytes, is_out_of_memory
 
 log = logging.getLogger("uniba")
 
@@ -124,15 +124,7 @@ def free_memory(device: torch.device | None = None) -> int:
     device = device or torch_device()
     if IN_COMFYUI:
         return int(_mm.get_free_memory(device))
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is a requirement
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return device_free_bytes(device)
 
 
 def make_room(bytes_needed: int, device: torch.device | None = None) -> None:

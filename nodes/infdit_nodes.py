@@ -5,10 +5,15 @@ Thin: the engine (:mod:`uniba.infdit`) does the work; ComfyUI is reached only th
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import torch
 
-from uniba.infdit import load_infdit, plan_upscale, upscale
-from uniba.infdit.sampling import DEFAULT_STEPS
+from uniba.checkpoint import stored_dtype
+from uniba.infdit import count_evaluations, load_infdit, plan_upscale, upscale
+from uniba.infdit.sampling import DEFAULT_STEPS, SIGMA_MAX, SIGMA_MIN
+from uniba.infdit.upscale import resolve_sampling
 
 from . import host
 
@@ -20,22 +25,70 @@ DTYPES = ["auto", "bf16", "fp16", "fp32"]
 COLOR_MATCH = ["none", "wavelet"]
 
 
-def _stored_dtype(path: str) -> torch.dtype | None:
-    """The dtype of a safetensors file's weights, read from its header (None for pickles)."""
-    if not path.lower().endswith((".safetensors", ".sft")):
-        return None
-    import json
+class _EdmModelSampling:
+    """ComfyUI's ``model_sampling`` facts for Inf-DiT's EDM denoiser (sigma in, x0 out, sigma_data 0.5).
 
-    try:
-        with open(path, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    except (OSError, ValueError):
-        return None  # the loader reports the broken file with a proper message
-    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    for key, entry in header.items():
-        if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in names:
-            return names[entry["dtype"]]
-    return None
+    Some ComfyUI samplers read them (half-log-SNR = -log sigma for non-flow models, noise scaling).
+    """
+
+    sigma_min, sigma_max, sigma_data = SIGMA_MIN, SIGMA_MAX, 0.5
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 0.25 * sigma.log()
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (4 * timestep).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        log_min, log_max = math.log(self.sigma_min), math.log(self.sigma_max)
+        return math.exp(log_max - percent * (log_max - log_min))
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise: bool = False):
+        return latent_image + noise * sigma
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return latent
+
+
+class _KDiffusionModel:
+    """The denoiser as ComfyUI's samplers see a model: callable, with ``model_sampling`` where they look."""
+
+    def __init__(self, denoiser) -> None:
+        self.denoiser = denoiser
+        sampling = _EdmModelSampling()
+        patcher = SimpleNamespace(get_model_object=lambda name: sampling if name == "model_sampling" else None)
+        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling), model_patcher=patcher,
+                                           model_sampling=sampling)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
+        return self.denoiser(x, sigma, **extra_args)
+
+
+class comfy_sampler:  # noqa: N801 - used like a function
+    """A ComfyUI SAMPLER (``KSAMPLER``: ``sampler_function`` + ``extra_options``) as a k-diffusion function.
+
+    Read through plain attributes, so nothing here imports ComfyUI; ``__wrapped__`` exposes the
+    function's signature (whether it takes a ``noise_sampler``) to the engine.
+    """
+
+    def __init__(self, sampler) -> None:
+        function = getattr(sampler, "sampler_function", None)
+        if function is None:
+            if not callable(sampler):
+                raise ValueError(f"the sampler input must be a ComfyUI SAMPLER (KSamplerSelect), got "
+                                 f"{type(sampler).__name__}")
+            function = sampler
+        self.function = function
+        self.options = dict(getattr(sampler, "extra_options", None) or {})
+        self.__wrapped__ = function
+
+    def __call__(self, model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        return self.function(_KDiffusionModel(model), x, sigmas, extra_args=extra_args, callback=callback,
+                             disable=disable, **{**self.options, **kwargs})
 
 
 class InfDiTLoader:
@@ -58,7 +111,7 @@ class InfDiTLoader:
     def load(self, model_name: str, dtype: str = "auto"):
         path = host.model_path(host.INFDIT_FOLDER, model_name)
         device = host.torch_device()
-        chosen = host.choose_dtype(dtype, device, stored=_stored_dtype(path))
+        chosen = host.choose_dtype(dtype, device, stored=stored_dtype(path))
         model = load_infdit(path, dtype=chosen)
         return (host.wrap_model(model, device, host.offload_device()),)
 
@@ -81,6 +134,13 @@ class InfDiTUpscale:
             "offload_cache": (OFFLOAD, {"default": "auto", "tooltip": "keep the KV cache in host RAM"}),
             "color_match": (COLOR_MATCH, {"default": "none", "tooltip": "none = reference; wavelet keeps the "
                                                                          "input's low frequencies (colours)"}),
+        }, "optional": {
+            "sampler": ("SAMPLER", {"tooltip": "any ComfyUI sampler (KSamplerSelect); default: the reference's EDM "
+                                               "Heun. Ancestral/SDE samplers draw their noise from the seed on the "
+                                               "CPU, so the result is the same on every card and block batch"}),
+            "sigmas": ("SIGMAS", {"tooltip": "noise schedule (e.g. KarrasScheduler with sigma_max 40, sigma_min "
+                                             "0.002, rho 7: the reference's); replaces steps. Default: Karras "
+                                             "schedule of `steps` steps"}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("IMAGE",)
@@ -90,21 +150,22 @@ class InfDiTUpscale:
 
     def upscale(self, model, image: torch.Tensor, scale: str = "4", steps: int = DEFAULT_STEPS, seed: int = 0,
                 block_batch: str = "auto", offload_cache: str = "auto", color_match: str = "none",
-                unique_id: str | None = None):
+                sampler=None, sigmas: torch.Tensor | None = None, unique_id: str | None = None):
         module = model.model
         device = host.torch_device()
+        sampler_fn, schedule = resolve_sampling(None if sampler is None else comfy_sampler(sampler), sigmas, int(steps))
         lr_h, lr_w = int(image.shape[1]), int(image.shape[2])
-        plan = plan_upscale(module.config, lr_h, lr_w, int(scale), host.free_memory(device),
-                            block_batch=block_batch if block_batch == "auto" else int(block_batch),
-                            offload_cache=offload_cache, dtype=module.dtype, weights_resident=True)
+        # the one plan of this run: the progress total, the memory request and the batches all come from it
+        plan = plan_upscale(module.config, lr_h, lr_w, int(scale), host.free_memory(device), block_batch=block_batch,
+                            offload_cache=offload_cache, dtype=module.dtype, weights_resident=True,
+                            evaluations=count_evaluations(sampler_fn, schedule))
+        plan.check_fits()
         module = host.load_to_device(model, memory_required=max(0, plan.peak_bytes - plan.weights_bytes))
-        progress = host.Progress(1, node_id=unique_id, desc="Inf-DiT")
+        progress = host.Progress(image.shape[0] * plan.total_batches, node_id=unique_id, desc="Inf-DiT")
         lr = image[..., :4].movedim(-1, 1).to(torch.float32) * 2 - 1
         try:
-            out = upscale(module, lr, scale=int(scale), steps=int(steps), seed=int(seed),
-                          block_batch=block_batch if block_batch == "auto" else int(block_batch),
-                          offload_cache=offload_cache, progress=progress, color_match=color_match,
-                          free_bytes=host.free_memory(device), is_oom=host.is_oom)
+            out = upscale(module, lr, scale=int(scale), seed=int(seed), plan=plan, sampler=sampler_fn,
+                          sigmas=schedule, progress=progress, color_match=color_match, is_oom=host.is_oom)
         finally:
             progress.close()
             host.soft_empty_cache()

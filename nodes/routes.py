@@ -11,6 +11,9 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from uniba.checkpoint import stored_dtype
+from uniba.infdit.sampling import model_evaluations
+
 from . import host, infdit_nodes
 
 PLAN_ROUTE = "/uniba/infdit/plan"
@@ -47,6 +50,16 @@ def _side(query: Mapping[str, str], name: str) -> int:
     return value
 
 
+def _steps(query: Mapping[str, str]) -> int:
+    """The node's steps (Heun evaluations = 2 steps - 1); default: the reference's 20."""
+    from uniba.infdit.sampling import DEFAULT_STEPS
+
+    raw = query.get("steps") or str(DEFAULT_STEPS)
+    if not raw.isdigit() or not 1 <= int(raw) <= 200:
+        raise BadRequest(f"steps must be a whole number between 1 and 200, got {raw!r}")
+    return int(raw)
+
+
 def model_config(model: str | None) -> tuple[Any, str, str | None]:
     """The Inf-DiT config of a file in ``models/infdit`` (read from its tensor shapes), else the release one.
 
@@ -81,20 +94,21 @@ def plan_for_query(query: Mapping[str, str], free_bytes: Callable[[], int] = hos
     block_batch = _choice(query, "block_batch", BLOCK_BATCHES, "auto")
     offload_cache = _choice(query, "offload_cache", OFFLOAD, "auto")
     dtype_name = _choice(query, "dtype", DTYPES, "auto")
+    steps = _steps(query)
     config, source, path = model_config(query.get("model") or None)
     # the dtype and planner call mirror InfDiTLoader/InfDiTUpscale, so the readout predicts the node's plan
-    stored = infdit_nodes._stored_dtype(path) if path else None
+    stored = stored_dtype(path) if path else None
     dtype = host.choose_dtype(dtype_name, host.torch_device(), stored=stored)
     free = int(free_bytes())
     try:
-        plan = planner.plan_upscale(config, height, width, scale, free,
-                                    block_batch=block_batch if block_batch == "auto" else int(block_batch),
-                                    offload_cache=offload_cache, dtype=dtype, weights_resident=True)
+        plan = planner.plan_upscale(config, height, width, scale, free, block_batch=block_batch,
+                                    offload_cache=offload_cache, dtype=dtype, weights_resident=True,
+                                    evaluations=model_evaluations(steps))
     except ValueError as exc:  # the planner's own refusals (size, scale) are the user's to fix
         raise BadRequest(str(exc)) from None
     answer = dict(plan.to_dict())
     answer.update(model=source, dtype=str(dtype).removeprefix("torch."), lr_width=width, lr_height=height,
-                  scale=scale, device=str(host.torch_device()))
+                  scale=scale, steps=steps, device=str(host.torch_device()))
     return answer
 
 

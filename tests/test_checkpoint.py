@@ -16,9 +16,14 @@ from uniba.checkpoint import (
     CheckpointError,
     check_keys,
     guess_family,
-    load_into,
+    header_shapes,
+    load_model,
+    parameters_on_meta,
+    read_safetensors_header,
     read_state_dict,
     save_safetensors,
+    stored_dtype,
+    strip_prefix,
     wrong_family_error,
 )
 
@@ -140,20 +145,96 @@ def test_check_keys_reports_missing_unexpected_and_shapes() -> None:
     assert "rope" not in text
 
 
-def test_load_into_is_strict_with_documented_ignores() -> None:
-    module = torch.nn.Linear(4, 3)
-    sd = {"weight": torch.ones(3, 4), "bias": torch.zeros(3), "legacy.buffer": torch.zeros(5)}
-    load_into(module, sd, path=None, family="Toy", ignore=["legacy.*"])
-    assert torch.equal(module.weight, torch.ones(3, 4))
-    with pytest.raises(CheckpointError, match="unexpected key"):
-        load_into(module, sd, path=None, family="Toy")
+class _Toy(torch.nn.Module):
+    """A weight from the file and a non-persistent buffer the constructor computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 3)
+        self.register_buffer("table", torch.arange(3.0) * 2, persistent=False)
+
+
+def test_load_model_builds_on_meta_checks_strictly_and_assigns() -> None:
+    sd = {"proj.weight": torch.ones(3, 4, dtype=torch.bfloat16), "proj.bias": torch.zeros(3, dtype=torch.bfloat16),
+          "legacy.buffer": torch.zeros(5)}
+    with pytest.raises(CheckpointError, match="1 unexpected key"):
+        load_model(_Toy, sd, path="toy.safetensors", family="Toy", real_buffers=True)
+    model = load_model(_Toy, sd, path=None, family="Toy", ignore=["legacy.*"], real_buffers=True)
+    assert model.proj.weight.dtype is torch.bfloat16  # dtype None keeps the stored one
+    assert model.proj.weight.data_ptr() == sd["proj.weight"].data_ptr()  # assigned, not copied
+    assert torch.equal(model.table, torch.tensor([0.0, 2.0, 4.0]))  # computed buffer is real
+    assert not model.training and not model.proj.weight.requires_grad
+    as_fp32 = load_model(_Toy, sd, path=None, family="Toy", ignore=["legacy.*"], dtype=torch.float32,
+                         real_buffers=True)
+    assert as_fp32.proj.weight.dtype is torch.float32
+    with pytest.raises(CheckpointError, match=r"0\.weight \(expected \(3, 4\), found \(4, 3\)\)"):
+        load_model(lambda: torch.nn.Sequential(torch.nn.Linear(4, 3)), {"0.weight": torch.ones(4, 3),
+                   "0.bias": torch.zeros(3)}, path=None, family="Toy")
+    # built fully on meta, a computed buffer would stay unset: that is reported, not returned
+    with pytest.raises(RuntimeError, match="table"):
+        load_model(_Toy, sd, path=None, family="Toy", ignore=["legacy.*"])
+
+
+def test_parameters_on_meta_acts_on_the_calling_thread_only() -> None:
+    import threading
+
+    built: dict[str, torch.nn.Linear] = {}
+    started, release = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        started.wait()
+        built["other"] = torch.nn.Linear(2, 2)
+        release.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    register = torch.nn.Module.register_parameter
+    with parameters_on_meta():
+        started.set()
+        release.wait(timeout=30)
+        built["here"] = torch.nn.Linear(2, 2)
+    worker.join()
+    assert built["here"].weight.is_meta
+    assert not built["other"].weight.is_meta
+    assert torch.nn.Module.register_parameter is register  # nothing patched
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # and nothing left behind
+
+
+def test_strip_prefix_all_keys_or_marked_subtree() -> None:
+    t = torch.zeros(1)
+    wrapped = {"vae.encoder.x": t, "vae.decoder.y": t}
+    assert strip_prefix(wrapped, ("first_stage_model.", "vae.")) == {"encoder.x": t, "decoder.y": t}
+    mixed = {"vae.encoder.x": t, "other": t}
+    assert strip_prefix(mixed, ("vae.",)) == mixed  # not every key carries it: unchanged
+    pipeline = {"model.diffusion_model.blocks.0.w": t, "first_stage_model.enc": t, "model.diffusion_model.t": t}
+    dit = strip_prefix(pipeline, ("model.diffusion_model.",), marker=lambda k: k.startswith("blocks."))
+    assert dit == {"blocks.0.w": t, "t": t}
+    assert strip_prefix({"model.x": t}, ("model.",), marker=lambda k: k.startswith("blocks.")) == {"model.x": t}
+
+
+def test_safetensors_header_and_stored_dtype(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(2, 3, dtype=torch.bfloat16), "b": torch.zeros(4, dtype=torch.bfloat16),
+               "c": torch.zeros(1), "i": torch.zeros(9, dtype=torch.int64)}, str(path), metadata={"k": "v"})
+    header = read_safetensors_header(path)
+    assert header["a"]["shape"] == [2, 3] and header["__metadata__"] == {"k": "v"}
+    assert header_shapes(header) == {"a": (2, 3), "b": (4,), "c": (1,), "i": (9,)}
+    assert stored_dtype(path) is torch.bfloat16  # the majority of floating-point tensors
+    assert stored_dtype({"w": torch.zeros(1, dtype=torch.float16)}) is torch.float16
+    assert stored_dtype({"i": torch.zeros(1, dtype=torch.int64)}) is None
+    assert stored_dtype(tmp_path / "m.pt") is None  # a pickle cannot tell without loading
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 8)
+    assert stored_dtype(broken) is None
+    with pytest.raises(CheckpointError, match="broken.safetensors: has no readable safetensors header"):
+        read_safetensors_header(broken)
 
 
 def test_guess_family_and_wrong_family_error() -> None:
     sdxl_keys = ["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.input_blocks.0.0.weight"]
     assert guess_family(sdxl_keys) == "SDXL checkpoint"
     err = wrong_family_error("sdxl.safetensors", "Inf-DiT", sdxl_keys)
-    assert "sdxl.safetensors: is not a Inf-DiT checkpoint; it looks like a SDXL checkpoint" in str(err)
+    assert "sdxl.safetensors: is not an Inf-DiT checkpoint; it looks like an SDXL checkpoint" in str(err)
     assert guess_family(["foo"]).startswith("unknown model")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_infdit import TINY, load_tiny_infdit
 
-from uniba.infdit.blockwise import COLUMN_MAJOR, ROW_MAJOR, denoise_blockwise, next_rect
+from uniba.infdit.blockwise import COLUMN_MAJOR, ROW_MAJOR, BlockwiseDenoiser, batch_order, next_rect
 from uniba.infdit.plan import cached_blocks
 from uniba.memory import OutOfMemoryAtMinimum
 
@@ -35,8 +35,8 @@ def test_every_batch_size_traversal_and_offload_matches_whole_canvas(model, grid
     for block_batch in (1, 2, 3, (2, 3), (1, 4), 16):  # 2, 3, (2, 3) leave ragged last batches
         for traversal in (ROW_MAJOR, COLUMN_MAJOR):
             for offload in (False, True):
-                out = denoise_blockwise(model, x, sigma, lr, vec, block_batch=block_batch, traversal=traversal,
-                                        offload_cache=offload)
+                out = model.denoise(x, sigma, lr, vec, block_batch=block_batch, traversal=traversal,
+                                    offload_cache=offload)
                 diff = (out - whole).abs().max().item()
                 assert diff <= 1e-5, (block_batch, traversal, offload, diff)
 
@@ -46,15 +46,30 @@ def test_cache_holds_only_the_frontier(model):
     x, sigma, lr, vec = _inputs(model, grid_h, grid_w)
     for n in (1, 2):
         stats = {}
-        denoise_blockwise(model, x, sigma, lr, vec, block_batch=n, stats=stats)
+        BlockwiseDenoiser(model, lr, vec, block_batch=n, stats=stats)(x, sigma)
         assert stats["traversal"] == ROW_MAJOR  # narrower than tall: the cached strip spans the width
         assert stats["peak_cached_blocks"] <= cached_blocks(grid_w, n, n)
         assert stats["peak_cached_blocks"] < grid_h * grid_w
         assert len(stats["rects"]) == -(-grid_h // n) * -(-grid_w // n)
+        assert stats["rects"] == batch_order(grid_h, grid_w, n)  # what the plan shows is what runs
     stats = {}
     x_t, _, lr_t, _ = _inputs(model, grid_w, grid_h)
-    denoise_blockwise(model, x_t, sigma, lr_t, vec, block_batch=1, stats=stats)
+    BlockwiseDenoiser(model, lr_t, vec, block_batch=1, stats=stats)(x_t, sigma)
     assert stats["traversal"] == COLUMN_MAJOR
+
+
+@pytest.mark.parametrize("grid,n", [((5, 3), 2), ((3, 7), (2, 3)), ((4, 4), 1), ((6, 5), (4, 2)), ((2, 9), 16)])
+def test_batch_order_is_what_next_rect_runs(grid, n):
+    for traversal in (ROW_MAJOR, COLUMN_MAJOR):
+        done = [[False] * grid[1] for _ in range(grid[0])]
+        n_hw = (n, n) if isinstance(n, int) else n
+        simulated = []
+        while not all(all(row) for row in done):
+            rect = next_rect(done, min(n_hw[0], grid[0]), min(n_hw[1], grid[1]), traversal)
+            for i, j in rect.blocks():
+                done[i][j] = True
+            simulated.append(rect)
+        assert batch_order(*grid, n, traversal) == simulated
 
 
 def test_next_rect_respects_dependencies_after_shrinking():
@@ -69,24 +84,22 @@ def test_next_rect_respects_dependencies_after_shrinking():
     assert (column.n_h, column.n_w) == (2, 2)
 
 
-
-
 def test_out_of_memory_halves_the_batch_with_identical_output(model):
     x, sigma, lr, vec = _inputs(model, 4, 4)
-    reference = denoise_blockwise(model, x, sigma, lr, vec, block_batch=4)
+    reference = model.denoise(x, sigma, lr, vec, block_batch=4)
     real_forward = model.forward_blocks
     sizes = []
 
-    def flaky(pixels, lr_, emb, rect, grid, kv, offset=(0, 0)):
+    def flaky(pixels, cond, step, rect, kv, offset=(0, 0)):
         sizes.append((rect.n_h, rect.n_w))
         if rect.n_h * rect.n_w > 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(pixels, lr_, emb, rect, grid, kv, offset)
+        return real_forward(pixels, cond, step, rect, kv, offset)
 
     model.forward_blocks = flaky
     try:
         stats = {}
-        out = denoise_blockwise(model, x, sigma, lr, vec, block_batch=4, stats=stats)
+        out = BlockwiseDenoiser(model, lr, vec, block_batch=4, stats=stats)(x, sigma)
     finally:
         del model.forward_blocks
     assert sizes[0] == (4, 4) and sizes[1] == (2, 2)
@@ -103,7 +116,7 @@ def test_out_of_memory_at_one_block_says_what_to_do(model):
     model.forward_blocks = always
     try:
         with pytest.raises(OutOfMemoryAtMinimum, match="smallest size"):
-            denoise_blockwise(model, x, sigma, lr, vec, block_batch=2)
+            model.denoise(x, sigma, lr, vec, block_batch=2)
     finally:
         del model.forward_blocks
 
@@ -115,14 +128,15 @@ def test_cancel_stops_within_one_batch_and_frees_the_cache(model):
     class Cancelled(Exception):
         pass
 
-    def progress(done, total, preview=None):
-        seen.append(done)
-        if done == 2:
+    def on_batch(rect, denoised):
+        seen.append(rect)
+        if len(seen) == 2:
             raise Cancelled
 
+    denoiser = BlockwiseDenoiser(model, lr, vec, block_batch=1, on_batch=on_batch)
     with pytest.raises(Cancelled):
-        denoise_blockwise(model, x, sigma, lr, vec, block_batch=1, progress=progress)
-    assert seen == [1, 2]
+        denoiser(x, sigma)
+    assert len(seen) == 2
     # the model is still usable and gives the same result as before
-    assert torch.equal(denoise_blockwise(model, x, sigma, lr, vec, block_batch=1), model.denoise(x, sigma, lr, vec,
-                                                                                                  block_batch=1))
+    before = model.denoise(x, sigma, lr, vec, block_batch=1)
+    assert torch.equal(model.denoise(x, sigma, lr, vec, block_batch=1), before)

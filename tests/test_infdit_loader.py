@@ -91,7 +91,7 @@ def test_sdxl_file_gets_a_wrong_family_error(tmp_path):
     path = tmp_path / "sd_xl_base_1.0.safetensors"
     save_safetensors({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
                       "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, path)
-    with pytest.raises(CheckpointError, match="not a Inf-DiT checkpoint; it looks like a SDXL") as err:
+    with pytest.raises(CheckpointError, match="not an Inf-DiT checkpoint; it looks like an SDXL") as err:
         load_infdit(path)
     assert "models/infdit" in str(err.value)
     with pytest.raises(CheckpointError, match="Inf-DiT"):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from uniba.infdit import get_sigmas_karras, load_infdit, sample_heun_edm
-from uniba.infdit.blockwise import denoise_blockwise, prepare_inputs, run_network
+from uniba.infdit.blockwise import BlockwiseDenoiser
 from uniba.infdit.model import upsample_lr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,8 +43,10 @@ def test_config_inferred_from_shapes(golden):
 def test_inputs_and_embeddings(golden):
     model, g, _ = golden
     assert _max(upsample_lr(g["lr_image"], 128, 128), g["concat_lr"]) <= 1e-6
-    concat_lr, emb, c_skip, c_out, c_in = prepare_inputs(model, g["denoise_x"], g["sigma"], g["lr_image"], g["vector"])
-    x_in = torch.cat([g["denoise_x"], concat_lr], dim=1) * c_in
+    denoiser = BlockwiseDenoiser(model, g["lr_image"], g["vector"])
+    sigma, c_skip, c_out, c_in = denoiser.precondition(g["denoise_x"], g["sigma"])
+    emb = model.embedding(model.precondition(sigma)[3], model.clip_vector(g["vector"]))
+    x_in = torch.cat([g["denoise_x"], denoiser.concat_lr], dim=1) * c_in
     c_skip_ref, c_out_ref, c_in_ref, c_noise_ref = g["precond"]
     assert abs(c_skip.item() - c_skip_ref.item()) <= 1e-7 and abs(c_out.item() - c_out_ref.item()) <= 1e-7
     assert _max(emb, g["emb"]) <= 1e-5
@@ -63,7 +65,7 @@ def test_lr_windows(golden):
     tokens = torch.nn.functional.pad(x.proj_lr(g["lr_image"]), (lrb,) * 4)
     windows = tokens.unfold(2, 3 * lrb, lrb).unfold(3, 3 * lrb, lrb).permute(0, 2, 3, 4, 5, 1).reshape(16, -1, 64)
     assert _max(windows, g["lr_windows"]) <= 1e-5
-    k, _v = model.lr_kv(g["lr_image"], rect, 4, 4)
+    k, _v = model.lr_windows(model.condition(g["lr_image"], g["vector"]), rect)
     ref_k = x.key_value(g["lr_windows"]).chunk(2, -1)[0].view(16, -1, 4, 16)
     assert _max(k, x.k_norm(ref_k) + x.key_pos) <= 1e-5
 
@@ -77,8 +79,8 @@ def test_single_denoiser_call(golden):
 
 def test_network_output(golden):
     model, g, _ = golden
-    concat_lr, emb, _, _, c_in = prepare_inputs(model, g["denoise_x"], g["sigma"], g["lr_image"], g["vector"])
-    f = run_network(model, g["denoise_x"], concat_lr, c_in, g["lr_image"], emb, (4, 4))
+    f = BlockwiseDenoiser(model, g["lr_image"], g["vector"], block_batch=(4, 4)).network_output(g["denoise_x"],
+                                                                                                g["sigma"])
     assert _max(f, g["network_out"]) <= 2e-4
 
 
@@ -98,8 +100,8 @@ def test_rope_positions_far_into_a_canvas(golden):
     (1, "row-major", False), (2, "column-major", True), ((1, 3), "row-major", True), (3, "column-major", False)])
 def test_blockwise_equals_golden_whole_canvas(golden, block_batch, traversal, offload):
     model, g, _ = golden
-    out = denoise_blockwise(model, g["denoise_x"], g["sigma"], g["lr_image"], g["vector"], block_batch=block_batch,
-                            traversal=traversal, offload_cache=offload)
+    out = model.denoise(g["denoise_x"], g["sigma"], g["lr_image"], g["vector"], block_batch=block_batch,
+                        traversal=traversal, offload_cache=offload)
     assert _max(out, g["denoise_out"]) <= 1e-4
 
 

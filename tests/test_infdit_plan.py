@@ -9,13 +9,13 @@ import torch
 from tiny_infdit import TINY
 
 from uniba.cli import main
-from uniba.infdit import plan_upscale, release_config
+from uniba.infdit import PlanDoesNotFit, parse_block_batch, plan_upscale, release_config
 from uniba.infdit.plan import block_cache_bytes, passes_for_scale, weights_bytes
 from uniba.memory import GIB
 
 KEYS = {"out_height", "out_width", "passes", "grid_rows", "grid_cols", "block_px", "traversal", "block_batch",
         "batches_per_step", "cache_bytes", "peak_bytes", "weights_bytes", "free_bytes", "fits", "offload_cache",
-        "steps_model_evals"}
+        "steps_model_evals", "evaluations", "block_order"}
 
 
 def test_release_figures_from_the_research_notes():
@@ -57,8 +57,8 @@ def test_passes_and_padding():
     assert [p["scale"] for p in plan.passes] == [4, 2]
     assert (plan.passes[0]["padded_height"], plan.passes[0]["padded_width"]) == (40, 48)
     assert (plan.out_height, plan.out_width) == (280, 328)
-    with pytest.raises(ValueError, match="at least 32"):
-        plan_upscale(TINY, 16, 64, 4, None)
+    small = plan_upscale(TINY, 3, 64, 4, None)  # smaller than one block: padded, not refused
+    assert (small.passes[0]["padded_height"], small.out_height) == (8, 12)
     with pytest.raises(ValueError, match="scale"):
         plan_upscale(TINY, 64, 64, 3, None)
 
@@ -84,3 +84,56 @@ def test_cli_upscale_writes_the_image_atomically(tmp_path):
     assert Image.open(dst).size == (160, 132)
     assert main(["upscale", str(src), str(tmp_path / "bad.png"), "--model", str(src)]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "infdit_tiny.safetensors", "out.png"]
+
+
+@pytest.mark.parametrize("value,parsed", [
+    ("auto", None), ("", None), (None, None), (" AUTO ", None), ("4", 4), (4, 4), ("2x3", (2, 3)), ("2 X 3", (2, 3)),
+    ((2, 3), (2, 3)), ([1, 4], (1, 4)),
+])
+def test_parse_block_batch(value, parsed):
+    assert parse_block_batch(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["x", "0", "2x0", "-1", "1.5", "2x3x4", True, (0, 2), 0])
+def test_parse_block_batch_refuses_with_the_accepted_forms(value):
+    with pytest.raises(ValueError, match="block_batch must be auto"):
+        parse_block_batch(value)
+
+
+def test_plan_carries_the_block_order_and_the_evaluations():
+    plan = plan_upscale(TINY, 40, 24, 4, None, block_batch="2x2", evaluations=8)  # 5x3 grid, row-major
+    data = plan.to_dict()
+    assert data["evaluations"] == data["steps_model_evals"] == 8
+    assert data["block_order"] == [[0, 0, 2, 2], [0, 2, 2, 1], [2, 0, 2, 2], [2, 2, 2, 1], [4, 0, 1, 2], [4, 2, 1, 1]]
+    assert plan.total_batches == 8 * 6
+    wide = plan_upscale(TINY, 8, 24, 4, None, block_batch=1)  # 1x3 grid: column-major
+    assert wide.to_dict()["block_order"] == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 2, 1, 1]]
+    assert wide.evaluations == 39  # default: the reference's 20 Heun steps
+
+
+def test_a_plan_that_cannot_fit_even_offloaded_is_refused_with_its_figures():
+    config = release_config()
+    plan = plan_upscale(config, 8192, 8192, 4, 20 * GIB)
+    assert not plan.fits
+    with pytest.raises(PlanDoesNotFit, match=r"32768x32768 px within 20.00 GiB free.*needs about .* GiB.*"
+                                             r"smaller scale.*offload_cache on"):
+        plan.check_fits()
+    plan_upscale(config, 1024, 1024, 4, 12 * GIB).check_fits()  # fits: no error
+    tight = plan_upscale(config, 1024, 1024, 4, 6 * GIB, block_batch=8, offload_cache="off")
+    assert not tight.fits
+    tight.check_fits()  # the chosen batch does not fit, but one offloaded block does: OOM retries shrink it
+
+
+def test_cli_refuses_a_plan_that_cannot_fit_before_loading(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from tiny_infdit import write_tiny_infdit
+
+    model = write_tiny_infdit(tmp_path)
+    src = tmp_path / "in.png"
+    Image.fromarray(np.zeros((256, 256, 3), dtype="uint8")).save(src)
+    code = main(["upscale", str(src), str(tmp_path / "out.png"), "--model", str(model), "--vram", "1MB"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Inf-DiT cannot upscale to 1024x1024 px within 1.00 MiB free") and "offload" in err
+    assert not (tmp_path / "out.png").exists()

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from tiny_infdit import TINY, load_tiny_infdit, sat_state_dict
 
-from uniba.infdit import RopeWrapWarning, load_infdit, upscale
+from uniba.infdit import RopeWrapWarning, SmallInputWarning, load_infdit, plan_upscale, upscale
 from uniba.infdit.model import upsample_lr
+from uniba.infdit.sampling import count_evaluations, get_sigmas_karras, sample_dpmpp_2m
 from uniba.infdit.upscale import reflect_pad, sample_canvas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,8 +113,54 @@ def test_wavelet_color_match_keeps_the_input_colours(model):
     assert err(matched) < err(plain)
 
 
+@pytest.mark.parametrize("size", [(7, 9), (1, 5), (1, 1)])
+def test_inputs_smaller_than_one_block_are_padded_and_cropped_back_with_a_warning(model, size):
+    lr = _image(*size)
+    with pytest.warns(SmallInputWarning, match="smaller than one 32-px block"):
+        out = upscale(model, lr, steps=1, seed=0)
+    assert out.shape == (1, 3, size[0] * 4, size[1] * 4) and torch.isfinite(out).all()
+    padded = reflect_pad(lr, 8, 16 if size[1] > 8 else 8)
+    assert torch.equal(padded[..., :size[0], :size[1]], lr)
+    if size[0] == 1:  # reflection is impossible on a 1-px side: replicated
+        assert torch.equal(padded[..., 1:, :size[1]], lr.expand(-1, -1, padded.shape[-2] - 1, -1))
+    noise = torch.randn((1, 3, *[4 * n for n in padded.shape[-2:]]), generator=torch.Generator().manual_seed(0))
+    ref = sample_canvas(model, padded, clip_embedding=model.clip.embed(lr), noise=noise, steps=1)
+    assert (out - ref[..., :size[0] * 4, :size[1] * 4]).abs().max().item() <= 1e-5
+
+
+def test_a_given_plan_is_used_as_is(model):
+    lr = _image(32, 64)
+    plan = plan_upscale(model.config, 32, 64, 4, None, block_batch="1x2", offload_cache="on", evaluations=3)
+    batches = []
+    out = upscale(model, lr, steps=2, seed=7, plan=plan, progress=lambda d, t, p=None: batches.append(t))
+    assert batches[-1] == plan.total_batches == 3 * 4 * 4  # 3 evaluations x (4x8 grid in 1x2 batches)
+    assert (out - upscale(model, lr, steps=2, seed=7, block_batch=4)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="plan it for this image"):
+        upscale(model, _image(32, 32), steps=2, plan=plan)
+    with pytest.raises(ValueError, match="plan with evaluations=1"):
+        upscale(model, lr, steps=1, plan=plan)
+
+
+def test_any_k_diffusion_sampler_and_schedule(model):
+    lr = _image(32, 32)
+    sigmas = get_sigmas_karras(4, sigma_max=20.0)
+    out = upscale(model, lr, seed=3, sampler=sample_dpmpp_2m, sigmas=sigmas, block_batch=1)
+    noise = torch.randn((1, 3, 128, 128), generator=torch.Generator().manual_seed(3))
+    ref = sample_canvas(model, lr, clip_embedding=model.clip.embed(lr), noise=noise, sampler=sample_dpmpp_2m,
+                        sigmas=sigmas)
+    assert (out - ref).abs().max().item() <= 1e-5
+    ticks = []
+    upscale(model, lr, seed=3, sampler=sample_dpmpp_2m, sigmas=sigmas, block_batch=2,
+            progress=lambda d, t, p=None: ticks.append((d, t)))
+    assert count_evaluations(sample_dpmpp_2m, sigmas) == 4 and ticks[-1] == (16, 16)  # 4 evaluations x 4 batches
+    with pytest.raises(ValueError, match="non-increasing"):
+        upscale(model, lr, sigmas=torch.tensor([1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match="1-D tensor"):
+        upscale(model, lr, sigmas=torch.tensor([[1.0]]))
+
+
 @pytest.mark.parametrize("bad,match", [
-    (torch.zeros(1, 3, 31, 64), "at least 32 px"),
+    (torch.zeros(1, 3, 0, 64), "3 or 4"),
     (torch.zeros(1, 2, 64, 64), "3 or 4"),
     (torch.zeros(64, 64), "3 or 4"),
 ])

@@ -100,3 +100,82 @@ def test_is_out_of_memory_variants() -> None:
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+# --------------------------------------------------------------------------- real allocator failures
+
+def _absurd_cpu_allocation() -> RuntimeError:
+    """The CPU allocator's real failure: 2**50 float32 elements (4 PiB) can never be allocated."""
+    try:
+        torch.empty(1 << 50, dtype=torch.float32)
+    except RuntimeError as exc:
+        return exc
+    pytest.skip("this machine allocated 4 PiB")
+
+
+def test_real_cpu_allocator_failure_is_out_of_memory() -> None:
+    exc = _absurd_cpu_allocation()
+    assert "DefaultCPUAllocator" in str(exc) or "allocate" in str(exc)
+    assert is_out_of_memory(exc)
+
+
+def test_retry_on_oom_shrinks_after_a_real_cpu_allocation_failure() -> None:
+    attempts: list[int] = []
+
+    def work(unit: int) -> torch.Tensor:
+        attempts.append(unit)
+        # unit 8 asks the CPU allocator for 2**50 elements and fails for real; unit 4 is small
+        size = (1 << 50) if unit > 4 else 16
+        return torch.ones(size).sum() if unit <= 4 else torch.empty(size).sum()
+
+    result = retry_on_oom(work, 8)
+    assert attempts == [8, 4]
+    assert float(result) == 16.0
+
+
+@pytest.mark.parametrize("message", [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "MPS backend out of memory (MPS allocated: 1.00 GB)",
+    "HIP out of memory. Tried to allocate 20.00 MiB",
+])
+def test_accelerator_messages_are_out_of_memory(message: str) -> None:
+    assert is_out_of_memory(RuntimeError(message))
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if isinstance(accelerator_error, type):
+        try:
+            exc = accelerator_error(message)
+        except TypeError:  # constructor signature differs between torch versions
+            return
+        assert is_out_of_memory(exc)
+
+
+def test_unrelated_errors_are_not_out_of_memory() -> None:
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # only allocator error types count
+
+
+def test_host_oom_check_is_consulted_and_removable() -> None:
+    from uniba.memory import register_oom_check, unregister_oom_check
+
+    class HostOnlyError(Exception):
+        pass
+
+    seen: list[BaseException] = []
+
+    def host_is_oom(exc: BaseException) -> bool:  # like comfy.model_management.is_oom
+        seen.append(exc)
+        return isinstance(exc, HostOnlyError)
+
+    def broken(exc: BaseException) -> bool:
+        raise RuntimeError("host hook broke")
+
+    register_oom_check(host_is_oom)
+    register_oom_check(broken)
+    try:
+        assert is_out_of_memory(HostOnlyError())
+        assert not is_out_of_memory(KeyError("x"))  # the broken hook is ignored, not raised
+        assert len(seen) == 2
+    finally:
+        unregister_oom_check(host_is_oom)
+        unregister_oom_check(broken)
+    assert not is_out_of_memory(HostOnlyError())

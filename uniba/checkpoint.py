@@ -14,13 +14,20 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import errno
 import fnmatch
 import json
 import os
 import pickle
+import stat
+import threading
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -151,12 +158,60 @@ def _describe_size(path: Path) -> str:
         return "unknown size"
 
 
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not a model file; reading it would wait for a writer forever"),
+    (stat.S_ISCHR, "is a character device (such as /dev/zero), not a model file"),
+    (stat.S_ISBLK, "is a block device, not a model file"),
+    (stat.S_ISSOCK, "is a socket, not a model file"),
+)
+
+
+def check_file(path: str | os.PathLike, *, allow_dir: bool = False,
+               fix: str = "Choose the model file itself.") -> os.stat_result:
+    """``stat`` a path before anything opens it: a regular, non-empty file (or a folder if ``allow_dir``).
+
+    Opening a FIFO blocks until someone writes to it and ``/dev/zero`` never ends, so the file type is
+    checked first, through symlinks; a symlink loop or a dangling link gets its own message.
+    Returns the ``stat`` result so readers can bound what they read by ``st_size``.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise CheckpointError(path, f"is a symbolic link to '{os.readlink(path)}', which does not exist.",
+                                  "Fix or remove the link.") from None
+        raise CheckpointError(path, "does not exist.", "Check the file name and the models folder.") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(path, "is a symbolic link loop (the links point at each other, never at a file).",
+                                  "Replace the link with the real file or a link to it.") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise CheckpointError(path, "cannot be read (permission denied).",
+                                  "Give your user read access to it.") from None
+        raise CheckpointError(path, f"cannot be examined ({exc.strerror or exc}).",
+                              "Check the path.") from None
+    if stat.S_ISDIR(st.st_mode):
+        if allow_dir:
+            return st
+        raise CheckpointError(path, "is a folder, not a file.", fix)
+    for test, problem in _SPECIAL_FILES:
+        if test(st.st_mode):
+            raise CheckpointError(path, problem + ".", fix)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(path, "is not a regular file.", fix)
+    if st.st_size == 0:
+        raise CheckpointError(path, "is empty (0 bytes).", "The download did not finish: download it again.")
+    return st
+
+
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read a ``.safetensors`` file (memory-mapped) into a dict of tensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    check_file(path)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -167,19 +222,72 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         ) from None
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (empty when there is none)."""
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file, without reading any tensor data.
+
+    ``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [...]}, "__metadata__": {...}}``: enough
+    to infer a config from shapes and to know the stored dtypes before loading anything.
+
+    Reads at most the header the file's size allows; a header length past the end of the file is an error.
+    """
     path = Path(path)
+    size = check_file(path).st_size
     try:
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or n > 100_000_000:
-                raise ValueError("bad header length")
+            if n <= 0 or n > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"header length {n} does not fit in a file of {size:,} bytes")
             header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as exc:
         raise CheckpointError(path, f"has no readable safetensors header ({exc}).",
                               "Download the file again.") from None
-    return dict(header.get("__metadata__") or {})
+    return header
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (empty when there is none)."""
+    metadata = read_safetensors_header(path).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, "has a safetensors __metadata__ entry that is not an object.",
+                              "Download the file again.")
+    return dict(metadata)
+
+
+def header_shapes(header: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the tensors listed in a safetensors header."""
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, Mapping)}
+
+
+def stored_dtype(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype most floating-point tensors of a checkpoint are stored in (releases use one).
+
+    A state dict is read from its tensors; a path from its safetensors header only. ``None`` when
+    nothing tells: no floating-point tensors, a pickle (which must be loaded to tell), or an unreadable
+    file (its loader reports that with a proper message).
+    """
+    if isinstance(source, Mapping):
+        dtypes = [v.dtype for v in source.values() if v.is_floating_point()]
+    else:
+        if not os.fspath(source).lower().endswith(SAFETENSORS_SUFFIXES):
+            return None
+        try:
+            header = read_safetensors_header(source)
+        except CheckpointError:
+            return None
+        dtypes = [SAFETENSORS_DTYPES.get(entry.get("dtype")) for key, entry in header.items()
+                  if key != "__metadata__" and isinstance(entry, Mapping)]
+        dtypes = [d for d in dtypes if d is not None and d.is_floating_point]
+    return Counter(dtypes).most_common(1)[0][0] if dtypes else None
 
 
 def _unsupported_global(message: str) -> str:
@@ -191,6 +299,7 @@ def _unsupported_global(message: str) -> str:
 
 
 def _torch_load_safely(path: Path, device: str | torch.device) -> object:
+    check_file(path)
     if not zipfile.is_zipfile(path):
         # torch.save writes zip archives since 1.6; an old raw pickle still loads through the
         # weights-only unpickler, but a file that is neither is truncated or not a checkpoint.
@@ -251,18 +360,24 @@ def unwrap_state_dict(obj: object, path: str | os.PathLike | None = None) -> Sta
 
 def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read any supported checkpoint file into a flat ``{key: tensor}`` dict, safely."""
+    from .guards import check_state_dict_finite
+
     path = Path(path)
-    if path.is_dir():
-        return read_sharded_folder(path, device)
-    if not path.exists():
-        raise CheckpointError(path, "does not exist.", "Check the file name and the models folder.")
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return read_safetensors(path, device)
-    if suffix in PICKLE_SUFFIXES:
-        return unwrap_state_dict(_torch_load_safely(path, device), path)
-    raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
-                          f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+    if stat.S_ISDIR(check_file(path, allow_dir=True).st_mode):
+        state = read_sharded_folder(path, device)
+    else:
+        suffix = path.suffix.lower()
+        if suffix in SAFETENSORS_SUFFIXES:
+            state = read_safetensors(path, device)
+        elif suffix in PICKLE_SUFFIXES:
+            state = unwrap_state_dict(_torch_load_safely(path, device), path)
+        else:
+            raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
+                                  f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+    # cheap per tensor (a bounded temporary per chunk) and names the tensor; a NaN weight would
+    # otherwise give black images with no message
+    check_state_dict_finite(state, path)
+    return state
 
 
 def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
@@ -270,6 +385,7 @@ def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = 
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
+        check_file(indexes[0], fix="Replace it with the real shard index of the model.")
         try:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
         except (OSError, ValueError, KeyError) as exc:
@@ -288,6 +404,19 @@ def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = 
         return read_safetensors(files[0], device)
     raise CheckpointError(folder, f"holds {len(files)} safetensors files and no *.safetensors.index.json.",
                           "Point at one file, or at a folder with one model (diffusers layout).")
+
+
+def with_article(noun: str) -> str:
+    """``noun`` with "a" or "an" as it is read aloud: "an Inf-DiT", "an SDXL checkpoint", "a UNet", "a VAE"."""
+    word = noun.split(maxsplit=1)[0] if noun.strip() else noun
+    spoken_vowel = word[:1].lower() in "aeiou" and not word.lower().startswith(("uni", "une", "use", "eu"))
+    if word[:2] == "UN" or word.startswith("UNet"):
+        spoken_vowel = False
+    # an acronym read letter by letter ("SD", "F1", "MLP") starts with a vowel sound for these letters
+    acronym = len(word) > 1 and (word[:2].isupper() or any(c.isdigit() for c in word[:3])) and word[:1].isupper()
+    if acronym and word[0] in "AEFHILMNORSX":
+        spoken_vowel = True
+    return f"{'an' if spoken_vowel else 'a'} {noun}"
 
 
 def matches_any(key: str, patterns: Iterable[str]) -> bool:
@@ -334,23 +463,92 @@ def check_keys(
     raise CheckpointError(
         path,
         f"does not match the {family} layout: " + "; ".join(parts) + ".",
-        f"Make sure this is a {family} checkpoint of a supported release, complete and unmodified.",
+        f"Make sure this is {with_article(family)} checkpoint of a supported release, complete and unmodified.",
     )
 
 
-def load_into(
-    module: torch.nn.Module,
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str], *,
+                 marker: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors under the wrapper prefix a checkpoint puts its model in, with the prefix removed.
+
+    The first of ``prefixes`` that applies wins: without ``marker`` a prefix applies when every key
+    carries it; with ``marker`` when some key carrying it passes ``marker`` once stripped, and then keys
+    outside the prefix are dropped (a whole pipeline file ``model.diffusion_model.* + first_stage_model.*``
+    gives the DiT alone). When no prefix applies, the state dict is returned unchanged.
+    """
+    keys = list(state_dict)
+    for prefix in prefixes:
+        carrying = [k for k in keys if k.startswith(prefix)]
+        if not carrying:
+            continue
+        applies = (len(carrying) == len(keys) if marker is None
+                   else any(marker(k[len(prefix):]) for k in carrying))
+        if applies:
+            return {k[len(prefix):]: state_dict[k] for k in carrying}
+    return dict(state_dict)
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device but real buffers.
+
+    For models that compute non-persistent buffers in their constructor (Gemma-2's rotary table and
+    embedding scale), which a checkpoint does not hold. Uses torch's parameter-registration hook and
+    acts only on the calling thread, so a module built elsewhere meanwhile is unaffected.
+    """
+    builder = threading.get_ident()
+
+    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> torch.nn.Parameter | None:
+        if param is None or param.is_meta or threading.get_ident() != builder:
+            return None
+        return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def load_model(
+    build: Callable[[], M],
     state_dict: Mapping[str, torch.Tensor],
     *,
     path: str | os.PathLike | None,
     family: str,
     ignore: Iterable[str] = (),
-) -> None:
-    """Check ``state_dict`` strictly against ``module`` and copy it in (dtype follows the module)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    real_buffers: bool = False,
+) -> M:
+    """The one way every family turns a converted state dict into a model.
+
+    ``build()`` runs on the meta device, so nothing is allocated or initialised twice
+    (``real_buffers=True``: only parameters go to meta, see :func:`parameters_on_meta`). The state
+    dict is then checked strictly against the model (:func:`check_keys`, with the family's documented
+    ``ignore`` patterns) and its tensors are assigned, cast to ``dtype`` (``None``: the stored dtype,
+    :func:`stored_dtype`) and moved to ``device``. Returns the model in eval mode without gradients.
+    """
+    if real_buffers:
+        with parameters_on_meta():
+            model = build()
+    else:
+        with torch.device("meta"):
+            model = build()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(state_dict, expected, path=path, family=family, ignore=ignore)
-    kept = {k: v for k, v in state_dict.items() if k in expected}
-    module.load_state_dict(kept, strict=True, assign=False)
+    dtype = dtype or stored_dtype(state_dict) or torch.float32
+    weights = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+               for k, v in state_dict.items() if k in expected}
+    model.load_state_dict(weights, strict=True, assign=True)
+    unset = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if unset:  # a non-persistent buffer built on meta: the model needs real_buffers=True
+        raise RuntimeError(f"{family}: {_short_list(unset)} were neither in the checkpoint nor computed; "
+                           "build this model with real_buffers=True.")
+    return model.eval().requires_grad_(False)
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -404,6 +602,6 @@ def wrong_family_error(
     """The error for a file of another model family: names what was expected and what it looks like."""
     return CheckpointError(
         path,
-        f"is not a {expected} checkpoint; it looks like a {guess_family(keys)}.",
-        fix or f"Choose a {expected} file.",
+        f"is not {with_article(expected)} checkpoint; it looks like {with_article(guess_family(keys))}.",
+        fix or f"Choose {with_article(expected)} file.",
     )

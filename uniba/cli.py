@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Bad arguments and unusable files end as one ``error:`` line and exit status 2.
+
+    Expected failures are ``ValueError`` (which includes :class:`~uniba.checkpoint.CheckpointError`,
+    :class:`~uniba.cli_io.CliError`, the guards' NaN and memory refusals), ``OSError`` (a disk that
+    fills up, a permission change mid-run) and :class:`~uniba.memory.OutOfMemoryAtMinimum`. Anything
+    else is a bug and keeps its traceback.
+    """
+    from .memory import OutOfMemoryAtMinimum
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
@@ -70,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OutOfMemoryAtMinimum) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130

@@ -63,6 +63,24 @@ class Budget:
         return max(0, int(self.free_bytes * (1.0 - self.safety_fraction)) - self.reserve_bytes)
 
 
+def device_free_bytes(device: torch.device | str) -> int:
+    """Free bytes on ``device`` as torch sees it: ``cuda.mem_get_info`` on CUDA, else available RAM.
+
+    The one free-memory probe of the pack; inside ComfyUI the nodes use the host's own figure instead.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a requirement
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def largest_unit(
     bytes_for_unit: Callable[[int], float] | float,
     budget: int | Budget,
@@ -94,15 +112,59 @@ def largest_unit(
     return best
 
 
+# Phrases of allocator failures that arrive as plain RuntimeError (or torch.AcceleratorError):
+# CUDA/ROCm/XPU "out of memory", MPS "MPS backend out of memory", the CPU allocator's
+# "DefaultCPUAllocator: can't allocate memory" and c10's "Failed to allocate".
+_OOM_PHRASES = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate",
+                "defaultcpuallocator: not enough memory")
+
+# Extra out-of-memory tests registered by a host (ComfyUI's ``model_management.is_oom`` also clears
+# the queued CUDA error); see :func:`register_oom_check`.
+_HOST_OOM_CHECKS: list[Callable[[BaseException], bool]] = []
+
+
+def register_oom_check(check: Callable[[BaseException], bool]) -> None:
+    """Let a host add its own out-of-memory test, consulted first by :func:`is_out_of_memory`.
+
+    The ComfyUI adapter registers ``comfy.model_management.is_oom`` here when it exists, so its
+    side effects (clearing the queued CUDA error) happen wherever the engine checks for OOM.
+    Registering the same function twice is a no-op.
+    """
+    if check not in _HOST_OOM_CHECKS:
+        _HOST_OOM_CHECKS.append(check)
+
+
+def unregister_oom_check(check: Callable[[BaseException], bool]) -> None:
+    """Remove a test added by :func:`register_oom_check` (no error if it was not registered)."""
+    if check in _HOST_OOM_CHECKS:
+        _HOST_OOM_CHECKS.remove(check)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for the out-of-memory errors of CUDA, ROCm, MPS, XPU and the CPU allocator."""
+    """True for the out-of-memory errors of CUDA, ROCm, MPS, XPU and the CPU allocator.
+
+    Recognised: ``torch.OutOfMemoryError``, ``MemoryError`` (Python's own allocator), and any
+    ``RuntimeError``/``torch.AcceleratorError`` whose message says the allocator failed (on the CPU:
+    ``DefaultCPUAllocator: can't allocate memory``). Host tests registered with
+    :func:`register_oom_check` are asked first; a host test that itself fails is ignored.
+    """
+    for check in tuple(_HOST_OOM_CHECKS):
+        try:
+            if check(exc):
+                return True
+        except Exception:  # noqa: BLE001 - a broken host hook must not hide the real error
+            log.debug("host out-of-memory check %r failed", check, exc_info=True)
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
     if oom_types and isinstance(exc, oom_types):
         return True
-    if isinstance(exc, (RuntimeError, MemoryError)):
+    if isinstance(exc, MemoryError):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    allocator_types = (RuntimeError,) + ((accelerator_error,) if isinstance(accelerator_error, type) else ())
+    if isinstance(exc, allocator_types):
         text = str(exc).lower()
-        return isinstance(exc, MemoryError) or "out of memory" in text or "failed to allocate" in text
+        return any(phrase in text for phrase in _OOM_PHRASES)
     return False
 
 

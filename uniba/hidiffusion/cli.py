@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from ..cli_io import positive_int, unit_float
 from .plan import FAMILIES, describe, make_config, resolve_plan
 
 
@@ -12,7 +13,10 @@ def _size(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not match:
         raise argparse.ArgumentTypeError(f"size must look like 2048x2048 (width x height in px), got {text!r}")
-    return int(match.group(1)), int(match.group(2))
+    width, height = int(match.group(1)), int(match.group(2))
+    if width < 8 or height < 8:
+        raise argparse.ArgumentTypeError(f"width and height must be at least 8 px, got {text!r}")
+    return width, height
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -35,9 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan = subparsers.add_parser("hidiffusion-plan", help="show HiDiffusion's resolved plan (blocks and steps)")
     plan.add_argument("--model", choices=FAMILIES, default="sd1")
     plan.add_argument("--size", type=_size, default=(2048, 2048), help="image size WIDTHxHEIGHT in px")
-    plan.add_argument("--steps", type=int, default=50)
-    plan.add_argument("--t1", type=float, default=None, help="override the T1 ratio")
-    plan.add_argument("--t2", type=float, default=None, help="override the T2 ratio")
+    plan.add_argument("--steps", type=positive_int, default=50)
+    plan.add_argument("--t1", type=unit_float, default=None, help="override the T1 ratio (0 to 1)")
+    plan.add_argument("--t2", type=unit_float, default=None, help="override the T2 ratio (0 to 1)")
     plan.add_argument("--inpainting-or-playground", action="store_true",
                       help="SDXL inpainting / Playground 2.5: the reference's non-aggressive table")
     plan.add_argument("--no-raunet", action="store_true")

@@ -1,18 +1,32 @@
 """Inf-DiT (arXiv 2405.04312): torch-only re-implementation with UniBA block-wise inference.
 
-Public API: :func:`load_infdit`, :class:`InfDiT` (``denoise``), :func:`upscale`, the planner
-(:func:`plan_upscale`, :func:`release_config`, :func:`config_for_file`) and the EDM sampler.
+Public API: :func:`load_infdit`, :class:`InfDiT` (``denoise``), :class:`BlockwiseDenoiser`,
+:func:`upscale`, the planner (:func:`plan_upscale`, :func:`parse_block_batch`, :func:`release_config`,
+:func:`config_for_file`) and k-diffusion-shaped samplers.
 """
 
+from .blockwise import BlockwiseDenoiser
 from .config import ClipVisionConfig, InfDiTConfig, infer_config, release_config
 from .loader import convert_checkpoint, load_infdit
 from .model import InfDiT
-from .plan import UpscalePlan, config_for_file, plan_upscale
-from .sampling import get_sigmas_karras, sample_heun_edm
-from .upscale import RopeWrapWarning, upscale
+from .plan import PlanDoesNotFit, UpscalePlan, config_for_file, parse_block_batch, plan_upscale
+from .sampling import (
+                       SAMPLERS,
+                       count_evaluations,
+                       get_sigmas_karras,
+                       sample_dpmpp_2m,
+                       sample_dpmpp_3m,
+                       sample_euler,
+                       sample_euler_ancestral,
+                       sample_heun_edm,
+                       sample_unipc,
+)
+from .upscale import RopeWrapWarning, SmallInputWarning, upscale
 
 __all__ = [
-    "ClipVisionConfig", "InfDiT", "InfDiTConfig", "RopeWrapWarning", "UpscalePlan", "config_for_file",
-    "convert_checkpoint", "get_sigmas_karras", "infer_config", "load_infdit", "plan_upscale", "release_config",
-    "sample_heun_edm", "upscale",
+    "SAMPLERS", "BlockwiseDenoiser", "ClipVisionConfig", "InfDiT", "InfDiTConfig", "PlanDoesNotFit", "RopeWrapWarning",
+    "SmallInputWarning", "UpscalePlan", "config_for_file", "convert_checkpoint", "count_evaluations",
+    "get_sigmas_karras", "infer_config", "load_infdit", "parse_block_batch", "plan_upscale", "release_config",
+    "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler", "sample_euler_ancestral", "sample_heun_edm", "sample_unipc",
+    "upscale",
 ]

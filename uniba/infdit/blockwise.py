@@ -138,6 +138,7 @@ class _BatchKV:
 
 
 def resolve_block_batch(block_batch: int | tuple[int, int] | None, grid_h: int, grid_w: int) -> tuple[int, int]:
+    """``(n_h, n_w)`` clipped to the grid; None = the whole grid in one batch."""
     if block_batch is None:
         return grid_h, grid_w
     n_h, n_w = (block_batch, block_batch) if isinstance(block_batch, int) else block_batch
@@ -146,124 +147,155 @@ def resolve_block_batch(block_batch: int | tuple[int, int] | None, grid_h: int, 
     return min(n_h, grid_h), min(n_w, grid_w)
 
 
-def run_network(model: InfDiT, x: torch.Tensor, concat_lr: torch.Tensor, c_in: torch.Tensor, lr: torch.Tensor,
-                emb: torch.Tensor, block_batch: tuple[int, int], *, c_skip: torch.Tensor | None = None,
-                c_out: torch.Tensor | None = None, traversal: str = "auto", offload_cache: bool = False,
-                on_batch: BatchCallback | None = None,
-                is_oom: Callable[[BaseException], bool] = is_out_of_memory,
-                on_oom: Callable[[], None] | None = None, position_offset: tuple[int, int] = (0, 0),
-                stats: dict | None = None) -> torch.Tensor:
-    """Network output F of a whole canvas, computed block batch by block batch.
-
-    The network input ``c_in * [x, concat_lr]`` is built per batch, never for the whole canvas. With
-    ``c_skip``/``c_out`` the result is the denoiser output ``c_skip x + c_out F`` instead of F, also
-    assembled per batch, so the only canvas-sized allocation is the result. ``on_batch(rect,
-    result_rect)`` runs after each finished batch (progress, preview, Cancel). ``stats``, when given,
-    receives the traversal, the batch rectangles and the peak number of cached blocks. Returns float32
-    (B, out_channels, H, W).
-    """
-    c = model.config
-    bp = c.block_px
-    b, _, height, width = x.shape
-    grid_h, grid_w = height // bp, width // bp
+def batch_order(grid_h: int, grid_w: int, block_batch: int | tuple[int, int] | None,
+                traversal: str = "auto") -> list[BlockRect]:
+    """The block batches of one evaluation in run order: what :func:`next_rect` yields when no batch
+    shrinks (a regular tiling, ragged at the bottom/right edge), without simulating it."""
     if traversal == "auto":
         traversal = choose_traversal(grid_h, grid_w)
-    if traversal not in (ROW_MAJOR, COLUMN_MAJOR):
-        raise ValueError(f"traversal must be auto, {ROW_MAJOR} or {COLUMN_MAJOR}, got {traversal!r}")
     n_h, n_w = resolve_block_batch(block_batch, grid_h, grid_w)
-    storage = torch.device("cpu") if offload_cache else None
-    cache = BlockKVCache(grid_h, grid_w, storage)
-    done = [[False] * grid_w for _ in range(grid_h)]
-    out = torch.empty(b, c.out_channels, height, width, dtype=torch.float32, device=x.device)
-    c_in = c_in.view(-1, 1, 1, 1).float()
-    current = [max(n_h, n_w)]
-    try:
-        remaining = grid_h * grid_w
-        while remaining:
-            def work(unit: int) -> tuple[BlockRect, torch.Tensor, _BatchKV]:
-                rect = next_rect(done, min(n_h, unit), min(n_w, unit), traversal)
-                after = [row[:] for row in done]
-                for i, j in rect.blocks():
-                    after[i][j] = True
-                keep = [(i, j) for i, j in rect.blocks() if cache.needed(i, j, after)]
-                view = _BatchKV(cache, rect, keep, c.num_layers)
-                region = (slice(None), slice(None), slice(rect.row0 * bp, rect.row1 * bp),
-                          slice(rect.col0 * bp, rect.col1 * bp))
-                pixels = torch.cat([x[region].float(), concat_lr[region].float()], dim=1) * c_in
-                result = model.forward_blocks(pixels, lr, emb, rect, (grid_h, grid_w), view, position_offset)
-                current[0] = unit
-                return rect, result, view
+    rows = [(r, min(r + n_h, grid_h)) for r in range(0, grid_h, n_h)]
+    cols = [(c, min(c + n_w, grid_w)) for c in range(0, grid_w, n_w)]
+    if traversal == ROW_MAJOR:
+        return [BlockRect(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
+    return [BlockRect(r0, r1, c0, c1) for c0, c1 in cols for r0, r1 in rows]
 
-            kwargs = {"on_oom": on_oom} if on_oom is not None else {}
-            rect, result, view = retry_on_oom(work, current[0], what="Inf-DiT block batch", is_oom=is_oom, **kwargs)
-            region = (slice(None), slice(None), slice(rect.row0 * bp, rect.row1 * bp),
-                      slice(rect.col0 * bp, rect.col1 * bp))
-            if c_skip is not None:
-                out[region] = c_skip.view(-1, 1, 1, 1) * x[region].float() + c_out.view(-1, 1, 1, 1) * result.float()
-            else:
-                out[region] = result.float()
-            del result
+
+class BlockwiseDenoiser:
+    """D(x; sigma) = c_skip x + c_out F(c_in [x, up(lr)]) of one image, computed block batch by block batch.
+
+    The one orchestration of the network: the sampler in :func:`uniba.infdit.upscale`, the
+    whole-canvas :meth:`InfDiT.denoise`, the tests and the benchmarks all call it. Built once per
+    image (pass): everything that does not depend on sigma (the concatenated LR channels, the LR
+    cross-attention K/V, the CLIP vector) is computed here, once, and reused by every evaluation.
+    Per evaluation only the adaLN modulations are computed (once, not per batch); per batch the
+    RoPE tables (once, shared by every layer).
+
+    ``lr``: the LR image the cross-attention and CLIP see (B, 3, H/scale, W/scale); ``canvas``: the
+    output (H, W), a whole number of blocks (default: ``lr`` times the native scale).
+    ``block_batch``: n, (n_h, n_w) or None (the whole canvas in one batch). ``on_batch(rect,
+    denoised_rect)`` runs after every finished batch (progress, preview, Cancel). ``stats``, when
+    given, receives the traversal, the batch rectangles and the peak number of cached blocks.
+    Extra keyword arguments of a call (``seed``, ``model_options``: what ComfyUI's samplers pass
+    in ``extra_args``) are accepted and ignored.
+    """
+
+    def __init__(self, model: InfDiT, lr: torch.Tensor, clip_embedding: torch.Tensor, *,
+                 canvas: tuple[int, int] | None = None, concat_lr: torch.Tensor | None = None,
+                 block_batch: int | tuple[int, int] | None = None, traversal: str = "auto",
+                 offload_cache: bool = False, on_batch: BatchCallback | None = None,
+                 is_oom: Callable[[BaseException], bool] = is_out_of_memory,
+                 on_oom: Callable[[], None] | None = None, position_offset: tuple[int, int] = (0, 0),
+                 stats: dict | None = None) -> None:
+        c = model.config
+        if canvas is None:
+            canvas = (lr.shape[-2] * c.native_scale, lr.shape[-1] * c.native_scale)
+        height, width = canvas
+        if height % c.block_px or width % c.block_px:
+            raise ValueError(f"the HR canvas {height}x{width} must be a multiple of the {c.block_px}-px block")
+        lr_h, lr_w = height // c.native_scale, width // c.native_scale
+        if tuple(lr.shape[-2:]) != (lr_h, lr_w):
+            raise ValueError(f"lr must be {lr_h}x{lr_w} (1/{c.native_scale} of the canvas), "
+                             f"got {tuple(lr.shape[-2:])}")
+        self.grid = (height // c.block_px, width // c.block_px)
+        if traversal == "auto":
+            traversal = choose_traversal(*self.grid)
+        if traversal not in (ROW_MAJOR, COLUMN_MAJOR):
+            raise ValueError(f"traversal must be auto, {ROW_MAJOR} or {COLUMN_MAJOR}, got {traversal!r}")
+        self.model, self.canvas, self.traversal = model, (height, width), traversal
+        self.block_batch = resolve_block_batch(block_batch, *self.grid)
+        self.offload_cache, self.on_batch, self.is_oom, self.on_oom = offload_cache, on_batch, is_oom, on_oom
+        self.position_offset, self.stats = position_offset, stats
+        device = model.device
+        self.concat_lr = (upsample_lr(lr, height, width) if concat_lr is None else concat_lr).to(device)
+        storage = torch.device("cpu") if offload_cache else None
+        with torch.no_grad():
+            self.cond = model.condition(lr, clip_embedding, storage=storage)
+
+    def batches_per_evaluation(self) -> int:
+        return len(batch_order(*self.grid, self.block_batch, self.traversal))
+
+    def precondition(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
+        """(sigma, c_skip, c_out, c_in) of shape (B,) for a call, with the canvas checked."""
+        c = self.model.config
+        if x.shape[1] != c.out_channels:
+            raise ValueError(f"x must have {c.out_channels} channels, got {x.shape[1]}")
+        if tuple(x.shape[-2:]) != self.canvas:
+            raise ValueError(f"x must be a {self.canvas[0]}x{self.canvas[1]} canvas, got {tuple(x.shape[-2:])}")
+        sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        if sigma_t.numel() == 1:
+            sigma_t = sigma_t.expand(x.shape[0])
+        c_skip, c_out, c_in, _ = self.model.precondition(sigma_t)
+        return sigma_t, c_skip, c_out, c_in
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **_extra_args) -> torch.Tensor:
+        sigma_t, c_skip, c_out, c_in = self.precondition(x, sigma)
+        return self._run(x, sigma_t, c_in, (c_skip, c_out))
+
+    @torch.no_grad()
+    def network_output(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The network's raw output F (float32), before the EDM output scaling."""
+        sigma_t, _, _, c_in = self.precondition(x, sigma)
+        return self._run(x, sigma_t, c_in, None)
+
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, c_in: torch.Tensor,
+             skip_out: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The canvas, batch by batch; the network input c_in [x, up(lr)] is built per batch, never whole."""
+        model = self.model
+        c = model.config
+        bp = c.block_px
+        grid_h, grid_w = self.grid
+        n_h, n_w = self.block_batch
+        step = model.step_embedding(sigma, self.cond)
+        cache = BlockKVCache(grid_h, grid_w, torch.device("cpu") if self.offload_cache else None)
+        done = [[False] * grid_w for _ in range(grid_h)]
+        out = torch.empty(x.shape[0], c.out_channels, *self.canvas, dtype=torch.float32, device=x.device)
+        c_in = c_in.view(-1, 1, 1, 1).float()
+        current = [max(n_h, n_w)]
+
+        def region(rect: BlockRect) -> tuple[slice, ...]:
+            return (slice(None), slice(None), slice(rect.row0 * bp, rect.row1 * bp),
+                    slice(rect.col0 * bp, rect.col1 * bp))
+
+        def work(unit: int) -> tuple[BlockRect, torch.Tensor, _BatchKV]:
+            rect = next_rect(done, min(n_h, unit), min(n_w, unit), self.traversal)
+            after = [row[:] for row in done]
             for i, j in rect.blocks():
-                done[i][j] = True
-            cache.blocks.update(view.pending)
-            cache.peak_blocks = max(cache.peak_blocks, len(cache.blocks))
-            cache.evict(done)
-            remaining -= rect.n_h * rect.n_w
-            if stats is not None:
-                stats.setdefault("rects", []).append(rect)
-                stats["traversal"] = traversal
-                stats["peak_cached_blocks"] = cache.peak_blocks
-            if on_batch is not None:
-                on_batch(rect, out[region])
-    finally:
-        cache.clear()
-    return out
+                after[i][j] = True
+            keep = [(i, j) for i, j in rect.blocks() if cache.needed(i, j, after)]
+            view = _BatchKV(cache, rect, keep, c.num_layers)
+            where = region(rect)
+            pixels = torch.cat([x[where].float(), self.concat_lr[where].float()], dim=1) * c_in
+            result = model.forward_blocks(pixels, self.cond, step, rect, view, self.position_offset)
+            current[0] = unit
+            return rect, result, view
 
-
-def prepare_inputs(model: InfDiT, x: torch.Tensor, sigma: torch.Tensor | float, lr: torch.Tensor,
-                   clip_embedding: torch.Tensor, concat_lr: torch.Tensor | None = None):
-    """EDM preconditioning of one call: (concat_lr, emb, c_skip, c_out, c_in), shapes checked."""
-    c = model.config
-    b, ch, height, width = x.shape
-    if ch != c.out_channels:
-        raise ValueError(f"x must have {c.out_channels} channels, got {ch}")
-    if height % c.block_px or width % c.block_px:
-        raise ValueError(f"the HR canvas {height}x{width} must be a multiple of the {c.block_px}-px block")
-    lr_h, lr_w = height // c.native_scale, width // c.native_scale
-    if tuple(lr.shape[-2:]) != (lr_h, lr_w):
-        raise ValueError(f"lr must be {lr_h}x{lr_w} (1/{c.native_scale} of the canvas), got {tuple(lr.shape[-2:])}")
-    sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-    if sigma_t.numel() == 1:
-        sigma_t = sigma_t.expand(b)
-    c_skip, c_out, c_in, c_noise = model.precondition(sigma_t)
-    if concat_lr is None:
-        concat_lr = upsample_lr(lr, height, width)
-    emb = model.embedding(c_noise, clip_embedding.reshape(b, -1) if clip_embedding.shape[0] == b
-                          else clip_embedding.expand(b, -1))
-    return concat_lr.to(x.device), emb, c_skip, c_out, c_in
-
-
-@torch.no_grad()
-def denoise_blockwise(model: InfDiT, x: torch.Tensor, sigma: torch.Tensor | float, lr: torch.Tensor,
-                      clip_embedding: torch.Tensor, *, block_batch: int | tuple[int, int] | None = None,
-                      concat_lr: torch.Tensor | None = None, traversal: str = "auto",
-                      offload_cache: bool = False, progress=None,
-                      is_oom: Callable[[BaseException], bool] = is_out_of_memory,
-                      position_offset: tuple[int, int] = (0, 0), stats: dict | None = None) -> torch.Tensor:
-    """D(x; sigma) = c_skip x + c_out F(c_in [x, up(lr)]) computed block-wise (see module docstring)."""
-    c = model.config
-    concat_lr, emb, c_skip, c_out, c_in = prepare_inputs(model, x, sigma, lr, clip_embedding, concat_lr)
-    grid = (x.shape[-2] // c.block_px, x.shape[-1] // c.block_px)
-    n = resolve_block_batch(block_batch, *grid)
-    on_batch = None
-    if progress is not None:
-        finished = [0]
-        total = -(-grid[0] // n[0]) * -(-grid[1] // n[1])
-
-        def on_batch(rect: BlockRect, _f: torch.Tensor) -> None:
-            finished[0] += 1
-            progress(finished[0], max(total, finished[0]), None)
-
-    return run_network(model, x, concat_lr, c_in, lr.to(x.device), emb, n, c_skip=c_skip, c_out=c_out,
-                       traversal=traversal, offload_cache=offload_cache, on_batch=on_batch, is_oom=is_oom,
-                       position_offset=position_offset, stats=stats)
+        kwargs = {"on_oom": self.on_oom} if self.on_oom is not None else {}
+        try:
+            remaining = grid_h * grid_w
+            while remaining:
+                rect, result, view = retry_on_oom(work, current[0], what="Inf-DiT block batch", is_oom=self.is_oom,
+                                                  **kwargs)
+                where = region(rect)
+                if skip_out is not None:
+                    c_skip, c_out = skip_out
+                    out[where] = c_skip.view(-1, 1, 1, 1) * x[where].float() + c_out.view(-1, 1, 1, 1) * result.float()
+                else:
+                    out[where] = result.float()
+                del result
+                for i, j in rect.blocks():
+                    done[i][j] = True
+                cache.blocks.update(view.pending)
+                cache.peak_blocks = max(cache.peak_blocks, len(cache.blocks))
+                cache.evict(done)
+                remaining -= rect.n_h * rect.n_w
+                if self.stats is not None:
+                    self.stats.setdefault("rects", []).append(rect)
+                    self.stats["traversal"] = self.traversal
+                    self.stats["peak_cached_blocks"] = cache.peak_blocks
+                if self.on_batch is not None:
+                    self.on_batch(rect, out[where])
+        finally:
+            cache.clear()
+        return out

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..memory import parse_bytes
+from .sampling import SAMPLERS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -34,8 +35,7 @@ def _plan(args: argparse.Namespace) -> int:
             raise ValueError(f"--size {out_w}x{out_h} is not divisible by --scale {args.scale}")
         in_w, in_h = out_w // args.scale, out_h // args.scale
     free = parse_bytes(args.vram) if args.vram else None
-    block_batch = args.block_batch if args.block_batch == "auto" else int(args.block_batch)
-    plan = plan_upscale(config, in_h, in_w, args.scale, free, block_batch=block_batch,
+    plan = plan_upscale(config, in_h, in_w, args.scale, free, block_batch=args.block_batch,
                         offload_cache=args.offload_cache, dtype=_DTYPES[args.dtype])
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -70,23 +70,61 @@ def _write_image(tensor: torch.Tensor, path: str) -> None:
             tmp.unlink()
 
 
+class _ProgressBar:
+    """A terminal progress bar with ETA over model evaluations x block batches (the engine's unit)."""
+
+    def __init__(self, plan, images: int) -> None:
+        from tqdm.auto import tqdm
+
+        batches = sum(p["batches_per_step"] for p in plan.passes)
+        self.bar = tqdm(total=images * plan.total_batches, unit="batch", dynamic_ncols=True,
+                        desc=f"Inf-DiT {plan.evaluations} evaluations x {batches} block batches",
+                        disable=os.environ.get("UNIBA_QUIET") == "1")
+
+    def __call__(self, done: int, total: int | None = None, preview: torch.Tensor | None = None) -> None:
+        if total is not None and total != self.bar.total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _upscale(args: argparse.Namespace) -> int:
+    from ..memory import device_free_bytes
     from .loader import load_infdit
+    from .plan import config_for_file, plan_upscale
+    from .sampling import count_evaluations, get_sigmas_karras, named_sampler
     from .upscale import upscale
 
     device = torch.device(args.device) if args.device else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    dtype = _DTYPES.get(args.dtype) if args.dtype != "auto" else (
-        torch.float32 if device.type == "cpu" else torch.bfloat16)
-    model = load_infdit(args.model, dtype, clip=args.clip).to(device)
+    dtype = _DTYPES.get(args.dtype) if args.dtype != "auto" else default_dtype(device)
+    sampler, sigmas = named_sampler(args.sampler), get_sigmas_karras(args.steps)
     image = _read_image(args.input)
-    block_batch = args.block_batch if args.block_batch == "auto" else int(args.block_batch)
-    free = parse_bytes(args.vram) if args.vram else None
-    out = upscale(model, image, scale=args.scale, steps=args.steps, seed=args.seed, block_batch=block_batch,
-                  offload_cache=args.offload_cache, color_match=args.color_match, free_bytes=free)
+    free = parse_bytes(args.vram) if args.vram else device_free_bytes(device)
+    # one plan, checked before the weights load; the upscale runs exactly this plan
+    plan = plan_upscale(config_for_file(args.model), image.shape[-2], image.shape[-1], args.scale, free,
+                        block_batch=args.block_batch, offload_cache=args.offload_cache, dtype=dtype,
+                        evaluations=count_evaluations(sampler, sigmas))
+    plan.check_fits()
+    model = load_infdit(args.model, dtype, clip=args.clip).to(device)
+    bar = _ProgressBar(plan, image.shape[0])
+    try:
+        out = upscale(model, image, scale=args.scale, seed=args.seed, plan=plan, sampler=sampler, sigmas=sigmas,
+                      color_match=args.color_match, progress=bar)
+    finally:
+        bar.close()
     _write_image(out, args.output)
     print(f"wrote {args.output} ({out.shape[-1]}x{out.shape[-2]})")
     return 0
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 (the training precision) on CUDA cards that support it, else fp32."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -104,7 +142,7 @@ def _convert(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--scale", type=int, default=4, choices=(2, 4, 8, 16), help="upscaling factor (default 4)")
-    common.add_argument("--block-batch", default="auto", help="auto or n (n x n blocks per forward)")
+    common.add_argument("--block-batch", default="auto", help="auto, n (n x n blocks per forward) or n_h x n_w (2x3)")
     common.add_argument("--offload-cache", default="auto", choices=("auto", "on", "off"))
     common.add_argument("--vram", help="memory budget, e.g. 12GB (default: free device memory)")
 
@@ -124,7 +162,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("output")
     up.add_argument("--model", required=True, help="Inf-DiT checkpoint (.pt release or converted .safetensors)")
     up.add_argument("--clip", help="separate open_clip ViT-L-14 file if the checkpoint has no CLIP tower")
-    up.add_argument("--steps", type=int, default=20)
+    up.add_argument("--sampler", default="heun", choices=tuple(SAMPLERS),
+                    help="heun = the reference (2 evaluations per step); the others take 1 per step")
+    up.add_argument("--steps", type=int, default=20, help="steps of the Karras schedule (default 20 = reference)")
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--dtype", default="auto", choices=("auto",) + tuple(_DTYPES))
     up.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")

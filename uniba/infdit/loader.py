@@ -17,12 +17,13 @@ import torch
 from ..checkpoint import (
     CheckpointError,
     StateDict,
-    check_keys,
+    load_model,
     read_safetensors_metadata,
     read_state_dict,
     save_safetensors,
     wrong_family_error,
 )
+from ..guards import config_from_metadata, validate_config
 from .config import METADATA_KEY, OPEN_CLIP_PREFIX, SAT_CLIP_PREFIX, InfDiTConfig, infer_clip_config, infer_config
 from .keys import IGNORED, is_our_layout, is_sat_layout, map_open_clip_visual, map_sat_state_dict
 from .model import InfDiT
@@ -60,31 +61,21 @@ def prepare_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[str,
             config = infer_config(_shapes(state))
         except (KeyError, ValueError):
             raise wrong_family_error(path, FAMILY, state.keys(), FIX) from None
-        return config, map_sat_state_dict(state)
+        return validate_config(config, path, "the configuration read from its tensor shapes"), \
+            map_sat_state_dict(state)
     if is_our_layout(state):
         if METADATA_KEY not in metadata:
             raise CheckpointError(path, "is a converted Inf-DiT file without its config metadata.",
                                   "Convert the release again with "
                                   "python -m uniba convert-infdit IN.pt OUT.safetensors.")
-        return InfDiTConfig.from_json(metadata[METADATA_KEY]), dict(state)
+        return config_from_metadata(InfDiTConfig.from_json, metadata[METADATA_KEY], path, METADATA_KEY), dict(state)
     raise wrong_family_error(path, FAMILY, state.keys(), FIX)
 
 
 def build_model(config: InfDiTConfig, state: Mapping[str, torch.Tensor], path: str | None,
                 dtype: torch.dtype | None) -> InfDiT:
     """Strict key check, then the weights are assigned into a model built without initialisation."""
-    with torch.device("meta"):
-        model = InfDiT(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(state, expected, path=path, family=FAMILY, ignore=IGNORED)
-    if dtype is None:
-        dtype = state["patch_embed.weight"].dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-    kept = {k: v.to(dtype) for k, v in state.items() if k in expected}
-    model.load_state_dict(kept, strict=True, assign=True)
-    model.requires_grad_(False)
-    return model.eval()
+    return load_model(lambda: InfDiT(config), state, path=path, family=FAMILY, ignore=IGNORED, dtype=dtype)
 
 
 def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,

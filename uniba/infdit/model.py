@@ -38,6 +38,24 @@ class NeighbourKV(Protocol):
     def keep(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
 
+@dataclass
+class LRCondition:
+    """Sigma-independent conditioning of one image (:meth:`InfDiT.condition`), reused by every evaluation."""
+
+    k_map: torch.Tensor  # (B, rows + 2 lrb, cols + 2 lrb, heads, head_dim): normalised keys of the LR tokens
+    v_map: torch.Tensor  # the values, same layout
+    clip_vector: torch.Tensor  # clip_embed(CLIP embedding), (B, hidden)
+
+
+@dataclass
+class StepEmbedding:
+    """What one evaluation needs that depends on sigma only (:meth:`InfDiT.step_embedding`)."""
+
+    layers: list[tuple[torch.Tensor, ...]]  # per layer: shift/scale of attention input and MLP input
+    final: tuple[torch.Tensor, ...]  # shift/scale of the final layer
+    block_pos: torch.Tensor  # re_pos slot embeddings in the compute dtype
+
+
 @dataclass(frozen=True)
 class BlockRect:
     """Blocks ``[row0, row1) x [col0, col1)`` of a ``grid_h x grid_w`` block grid."""
@@ -198,50 +216,75 @@ class InfDiT(nn.Module):
         c_noise = 0.25 * sigma.log()
         return c_skip, c_out, c_in, c_noise
 
-    def embedding(self, c_noise: torch.Tensor, clip_embedding: torch.Tensor) -> torch.Tensor:
-        """``SiLU(t_embed + clip_embed)``; each adaLN head applies another SiLU (the double SiLU)."""
+    def clip_vector(self, clip_embedding: torch.Tensor) -> torch.Tensor:
+        """``clip_embed`` of the CLIP image embedding: sigma-independent, computed once per image."""
+        return self.clip_embed(clip_embedding.to(device=self.device, dtype=self.dtype))
+
+    def embedding(self, c_noise: torch.Tensor, clip_vector: torch.Tensor) -> torch.Tensor:
+        """``SiLU(t_embed + clip_embed)``; each adaLN head applies another SiLU (the double SiLU).
+
+        ``clip_vector`` is :meth:`clip_vector` of the CLIP embedding (the part that does not depend on sigma).
+        """
         t = timestep_embedding(c_noise, self.config.time_channels).to(self.dtype)
-        v = clip_embedding.to(device=self.device, dtype=self.dtype)
-        return F.silu(self.t_embed(t) + self.clip_embed(v))
+        return F.silu(self.t_embed(t) + clip_vector)
+
+    def condition(self, lr: torch.Tensor, clip_embedding: torch.Tensor,
+                  storage: torch.device | None = None) -> LRCondition:
+        """The sigma-independent conditioning of one image, computed once and reused by every evaluation.
+
+        ``lr`` (B, 3, h, w) is the LR image the cross-attention sees. Its tokens (``proj_lr``) are
+        zero-padded by one LR block on every side *after* the projection, as the reference's Unfold
+        padding does, and then go through ``key_value`` and the key norm like every other token.
+        ``storage``: where the K/V maps live (the host when the KV cache is offloaded).
+        """
+        c = self.config
+        x = self.lr_xattn
+        lrb = c.lr_block_tokens
+        tokens = x.proj_lr(lr.to(device=self.device, dtype=self.dtype))
+        tokens = F.pad(tokens, (lrb,) * 4)
+        k, v = x.key_value(tokens.permute(0, 2, 3, 1)).chunk(2, dim=-1)  # (B, rows, cols, C) each
+        k = x.k_norm(k.unflatten(-1, (c.num_heads, c.head_dim)))
+        v = v.unflatten(-1, (c.num_heads, c.head_dim))
+        if storage is not None:
+            k, v = k.to(storage), v.to(storage)
+        return LRCondition(k_map=k, v_map=v, clip_vector=self.clip_vector(clip_embedding))
+
+    def step_embedding(self, sigma: torch.Tensor, cond: LRCondition) -> StepEmbedding:
+        """Everything of one evaluation that depends on sigma only: adaLN shifts/scales of every layer."""
+        b = cond.clip_vector.shape[0]
+        c_noise = self.precondition(sigma.to(self.device))[3]
+        emb_act = F.silu(self.embedding(c_noise, cond.clip_vector))
+        layers = [tuple(block.adaln(emb_act).view(b, 1, 1, 1, 4, -1).unbind(-2)) for block in self.blocks]
+        final = tuple(self.final.adaln(emb_act).view(b, 1, 1, 1, 2, -1).unbind(-2))
+        return StepEmbedding(layers=layers, final=final, block_pos=self.block_pos.to(self.dtype))
 
     # ------------------------------------------------------------------ one block batch
 
-    def lr_kv(self, lr: torch.Tensor, rect: BlockRect, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def lr_windows(self, cond: LRCondition, rect: BlockRect) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K/V of the rectangle's LR windows: ``(B*n_h*n_w, window^2, H, D)`` each.
 
-        Only the LR pixels under the windows are projected; tokens outside the image are zeros
-        placed after ``proj_lr`` (as the reference's Unfold padding does), then go through
-        ``key_value`` like every other token.
+        Each HR block reads the 3x3 LR blocks around it; the maps are padded by one LR block, so the
+        window of block (i, j) starts at padded LR block (i, j).
         """
         c = self.config
-        lrb, p = c.lr_block_tokens, c.lr_patch_size
-        x = self.lr_xattn
-        r_lo, r_hi = (rect.row0 - 1) * lrb, (rect.row1 + 1) * lrb
-        c_lo, c_hi = (rect.col0 - 1) * lrb, (rect.col1 + 1) * lrb
-        rr0, rr1 = max(r_lo, 0), min(r_hi, grid_h * lrb)
-        cc0, cc1 = max(c_lo, 0), min(c_hi, grid_w * lrb)
-        pixels = lr[:, :, rr0 * p:rr1 * p, cc0 * p:cc1 * p].to(self.dtype)
-        tokens = x.proj_lr(pixels)
-        tokens = F.pad(tokens, (cc0 - c_lo, c_hi - cc1, rr0 - r_lo, r_hi - rr1))
-        kv = x.key_value(tokens.permute(0, 2, 3, 1))  # (B, rows, cols, 2C)
-        k, v = kv.chunk(2, dim=-1)
-        k = x.k_norm(k.unflatten(-1, (c.num_heads, c.head_dim))).flatten(-2)
-        win = c.lr_window
+        lrb, win = c.lr_block_tokens, c.lr_window
+        rows = slice(rect.row0 * lrb, (rect.row1 + 2) * lrb)
+        cols = slice(rect.col0 * lrb, (rect.col1 + 2) * lrb)
 
         def windows(t: torch.Tensor) -> torch.Tensor:
+            t = t[:, rows, cols].to(self.device, non_blocking=True).flatten(-2)
             t = t.unfold(1, win, lrb).unfold(2, win, lrb)  # (B, n_h, n_w, C, win, win)
-            t = t.permute(0, 1, 2, 4, 5, 3)
-            return t.reshape(-1, win * win, c.num_heads, c.head_dim)
+            return t.permute(0, 1, 2, 4, 5, 3).reshape(-1, win * win, c.num_heads, c.head_dim)
 
-        return windows(k) + x.key_pos, windows(v)
+        return windows(cond.k_map) + self.lr_xattn.key_pos, windows(cond.v_map)
 
-    def forward_blocks(self, x_in: torch.Tensor, lr: torch.Tensor, emb: torch.Tensor, rect: BlockRect,
-                       grid: tuple[int, int], kv: NeighbourKV, position_offset: tuple[int, int] = (0, 0)
-                       ) -> torch.Tensor:
+    def forward_blocks(self, x_in: torch.Tensor, cond: LRCondition, step: StepEmbedding, rect: BlockRect,
+                       kv: NeighbourKV, position_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """Network output F for one rectangle of blocks.
 
         ``x_in``: (B, in_channels, n_h*block_px, n_w*block_px), already multiplied by c_in;
-        ``lr``: the whole LR image (B, 3, h, w); ``emb``: (B, hidden) from :meth:`embedding`.
+        ``cond``: :meth:`condition` of the image; ``step``: :meth:`step_embedding` of this evaluation.
+        RoPE tables are computed once per call and shared by every layer.
         Returns (B, out_channels, n_h*block_px, n_w*block_px).
         """
         c = self.config
@@ -254,23 +297,23 @@ class InfDiT(nn.Module):
         h = h.view(b, c.hidden_size, nh, bt, nw, bt).permute(0, 2, 4, 3, 5, 1).reshape(b, nh, nw, n_tok, -1)
         cos, sin = rope_tables(c, rect, h.device, dtype, position_offset)
         cos, sin = cos[None, :, :, :, None], sin[None, :, :, :, None]
-        emb_act = F.silu(emb)
 
         for index, block in enumerate(self.blocks):
-            mods = block.adaln(emb_act).view(b, 1, 1, 1, 4, -1).unbind(-2)
-            shift_a, scale_a, shift_m, scale_m = mods
+            shift_a, scale_a, shift_m, scale_m = step.layers[index]
             a = _modulate(_norm(h, c.eps), shift_a, scale_a)
             q, k, v = block.attn.qkv(a).view(b, nh, nw, n_tok, 3, heads, hd).unbind(-3)
             q = apply_rope(block.qk_norm(q), cos, sin)
             k = apply_rope(block.qk_norm(k), cos, sin)  # the q-norm, as the reference does
             kv.keep(index, k, v)
             k_ext, v_ext = kv.neighbours(index, k, v)
-            pos = self.block_pos[index].to(dtype)
+            pos = step.block_pos[index]
             # slots [self, top-left, left, top]; each slot's keys get their own learned offset
             keys = torch.cat([k_ext[:, 1:, 1:] + pos[0], k_ext[:, :-1, :-1] + pos[1],
                               k_ext[:, 1:, :-1] + pos[2], k_ext[:, :-1, 1:] + pos[3]], dim=3)
             values = torch.cat([v_ext[:, 1:, 1:], v_ext[:, :-1, :-1], v_ext[:, 1:, :-1], v_ext[:, :-1, 1:]], dim=3)
             del k_ext, v_ext, k, v
+            # (batch*blocks, heads, tokens, head_dim) with a unit last stride: what the flash and
+            # memory-efficient SDPA kernels accept in fp16/bf16 on CUDA
             out = F.scaled_dot_product_attention(
                 q.reshape(-1, n_tok, heads, hd).transpose(1, 2),
                 keys.reshape(-1, 4 * n_tok, heads, hd).transpose(1, 2),
@@ -279,28 +322,27 @@ class InfDiT(nn.Module):
             h = h + block.attn.proj(out.transpose(1, 2).reshape(b, nh, nw, n_tok, -1))
             del out
             if index == 0:
-                h = h + self._lr_cross_attention(h, lr, rect, grid)
+                h = h + self._lr_cross_attention(h, cond, rect)
                 m = self.lr_xattn.post_norm(h)
             else:
                 m = _norm(h, c.eps)
             h = h + block.mlp(_modulate(m, shift_m, scale_m))
             del m, a
 
-        shift_f, scale_f = self.final.adaln(emb_act).view(b, 1, 1, 1, 2, -1).unbind(-2)
+        shift_f, scale_f = step.final
         # SAT's final_layernorm, then the final layer's own affine-free LN (LN twice)
         out = self.final.linear(_modulate(_norm(_norm(h, c.eps), c.eps), shift_f, scale_f))
         p = c.patch_size
         out = out.view(b, nh, nw, bt, bt, p, p, c.out_channels)
         return out.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, c.out_channels, nh * bt * p, nw * bt * p)
 
-    def _lr_cross_attention(self, h: torch.Tensor, lr: torch.Tensor, rect: BlockRect,
-                            grid: tuple[int, int]) -> torch.Tensor:
+    def _lr_cross_attention(self, h: torch.Tensor, cond: LRCondition, rect: BlockRect) -> torch.Tensor:
         c = self.config
         x = self.lr_xattn
         b, nh, nw, n_tok, _ = h.shape
         q = x.query(_norm(h, c.eps)).view(-1, n_tok, c.num_heads, c.head_dim)
         q = x.q_norm(q) + x.query_pos
-        k, v = self.lr_kv(lr, rect, *grid)
+        k, v = self.lr_windows(cond, rect)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return x.proj(out.transpose(1, 2).reshape(b, nh, nw, n_tok, -1))
 
@@ -309,20 +351,21 @@ class InfDiT(nn.Module):
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, lr: torch.Tensor,
                 clip_embedding: torch.Tensor, block_batch: int | tuple[int, int] | None = None, *,
                 concat_lr: torch.Tensor | None = None, traversal: str = "auto",
-                offload_cache: bool = False, progress=None, position_offset: tuple[int, int] = (0, 0)
-                ) -> torch.Tensor:
+                offload_cache: bool = False, position_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """One EDM denoiser call D(x; sigma) on a whole HR canvas (images in [-1, 1], NCHW).
 
         ``block_batch=None`` computes the whole canvas in one batch (the reference's ``full`` mode);
         an int ``n`` or ``(n_h, n_w)`` runs UniBA block batches with a KV cache. ``concat_lr``
         defaults to the bicubic upsampling of ``lr`` (the 2x mode passes its own). ``position_offset``
-        shifts the RoPE positions, in patches.
+        shifts the RoPE positions, in patches. A convenience over
+        :class:`~uniba.infdit.blockwise.BlockwiseDenoiser`, the one orchestration a sampler uses.
         """
-        from .blockwise import denoise_blockwise
+        from .blockwise import BlockwiseDenoiser
 
-        return denoise_blockwise(self, x, sigma, lr, clip_embedding, block_batch=block_batch,
-                                 concat_lr=concat_lr, traversal=traversal, offload_cache=offload_cache,
-                                 progress=progress, position_offset=position_offset)
+        denoiser = BlockwiseDenoiser(self, lr, clip_embedding, canvas=tuple(x.shape[-2:]), concat_lr=concat_lr,
+                                     block_batch=block_batch, traversal=traversal, offload_cache=offload_cache,
+                                     position_offset=position_offset)
+        return denoiser(x, sigma)
 
 
 def upsample_lr(lr: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ test models. For one denoiser call on an output of ``grid_h x grid_w`` blocks:
 * batch activations: ``ACT_FACTOR`` hidden-sized tensors per token (what is alive at once of the
   hidden state, q/k/v, the gathered K/V and the attention output) plus the MLP's two ``mlp_hidden``
   tensors per token;
-* LR windows: cross-attention K/V of each block's 3x3 LR neighbourhood;
+* LR condition: cross-attention K/V of the whole LR image, computed once per image (on the host when
+  the cache is offloaded), and each batch's gathered 3x3 LR windows;
 * sampler state: a few float32 canvases (x, denoised, derivatives, c_in-scaled input, output).
 
 ``ACT_FACTOR`` and ``STATE_CANVASES`` were calibrated against measured peaks (``python -m uniba
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,9 +38,30 @@ STATE_CANVASES = 20  # float32 values per output pixel held by the Heun sampler 
 SAFETY_FRACTION = 0.1
 MAX_BLOCK_BATCH = 16
 SCALES = (2, 4, 8, 16)
-MIN_SIDE = 32
 
-__all__ = ["UpscalePlan", "plan_upscale", "release_config", "config_for_file", "passes_for_scale"]
+__all__ = ["UpscalePlan", "PlanDoesNotFit", "plan_upscale", "parse_block_batch", "release_config", "config_for_file",
+           "passes_for_scale", "min_input_side"]
+
+
+def parse_block_batch(value: str | int | tuple[int, int] | list[int] | None) -> int | tuple[int, int] | None:
+    """The one parser of the ``block_batch`` option: ``"auto"``/``""``/None -> None (planned from memory),
+    ``"4"``/4 -> 4 (4 x 4 blocks), ``"2x3"``/(2, 3) -> (2, 3) (2 rows x 3 columns of blocks)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"block_batch must be auto, n or n_h x n_w (e.g. 4 or 2x3), got {value!r}")
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        parsed: int | tuple[int, int] = (int(value[0]), int(value[1]))
+    elif isinstance(value, int):
+        parsed = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(value))
+        if not match:
+            raise ValueError(f"block_batch must be auto, n or n_h x n_w (e.g. 4 or 2x3), got {value!r}")
+        parsed = int(match.group(1)) if match.group(2) is None else (int(match.group(1)), int(match.group(2)))
+    if min(parsed if isinstance(parsed, tuple) else (parsed,)) < 1:
+        raise ValueError(f"block_batch must be auto or at least 1 block, got {value!r}")
+    return parsed
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -59,13 +82,18 @@ def block_cache_bytes(config: InfDiTConfig, dtype: torch.dtype) -> int:
     return config.num_layers * 2 * config.tokens_per_block * config.hidden_size * dtype_bytes(dtype)
 
 
+def lr_condition_bytes(config: InfDiTConfig, grid: tuple[int, int], dtype: torch.dtype) -> int:
+    """The LR cross-attention K/V maps of one image (zero-padded by one block), kept for the whole sampling."""
+    tokens = (grid[0] + 2) * (grid[1] + 2) * config.lr_block_tokens**2
+    return 2 * tokens * config.hidden_size * dtype_bytes(dtype)
+
+
 def batch_activation_bytes(config: InfDiTConfig, n_h: int, n_w: int, dtype: torch.dtype) -> int:
     s = dtype_bytes(dtype)
     tokens = n_h * n_w * config.tokens_per_block
     hidden = tokens * (ACT_FACTOR * config.hidden_size + 2 * config.mlp_hidden) * s
-    lr_map = (n_h + 2) * (n_w + 2) * config.lr_block_tokens**2 * 3 * config.hidden_size * s
     windows = n_h * n_w * config.lr_window**2 * 2 * config.hidden_size * s
-    return hidden + lr_map + windows
+    return hidden + windows
 
 
 def cached_blocks(strip: int, n_h: int, n_w: int) -> int:
@@ -90,8 +118,25 @@ def padded_input(size: int, factor: int, config: InfDiTConfig) -> int:
     return -(-size // multiple) * multiple
 
 
+def min_input_side(config: InfDiTConfig, factor: int) -> int:
+    """The smallest input side that fills one block of a ``factor``x pass; smaller inputs are padded."""
+    return -(-config.block_px // factor)
+
+
+class PlanDoesNotFit(ValueError):
+    """Even the smallest work unit with the KV cache offloaded exceeds the memory budget."""
+
+
 @dataclass
 class UpscalePlan:
+    """The plan of one upscale, computed once and passed to :func:`uniba.infdit.upscale` (``plan=``).
+
+    The top-level grid fields describe the last pass (the largest canvas); every entry of
+    ``passes`` carries its own grid, block batch, cache placement and batch count.
+    ``block_order``: the block batches of one evaluation of the last pass, in run order, as
+    ``[row, col, rows, cols]``; ``evaluations``: model evaluations per pass of the chosen sampler.
+    """
+
     out_height: int
     out_width: int
     passes: list[dict[str, Any]]
@@ -107,13 +152,26 @@ class UpscalePlan:
     free_bytes: int | None
     fits: bool
     offload_cache: bool
-    steps_model_evals: int
+    evaluations: int
+    block_order: list[list[int]]
+    minimum_bytes: int
+    usable_bytes: int | None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps_model_evals(self) -> int:
+        return self.evaluations
+
+    @property
+    def total_batches(self) -> int:
+        """Block batches of one image over all passes and evaluations (the progress total)."""
+        return self.evaluations * sum(p["batches_per_step"] for p in self.passes)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("extras")
         data["block_batch"] = list(self.block_batch)
+        data["steps_model_evals"] = self.evaluations  # the name older web extensions read
         data.update(self.extras)
         return data
 
@@ -126,7 +184,7 @@ class UpscalePlan:
                         for p in self.passes),
             f"last pass: {self.grid_rows}x{self.grid_cols} blocks of {self.block_px} px, traversal {self.traversal}, "
             f"block batch {self.block_batch[0]}x{self.block_batch[1]} ({self.batches_per_step} batches per model call, "
-            f"{self.steps_model_evals} model calls)",
+            f"{self.evaluations} model calls)",
             f"KV cache {format_bytes(self.cache_bytes)} "
             f"({'offloaded to host RAM' if self.offload_cache else 'on device'})",
             f"weights {format_bytes(self.weights_bytes)}, estimated peak {format_bytes(self.peak_bytes)}"
@@ -134,6 +192,24 @@ class UpscalePlan:
                if self.free_bytes is not None else ""),
         ]
         return "\n".join(lines)
+
+    def check_fits(self) -> None:
+        """Refuse a plan whose smallest unit (one block, KV cache offloaded) exceeds the budget.
+
+        A plan that merely does not fit at the chosen block batch still runs: out-of-memory errors
+        halve the batch with an identical result. Raises :class:`PlanDoesNotFit` naming the figures
+        and the fix.
+        """
+        from ..memory import format_bytes
+
+        if self.usable_bytes is None or self.minimum_bytes - self.weights_bytes <= self.usable_bytes:
+            return
+        raise PlanDoesNotFit(
+            f"Inf-DiT cannot upscale to {self.out_width}x{self.out_height} px within "
+            f"{format_bytes(self.free_bytes or 0)} free: even one block at a time with the KV cache in host "
+            f"RAM needs about {format_bytes(self.minimum_bytes - self.weights_bytes)} above the weights "
+            f"({format_bytes(self.usable_bytes)} usable after the safety margin). Use a smaller scale or a "
+            f"smaller input, block_batch 1 and offload_cache on, or free memory (close other models).")
 
 
 def _peak(config: InfDiTConfig, grid: tuple[int, int], n: tuple[int, int], traversal: str, offload: bool,
@@ -146,10 +222,12 @@ def _peak(config: InfDiTConfig, grid: tuple[int, int], n: tuple[int, int], trave
     per_block = block_cache_bytes(config, dtype)
     whole = n[0] >= grid_h and n[1] >= grid_w
     cache = 0 if whole else cached_blocks(strip, beside, along) * per_block
-    # offloaded: per layer only the 2n+1 neighbour blocks and the new entries visit the device
+    # offloaded: per layer only the 2n+1 neighbour blocks and the new entries visit the device;
+    # the LR condition maps stay in host RAM too and only the batch's windows visit the device
     on_device = (2 * (beside + along) + 1) * per_block // config.num_layers if offload else cache
+    lr_maps = 0 if offload else lr_condition_bytes(config, grid, dtype)
     state = STATE_CANVASES * 4 * grid_h * grid_w * config.block_px**2
-    return cache, on_device + batch_activation_bytes(config, n[0], n[1], dtype) + state
+    return cache, on_device + lr_maps + batch_activation_bytes(config, n[0], n[1], dtype) + state
 
 
 def denoiser_call_bytes(config: InfDiTConfig, grid: tuple[int, int], n: tuple[int, int], traversal: str,
@@ -161,78 +239,77 @@ def denoiser_call_bytes(config: InfDiTConfig, grid: tuple[int, int], n: tuple[in
 
 
 def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int, free_bytes: int | None,
-                 block_batch: str | int = "auto", offload_cache: str = "auto",
-                 dtype: torch.dtype = torch.bfloat16, *, weights_resident: bool = False) -> UpscalePlan:
+                 block_batch: str | int | tuple[int, int] | None = "auto", offload_cache: str = "auto",
+                 dtype: torch.dtype = torch.bfloat16, *, weights_resident: bool = False,
+                 evaluations: int | None = None) -> UpscalePlan:
     """Plan an upscale: passes, traversal, block batch and memory, from the free bytes of the device.
 
+    ``block_batch`` goes through :func:`parse_block_batch`; ``evaluations``: model evaluations per
+    pass of the sampler that will run (default: the reference's Heun, 20 steps = 39).
     ``weights_resident``: the free figure was taken with the weights already loaded (the node).
     """
-    if min(lr_height, lr_width) < MIN_SIDE:
-        raise ValueError(f"the input is {lr_width}x{lr_height} px; Inf-DiT needs at least {MIN_SIDE} px on each side")
+    from .blockwise import batch_order
+
+    if min(lr_height, lr_width) < 1:
+        raise ValueError(f"the input is {lr_width}x{lr_height} px: it has no pixels")
     if offload_cache not in ("auto", "on", "off"):
         raise ValueError(f"offload_cache must be auto, on or off, got {offload_cache!r}")
+    requested = parse_block_batch(block_batch)
     factors = passes_for_scale(int(scale), config.native_scale)
-    passes = []
-    h, w = lr_height, lr_width
-    for f in factors:
-        ph, pw = padded_input(h, f, config), padded_input(w, f, config)
-        passes.append({"scale": f, "in_height": h, "in_width": w, "padded_height": ph, "padded_width": pw,
-                       "out_height": h * f, "out_width": w * f, "canvas_height": ph * f, "canvas_width": pw * f})
-        h, w = h * f, w * f
-    last = passes[-1]
-    grid = (last["canvas_height"] // config.block_px, last["canvas_width"] // config.block_px)
-    traversal = "row-major" if grid[1] <= grid[0] else "column-major"
     weights = weights_bytes(config, dtype)
     usable = None
     if free_bytes is not None:
         usable = Budget(int(free_bytes), SAFETY_FRACTION, 0 if weights_resident else weights).usable
 
-    def clip(n: int) -> tuple[int, int]:
-        return min(n, grid[0]), min(n, grid[1])
+    passes = []
+    h, w = lr_height, lr_width
+    for f in factors:
+        ph, pw = padded_input(h, f, config), padded_input(w, f, config)
+        grid = (ph * f // config.block_px, pw * f // config.block_px)
+        traversal = "row-major" if grid[1] <= grid[0] else "column-major"
 
-    def cost(n: int, offload: bool) -> int:
-        return _peak(config, grid, clip(n), traversal, offload, dtype)[1]
+        def clip(n: int | tuple[int, int], grid: tuple[int, int] = grid) -> tuple[int, int]:
+            n_h, n_w = (n, n) if isinstance(n, int) else n
+            return min(n_h, grid[0]), min(n_w, grid[1])
 
-    max_n = min(MAX_BLOCK_BATCH, max(grid))
-    if offload_cache == "auto":
-        offload = usable is not None and cost(1, False) > usable
-    else:
-        offload = offload_cache == "on"
-    if block_batch == "auto":
-        n = 1 if usable is None else largest_unit(lambda u: cost(u, offload), usable, max_unit=max_n)
-    else:
-        n = int(block_batch)
-        if n < 1:
-            raise ValueError(f"block_batch must be auto or at least 1, got {block_batch}")
-    n_hw = clip(n)
-    cache, above = _peak(config, grid, n_hw, traversal, offload, dtype)
-    peak = above + weights
-    fits = usable is None or above <= usable
-    batches = math.ceil(grid[0] / n_hw[0]) * math.ceil(grid[1] / n_hw[1])
+        def cost(n: int | tuple[int, int], offload: bool, grid=grid, traversal=traversal, clip=clip) -> int:
+            return _peak(config, grid, clip(n), traversal, offload, dtype)[1]
+
+        if offload_cache == "auto":
+            offload = usable is not None and cost(requested or 1, False) > usable
+        else:
+            offload = offload_cache == "on"
+        if requested is None:
+            n = 1 if usable is None else largest_unit(lambda u, offload=offload: cost(u, offload), usable,
+                                                      max_unit=min(MAX_BLOCK_BATCH, max(grid)))
+        else:
+            n = requested
+        n_hw = clip(n)
+        cache, above = _peak(config, grid, n_hw, traversal, offload, dtype)
+        passes.append({
+            "scale": f, "in_height": h, "in_width": w, "padded_height": ph, "padded_width": pw,
+            "out_height": h * f, "out_width": w * f, "canvas_height": ph * f, "canvas_width": pw * f,
+            "grid_rows": grid[0], "grid_cols": grid[1], "traversal": traversal, "block_batch": list(n_hw),
+            "offload_cache": offload, "batches_per_step": math.ceil(grid[0] / n_hw[0]) * math.ceil(grid[1] / n_hw[1]),
+            "cache_bytes": cache, "peak_bytes": above + weights, "minimum_bytes": cost(1, True) + weights,
+        })
+        h, w = h * f, w * f
+
+    last = passes[-1]
+    peak = max(p["peak_bytes"] for p in passes)
+    minimum = max(p["minimum_bytes"] for p in passes)
+    order = batch_order(last["grid_rows"], last["grid_cols"], tuple(last["block_batch"]), last["traversal"])
     return UpscalePlan(
         out_height=lr_height * int(scale), out_width=lr_width * int(scale), passes=passes,
-        grid_rows=grid[0], grid_cols=grid[1], block_px=config.block_px, traversal=traversal,
-        block_batch=n_hw, batches_per_step=batches, cache_bytes=cache, peak_bytes=peak, weights_bytes=weights,
-        free_bytes=None if free_bytes is None else int(free_bytes), fits=fits, offload_cache=offload,
-        steps_model_evals=model_evaluations(DEFAULT_STEPS),
+        grid_rows=last["grid_rows"], grid_cols=last["grid_cols"], block_px=config.block_px,
+        traversal=last["traversal"], block_batch=tuple(last["block_batch"]), batches_per_step=last["batches_per_step"],
+        cache_bytes=last["cache_bytes"], peak_bytes=peak, weights_bytes=weights,
+        free_bytes=None if free_bytes is None else int(free_bytes),
+        fits=usable is None or peak - weights <= usable, offload_cache=last["offload_cache"],
+        evaluations=model_evaluations(DEFAULT_STEPS) if evaluations is None else int(evaluations),
+        block_order=[[r.row0, r.col0, r.n_h, r.n_w] for r in order], minimum_bytes=minimum, usable_bytes=usable,
         extras={"rope_wraps": max(last["canvas_height"], last["canvas_width"]) > config.max_side_px},
     )
-
-
-def _safetensors_header(path: str) -> dict[str, Any]:
-    import json
-
-    from ..checkpoint import CheckpointError
-
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or n > 100_000_000:
-                raise ValueError("bad header length")
-            return json.loads(fh.read(n))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(path, f"has no readable safetensors header ({exc}).",
-                              "Download the file again.") from None
 
 
 def config_for_file(path: str | os.PathLike) -> InfDiTConfig:
@@ -240,17 +317,19 @@ def config_for_file(path: str | os.PathLike) -> InfDiTConfig:
 
     Pickled ``.pt`` releases cannot be inspected without loading them: they get the release config.
     """
-    from ..checkpoint import wrong_family_error
+    from ..checkpoint import check_file, read_safetensors_header, wrong_family_error
+    from ..guards import config_from_metadata
     from .config import InfDiTConfig as _Config
     from .keys import is_our_layout
 
     path = os.fspath(path)
+    check_file(path)  # a missing, special or empty file is an error, never "the release plan"
     if not path.lower().endswith((".safetensors", ".sft")):
         return release_config()
-    header = _safetensors_header(path)
+    header = read_safetensors_header(path)
     meta = header.pop("__metadata__", None) or {}
     if METADATA_KEY in meta:
-        return _Config.from_json(meta[METADATA_KEY])
+        return config_from_metadata(_Config.from_json, meta[METADATA_KEY], path, METADATA_KEY)
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     if is_our_layout(shapes):
         raise wrong_family_error(path, "Inf-DiT", shapes, "This converted file lost its config metadata: "

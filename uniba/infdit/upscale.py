@@ -1,9 +1,10 @@
 """The public upscaler: any input size, 2x/4x/8x/16x, alpha, batches, block-wise sampling.
 
 Per pass (infdit.md §3): reflect-pad the input (right/bottom) to whole blocks, bicubic-upsample it
-for the concatenated channels, embed it with CLIP, start from ``x_T = up(LR) + sigma_max * noise``
+for the concatenated channels, embed it with CLIP, start from ``x_T = up(LR) + sigmas[0] * noise``
 (noise from a CPU generator seeded by ``seed``, so results do not depend on the device or on the
-block batch), run 20 EDM Heun steps whose every denoiser call is computed block-wise, crop back.
+block batch), run the sampler (default: the reference's 20 EDM Heun steps) whose every denoiser
+call is computed block-wise, crop back.
 Native 4x; 2x by the reference's trick (concatenate the 2x upsampling, but give CLIP and the LR
 cross-attention the input downscaled by 2, so the network still sees a 4x relation); 8x = 4x then 2x,
 16x = 4x then 4x.
@@ -18,12 +19,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..memory import is_out_of_memory
+from ..memory import device_free_bytes, is_out_of_memory
 from ..progress import ProgressFn
-from .blockwise import prepare_inputs, run_network
+from .blockwise import BatchCallback, BlockwiseDenoiser
 from .model import BlockRect, InfDiT, upsample_lr
-from .plan import MIN_SIDE, padded_input, passes_for_scale, plan_upscale
-from .sampling import DEFAULT_STEPS, get_sigmas_karras, model_evaluations, sample_heun_edm
+from .plan import UpscalePlan, min_input_side, parse_block_batch, passes_for_scale, plan_upscale
+from .sampling import DEFAULT_STEPS, Sampler, count_evaluations, get_sigmas_karras, run_sampler, sample_heun_edm
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,19 @@ class RopeWrapWarning(UserWarning):
     """The output is larger than the RoPE table: positions wrap around, as in the reference."""
 
 
-def device_free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+class SmallInputWarning(UserWarning):
+    """The input is smaller than one block: it is padded, upscaled and cropped back."""
 
 
 def reflect_pad(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad right/bottom by reflection (repeated when the pad exceeds the image), so content stays at (0, 0)."""
+    """Pad right/bottom by reflection (repeated when the pad exceeds the image), so content stays at (0, 0).
+
+    A side of one pixel cannot be reflected: it is replicated instead.
+    """
+    if image.shape[-2] == 1 and height > 1:
+        image = F.pad(image, (0, 0, 0, height - 1), mode="replicate")
+    if image.shape[-1] == 1 and width > 1:
+        image = F.pad(image, (0, width - 1, 0, 0), mode="replicate")
     while image.shape[-2] < height or image.shape[-1] < width:
         ph = min(height - image.shape[-2], image.shape[-2] - 1)
         pw = min(width - image.shape[-1], image.shape[-1] - 1)
@@ -77,56 +81,25 @@ def wavelet_color_match(output: torch.Tensor, source: torch.Tensor) -> torch.Ten
     return high + low
 
 
-class _Denoiser:
-    """D(x; sigma) for the sampler: block-wise network calls, progress per block batch, preview."""
-
-    def __init__(self, model: InfDiT, lr: torch.Tensor, concat_lr: torch.Tensor, clip_embedding: torch.Tensor,
-                 block_batch: tuple[int, int], offload: bool, report: Callable[[torch.Tensor | None], None] | None,
-                 is_oom: Callable[[BaseException], bool], preview: torch.Tensor | None, pool: int) -> None:
-        self.model, self.lr, self.concat_lr, self.clip_embedding = model, lr, concat_lr, clip_embedding
-        self.block_batch, self.offload, self.report, self.is_oom = block_batch, offload, report, is_oom
-        self.preview, self.pool = preview, pool
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        concat_lr, emb, c_skip, c_out, c_in = prepare_inputs(self.model, x, sigma, self.lr, self.clip_embedding,
-                                                             self.concat_lr)
-        bp = self.model.config.block_px
-
-        def on_batch(rect: BlockRect, denoised: torch.Tensor) -> None:
-            if self.report is None:
-                return
-            if self.preview is not None:
-                denoised = denoised[:1]
-                small = F.avg_pool2d(denoised, self.pool) if self.pool > 1 else denoised
-                p = bp // self.pool
-                self.preview[:, rect.row0 * p:rect.row1 * p, rect.col0 * p:rect.col1 * p] = \
-                    ((small[0] + 1) / 2).clamp(0, 1).cpu()
-            self.report(self.preview)
-
-        return run_network(self.model, x, concat_lr, c_in, self.lr, emb, self.block_batch, c_skip=c_skip,
-                           c_out=c_out, offload_cache=self.offload, on_batch=on_batch, is_oom=self.is_oom)
-
-
 def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | None = None,
                   clip_embedding: torch.Tensor, noise: torch.Tensor, steps: int = DEFAULT_STEPS,
+                  sampler: Sampler | None = None, sigmas: torch.Tensor | None = None, seed: int = 0,
                   block_batch: tuple[int, int] | int | None = None, offload_cache: bool = False,
-                  report: Callable[[torch.Tensor | None], None] | None = None,
-                  is_oom: Callable[[BaseException], bool] = is_out_of_memory,
-                  preview: torch.Tensor | None = None, pool: int = 1) -> torch.Tensor:
-    """The reference's ``sample``: EDM Heun from ``up(lr) + sigma_max * noise`` on a whole-block canvas (float32)."""
-    height, width = noise.shape[-2:]
-    if concat_lr is None:
-        concat_lr = upsample_lr(lr, height, width)
-    grid = (height // model.config.block_px, width // model.config.block_px)
-    if block_batch is None:
-        block_batch = grid
-    elif isinstance(block_batch, int):
-        block_batch = (block_batch, block_batch)
-    sigmas = get_sigmas_karras(steps, device=noise.device)
-    x = concat_lr.float() + sigmas[0] * noise.float()
-    denoiser = _Denoiser(model, lr, concat_lr, clip_embedding, block_batch, offload_cache, report, is_oom,
-                         preview, pool)
-    return sample_heun_edm(denoiser, x, sigmas)
+                  on_batch: BatchCallback | None = None,
+                  is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
+    """The reference's ``sample`` on a whole-block canvas: ``x_T = up(lr) + sigmas[0] * noise``, then the
+    sampler (default EDM Heun on the reference's Karras schedule) over the block-wise denoiser (float32).
+
+    ``seed`` seeds the CPU noise of ancestral/SDE samplers (not the initial noise, which is ``noise``).
+    """
+    sampler = sample_heun_edm if sampler is None else sampler
+    sigmas = get_sigmas_karras(steps) if sigmas is None else sigmas
+    sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
+    denoiser = BlockwiseDenoiser(model, lr, clip_embedding, canvas=tuple(noise.shape[-2:]), concat_lr=concat_lr,
+                                 block_batch=block_batch, offload_cache=offload_cache, on_batch=on_batch,
+                                 is_oom=is_oom)
+    x = denoiser.concat_lr.float() + sigmas[0] * noise.float()
+    return run_sampler(sampler, denoiser, x, sigmas, seed=seed)
 
 
 def _preview_pool(height: int, width: int, block_px: int) -> int:
@@ -136,126 +109,200 @@ def _preview_pool(height: int, width: int, block_px: int) -> int:
     return pool
 
 
+class _Progress:
+    """Counts finished block batches over every evaluation, pass and image; keeps the pass's preview."""
+
+    def __init__(self, progress: ProgressFn | None, total: int, block_px: int) -> None:
+        self.progress, self.total, self.block_px = progress, total, block_px
+        self.done = 0
+        self.preview: torch.Tensor | None = None
+        self.pool = 1
+
+    def start_pass(self, concat_lr: torch.Tensor) -> None:
+        """The preview starts as the upsampled LR and fills in block by block with the denoised image."""
+        if self.progress is None:
+            return
+        self.pool = _preview_pool(*concat_lr.shape[-2:], self.block_px)
+        preview = ((concat_lr[0] + 1) / 2).clamp(0, 1)
+        self.preview = (F.avg_pool2d(preview[None], self.pool)[0] if self.pool > 1 else preview).cpu()
+
+    def on_batch(self, rect: BlockRect, denoised: torch.Tensor) -> None:
+        if self.progress is None:
+            return
+        self.done += 1
+        small = F.avg_pool2d(denoised[:1], self.pool) if self.pool > 1 else denoised[:1]
+        p = self.block_px // self.pool
+        self.preview[:, rect.row0 * p:rect.row1 * p, rect.col0 * p:rect.col1 * p] = \
+            ((small[0] + 1) / 2).clamp(0, 1).cpu()
+        self.progress(self.done, max(self.total, self.done), self.preview)
+
+
 def _check_input(lr: torch.Tensor) -> torch.Tensor:
     if not isinstance(lr, torch.Tensor):
         raise TypeError(f"lr must be a tensor (B, C, H, W) in [-1, 1], got {type(lr).__name__}")
     if lr.ndim == 3:
         lr = lr[None]
-    if lr.ndim != 4 or lr.shape[1] not in (3, 4):
+    if lr.ndim != 4 or lr.shape[1] not in (3, 4) or min(lr.shape[-2:]) < 1:
         raise ValueError(f"lr must be (B, 3 or 4, H, W) in [-1, 1] (RGB, optionally with alpha), got {tuple(lr.shape)}")
-    if min(lr.shape[-2:]) < MIN_SIDE:
-        raise ValueError(f"the input image is {lr.shape[-1]}x{lr.shape[-2]} px; Inf-DiT needs at least "
-                         f"{MIN_SIDE} px on each side: upscale it conventionally first")
     return lr
+
+
+def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError("sigmas must be a 1-D tensor of at least two noise levels (e.g. from KarrasScheduler), "
+                         f"got {getattr(sigmas, 'shape', type(sigmas).__name__)}")
+    sigmas = sigmas.detach().float().cpu()
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any() or sigmas[0] <= 0 or (sigmas[1:] > sigmas[:-1]).any():
+        raise ValueError(f"sigmas must be finite, positive at the start and non-increasing, got {sigmas.tolist()}")
+    return sigmas
+
+
+def resolve_sampling(sampler: Sampler | None, sigmas: torch.Tensor | None, steps: int) -> tuple[Sampler, torch.Tensor]:
+    """The sampler (default: EDM Heun) and schedule (default: the reference's Karras schedule of ``steps``)."""
+    if sigmas is None:
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        sigmas = get_sigmas_karras(steps)
+    if sampler is not None and not callable(sampler):
+        raise TypeError(f"sampler must be a k-diffusion sampler function, got {type(sampler).__name__}")
+    return (sample_heun_edm if sampler is None else sampler), _check_sigmas(sigmas)
+
+
+def _check_plan(plan: UpscalePlan, lr: torch.Tensor, scale: int, config, evaluations: int) -> None:
+    first = plan.passes[0]
+    factors = [p["scale"] for p in plan.passes]
+    if ((first["in_height"], first["in_width"]) != tuple(lr.shape[-2:])
+            or factors != passes_for_scale(int(scale), config.native_scale) or plan.block_px != config.block_px):
+        raise ValueError(f"the plan is for a {first['in_width']}x{first['in_height']} input at "
+                         f"{plan.out_width // first['in_width']}x with {plan.block_px}-px blocks, not for this "
+                         f"{lr.shape[-1]}x{lr.shape[-2]} input at {scale}x: plan it for this image")
+    if plan.evaluations != evaluations:
+        raise ValueError(f"the plan counts {plan.evaluations} model evaluations per pass but the sampler makes "
+                         f"{evaluations}: plan with evaluations={evaluations}")
+
+
+def _pass_inputs(model: InfDiT, rgb: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(LR the network conditions on, upsampled LR of the concatenated channels, image CLIP embeds)."""
+    config = model.config
+    f, h, w = p["scale"], p["in_height"], p["in_width"]
+    padded = reflect_pad(rgb, p["padded_height"], p["padded_width"])
+    height, width = p["canvas_height"], p["canvas_width"]
+    concat_lr = upsample_lr(padded, height, width)
+    if f == config.native_scale:
+        return padded, concat_lr, rgb
+    # the 2x trick: concatenate the 2x upsampling, but give CLIP and the LR cross-attention the
+    # input downscaled by 2, so the network still sees a 4x relation
+    native = (height // config.native_scale, width // config.native_scale)
+    cond_lr = F.interpolate(padded, size=native, mode="bicubic", align_corners=False, antialias=True)
+    clip_source = F.interpolate(rgb, size=(max(1, h // 2), max(1, w // 2)), mode="bicubic", align_corners=False,
+                                antialias=True)
+    return cond_lr, concat_lr, clip_source
+
+
+def _noise_seed(seed: int, image: int, pass_index: int) -> int:
+    """The seed of an ancestral sampler's step noise: its own stream per image and pass, apart from x_T's."""
+    return (int(seed) * 1_000_003 + image * 10_007 + pass_index * 101 + 0x5EED) % (2**63)
 
 
 @torch.no_grad()
 def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEFAULT_STEPS, seed: int = 0,
             noise: torch.Tensor | None = None, clip_embedding: torch.Tensor | None = None,
-            block_batch: str | int | tuple[int, int] = "auto", offload_cache: str | bool = "auto",
+            block_batch: str | int | tuple[int, int] | None = "auto", offload_cache: str | bool = "auto",
             progress: ProgressFn | None = None, color_match: str = "none", free_bytes: int | None = None,
-            is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
+            is_oom: Callable[[BaseException], bool] = is_out_of_memory, plan: UpscalePlan | None = None,
+            sampler: Sampler | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Upscale ``lr`` (B, 3 or 4, h, w) in [-1, 1] by ``scale`` (2, 4, 8, 16) to (B, C, h*scale, w*scale).
 
     The result is not clipped (like the reference's ``sample()``): clip it to [-1, 1] when saving.
 
-    ``noise`` (B, 3, H, W) on the padded canvas replaces the seeded draw (single-pass scales only) and
-    ``clip_embedding`` (B or 1, vector_dim) replaces the CLIP tower's embedding, so results can be
-    compared exactly with the reference. ``block_batch``: ``"auto"`` (largest n that fits the free
-    memory), an int n or (n_h, n_w). ``offload_cache``: auto/on/off (or a bool). ``progress(done,
-    total, preview)`` is called after every block batch; raising from it cancels (the cache is freed).
-    ``color_match``: ``"none"`` (reference) or ``"wavelet"`` (keep the input's low frequencies).
+    ``plan``: an :class:`~uniba.infdit.plan.UpscalePlan` for this input and scale, used as is (the
+    node and the CLI plan once); without it the upscale plans from ``block_batch`` (auto, n, "2x3"
+    or (n_h, n_w)), ``offload_cache`` (auto/on/off or a bool) and ``free_bytes``.
+    ``sampler``: any k-diffusion sampler function ``sample_x(model, x, sigmas, extra_args, callback,
+    disable)`` (default: the reference's EDM Heun); ``sigmas``: its 1-D schedule (default: the
+    reference's Karras schedule of ``steps`` steps); ancestral/SDE samplers get CPU noise seeded from
+    ``seed``. ``noise`` (B, 3, H, W) on the padded canvas replaces the seeded x_T draw (single-pass
+    scales only) and ``clip_embedding`` (B or 1, vector_dim) the CLIP tower's embedding, so results
+    can be compared exactly with the reference. ``progress(done, total, preview)`` is called after
+    every block batch; raising from it cancels (the cache is freed). ``color_match``: ``"none"``
+    (reference) or ``"wavelet"`` (keep the input's low frequencies). Inputs smaller than one block
+    are padded and cropped back with a :class:`SmallInputWarning`.
     """
     lr = _check_input(lr)
     if color_match not in ("none", "wavelet"):
         raise ValueError(f"color_match must be none or wavelet, got {color_match!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    config = model.config
-    device = model.device
+    config, device = model.config, model.device
     factors = passes_for_scale(int(scale), config.native_scale)
     if noise is not None and len(factors) > 1:
         raise ValueError("noise= can only be given for a single pass (scale 2 or 4)")
-    if isinstance(offload_cache, bool):
-        offload_cache = "on" if offload_cache else "off"
     if clip_embedding is None and model.clip is None:
         raise ValueError("this Inf-DiT model has no CLIP image tower: load the release checkpoint that contains "
                          "image_encoder.model.visual.*, pass clip= to load_infdit, or give clip_embedding=")
-    free = free_bytes if free_bytes is not None else (device_free_bytes(device) if block_batch == "auto" else None)
+    sampler, sigmas = resolve_sampling(sampler, sigmas, steps)
+    evaluations = count_evaluations(sampler, sigmas)
+    if plan is None:
+        if isinstance(offload_cache, bool):
+            offload_cache = "on" if offload_cache else "off"
+        requested = parse_block_batch(block_batch)
+        if free_bytes is None and requested is None:
+            free_bytes = device_free_bytes(device)
+        plan = plan_upscale(config, lr.shape[-2], lr.shape[-1], int(scale), free_bytes, block_batch=requested,
+                            offload_cache=offload_cache, dtype=model.dtype, weights_resident=True,
+                            evaluations=evaluations)
+    _check_plan(plan, lr, int(scale), config, evaluations)
+    _warn_about_sizes(plan, config, lr.shape[-2:])
 
-    # plan every pass first so progress knows the total work
-    plans = []
-    h, w = lr.shape[-2:]
-    for f in factors:
-        bb = block_batch if isinstance(block_batch, str) or isinstance(block_batch, int) else max(block_batch)
-        plan = plan_upscale(config, h, w, f, free, block_batch=bb, offload_cache=offload_cache,
-                            dtype=model.dtype, weights_resident=True)
-        n = plan.block_batch if not isinstance(block_batch, tuple) else tuple(block_batch)
-        plans.append((f, h, w, n, plan))
-        if max(h * f, w * f) > config.max_side_px:
-            warnings.warn(f"the output side {max(h * f, w * f)} px exceeds {config.max_side_px} px: RoPE "
-                          "positions wrap around (as in the reference); expect repeated structure",
-                          RopeWrapWarning, stacklevel=2)
-        h, w = h * f, w * f
-    evals = model_evaluations(steps)
-    total = lr.shape[0] * evals * sum(p.batches_per_step for *_, p in plans)
-    done = [0]
-
+    ticker = _Progress(progress, lr.shape[0] * plan.total_batches, config.block_px)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     results = []
     for index in range(lr.shape[0]):
         image = lr[index:index + 1].to(device=device, dtype=torch.float32)
         rgb, alpha = image[:, :3], image[:, 3:]
-
-        for pass_index, (f, h, w, n, plan) in enumerate(plans):
-            ph, pw = padded_input(h, f, config), padded_input(w, f, config)
-            padded = reflect_pad(rgb, ph, pw)
-            height, width = ph * f, pw * f
-            concat_lr = upsample_lr(padded, height, width)
-            if f == config.native_scale:
-                cond_lr, clip_source = padded, rgb
-            else:  # the 2x trick
-                native_h, native_w = height // config.native_scale, width // config.native_scale
-                cond_lr = F.interpolate(padded, size=(native_h, native_w), mode="bicubic", align_corners=False,
-                                        antialias=True)
-                clip_source = F.interpolate(rgb, size=(h // 2, w // 2), mode="bicubic", align_corners=False,
-                                            antialias=True)
+        for pass_index, p in enumerate(plan.passes):
+            cond_lr, concat_lr, clip_source = _pass_inputs(model, rgb, p)
             if clip_embedding is not None:
                 emb = clip_embedding[index:index + 1] if clip_embedding.shape[0] > 1 else clip_embedding
             else:
                 emb = model.clip.embed(clip_source)
+            canvas = (p["canvas_height"], p["canvas_width"])
             if noise is not None:
-                if tuple(noise.shape[-2:]) != (height, width):
-                    raise ValueError(f"noise must be (B, 3, {height}, {width}) for this input, "
+                if tuple(noise.shape[-2:]) != canvas:
+                    raise ValueError(f"noise must be (B, 3, {canvas[0]}, {canvas[1]}) for this input, "
                                      f"got {tuple(noise.shape)}")
                 eps = noise[index:index + 1] if noise.shape[0] > 1 else noise
             else:
-                eps = torch.randn((1, 3, height, width), generator=generator, dtype=torch.float32)
-            eps = eps.to(device=device, dtype=torch.float32)
-            pool = _preview_pool(height, width, config.block_px)
-            preview = ((concat_lr[0] + 1) / 2).clamp(0, 1)
-            preview = (F.avg_pool2d(preview[None], pool)[0] if pool > 1 else preview).cpu()
-
-            def report(pv: torch.Tensor | None) -> None:
-                done[0] += 1
-                if progress is not None:
-                    progress(done[0], max(total, done[0]), pv)
-
-            out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb, noise=eps, steps=steps,
-                                block_batch=n, offload_cache=plan.offload_cache, report=report, is_oom=is_oom,
-                                preview=preview if progress is not None else None, pool=pool)
-            out = out[:, :, :h * f, :w * f]
+                eps = torch.randn((1, 3, *canvas), generator=generator, dtype=torch.float32)
+            ticker.start_pass(concat_lr)
+            out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
+                                noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
+                                seed=_noise_seed(seed, index, pass_index), block_batch=tuple(p["block_batch"]),
+                                offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom)
+            out = out[:, :, :p["out_height"], :p["out_width"]]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)
             # a chained pass reads an image, as the reference would after saving; the last pass is
             # returned unclipped like the reference's sample() (clipping happens when it is saved)
-            rgb = out.clamp(-1, 1) if pass_index < len(plans) - 1 else out
+            rgb = out.clamp(-1, 1) if pass_index < len(plan.passes) - 1 else out
         if alpha.shape[1]:
             alpha = F.interpolate(alpha, size=rgb.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
             rgb = torch.cat([rgb, alpha], dim=1)
         results.append(rgb.to(lr.device))
-
     return torch.cat(results, dim=0)
 
 
-__all__ = ["upscale", "sample_canvas", "wavelet_color_match", "reflect_pad", "RopeWrapWarning"]
+def _warn_about_sizes(plan: UpscalePlan, config, lr_size: tuple[int, int]) -> None:
+    first = plan.passes[0]
+    smallest = min_input_side(config, first["scale"])
+    if min(lr_size) < smallest:
+        warnings.warn(f"the input is {lr_size[1]}x{lr_size[0]} px, smaller than one {config.block_px}-px block at "
+                      f"{first['scale']}x ({smallest} px): it is padded to {first['padded_width']}x"
+                      f"{first['padded_height']} and the output cropped back; expect weaker detail",
+                      SmallInputWarning, stacklevel=3)
+    if plan.extras.get("rope_wraps"):
+        warnings.warn(f"the output side {max(plan.out_height, plan.out_width)} px exceeds {config.max_side_px} px: "
+                      "RoPE positions wrap around (as in the reference); expect repeated structure",
+                      RopeWrapWarning, stacklevel=3)
+
+
+__all__ = ["upscale", "sample_canvas", "wavelet_color_match", "reflect_pad", "resolve_sampling", "RopeWrapWarning",
+           "SmallInputWarning"]

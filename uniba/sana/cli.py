@@ -13,9 +13,13 @@ _DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": t
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from ..cli_io import SAFETENSORS_FORMATS, input_file, output_file
     from .keys import ours_to_original
     from .loader import FAMILY, METADATA_KEY, expected_shapes, read_sana_checkpoint
 
+    # every argument before the (possibly multi-GB) read; the output never replaces the input
+    input_file(args.input, "input", allow_dir=True)
+    output_file(args.output, inputs=[args.input], overwrite=args.overwrite, formats=SAFETENSORS_FORMATS)
     ckpt = read_sana_checkpoint(args.input)
     check_keys(ckpt.state_dict, expected_shapes(ckpt.config), path=args.input, family=FAMILY)
     state = ours_to_original(ckpt.state_dict) if args.to == "original" else ckpt.state_dict
@@ -28,8 +32,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from ..cli_io import input_file
     from .loader import read_sana_checkpoint
 
+    input_file(args.input, "input", allow_dir=True)
     ckpt = read_sana_checkpoint(args.input)
     params = sum(v.numel() for v in ckpt.state_dict.values())
     print(f"{args.input}: {ckpt.source_format} format, {str(ckpt.stored_dtype).replace('torch.', '')}, "
@@ -48,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("output", help="output .safetensors path")
     convert.add_argument("--to", choices=["diffusers", "original"], default="diffusers", help="key names to write")
     convert.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help="cast the weights")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     convert.set_defaults(func=_convert)
 
     info = subparsers.add_parser("sana-info", help="show the format and inferred config of a Sana DiT checkpoint")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniba.checkpoint import CheckpointError, check_keys, read_state_dict, wrong_family_error
+from uniba.checkpoint import CheckpointError, load_model, read_state_dict, wrong_family_error
 from uniba.memory import is_out_of_memory
 from uniba.progress import ProgressFn
 
@@ -465,12 +465,4 @@ def load_dcae(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
         raw = read_state_dict(path)
     state = to_diffusers_state_dict(raw, path)
     config = config_from_state_dict(state, path)
-    with torch.device("meta"):
-        model = DCAE(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(state, expected, path=path, family=FAMILY)
-    if dtype is None:
-        floats = [v.dtype for v in state.values() if v.is_floating_point()]
-        dtype = floats[0] if floats else torch.float32
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return load_model(lambda: DCAE(config), state, path=path, family=FAMILY, dtype=dtype, device=device)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .. import checkpoint
+
 _PREFIXES = ("first_stage_model.", "vae.", "model.", "module.")
 
 _STAGE = re.compile(r"^(encoder|decoder)\.stages\.(\d+)\.op_list\.(\d+)\.(.+)$")
@@ -44,11 +46,7 @@ _OUTER_RULES: tuple[tuple[str, str], ...] = (
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a wrapper prefix (``first_stage_model.``, ``vae.``...) shared by every key."""
-    keys = list(state_dict)
-    for prefix in _PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys):
-            return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+    return checkpoint.strip_prefix(state_dict, _PREFIXES)
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:

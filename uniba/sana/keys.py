@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .. import checkpoint
 from ..checkpoint import matches_any
 
 # Present in original releases, not weights of the inference model: the training-size sincos
@@ -20,6 +21,7 @@ ORIGINAL_IGNORE = ("pos_embed", "y_embedder.y_embedding", "logvar_linear.*")
 
 # Prefixes that wrappers put in front of the DiT keys (ComfyUI checkpoints, EMA trainers).
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "transformer.")
+BLOCK_PREFIXES = ("blocks.", "transformer_blocks.")  # a prefix applies when the DiT blocks are under it
 
 ORIGINAL_MARKERS = ("blocks.0.cross_attn.q_linear.weight", "t_block.1.weight")
 DIFFUSERS_MARKERS = ("transformer_blocks.0.attn2.to_q.weight", "caption_projection.linear_1.weight")
@@ -73,12 +75,8 @@ _OURS_KV = re.compile(r"transformer_blocks\.(\d+)\.attn2\.to_([kv])\.(weight|bia
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a wrapper prefix that every DiT key carries (``model.diffusion_model.`` etc.)."""
-    for prefix in PREFIXES:
-        carrying = [k for k in state_dict if k.startswith(prefix)]
-        if carrying and any(k[len(prefix):].startswith(("blocks.", "transformer_blocks.")) for k in carrying):
-            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return dict(state_dict)
+    """Drop a wrapper prefix that the DiT keys carry (``model.diffusion_model.`` etc.), and what lies outside it."""
+    return checkpoint.strip_prefix(state_dict, PREFIXES, marker=lambda key: key.startswith(BLOCK_PREFIXES))
 
 
 def detect_format(keys: Iterable[str]) -> str | None:

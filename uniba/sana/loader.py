@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,11 +21,13 @@ import torch
 
 from ..checkpoint import (
     CheckpointError,
-    check_keys,
+    load_model,
     read_safetensors_metadata,
     read_state_dict,
+    stored_dtype,
     wrong_family_error,
 )
+from ..guards import validate_config
 from . import keys as sana_keys
 from .config import CROSS_HEADS_BY_WIDTH, SanaConfig, config_from_diffusers, hints_from_name, pe_from_buffer
 from .model import SanaDiT
@@ -56,9 +57,13 @@ def _sidecar_config(path: Path) -> dict[str, Any]:
                 data = json.loads(candidate.read_text())
             except (OSError, ValueError):
                 continue
-            if data.get("_class_name", "SanaTransformer2DModel") == "SanaTransformer2DModel" and (
-                    "num_layers" in data or "attention_head_dim" in data):
-                found = config_from_diffusers(data)
+            if isinstance(data, dict) and data.get("_class_name", "SanaTransformer2DModel") == \
+                    "SanaTransformer2DModel" and ("num_layers" in data or "attention_head_dim" in data):
+                try:
+                    found = config_from_diffusers(data)
+                except (TypeError, ValueError) as exc:
+                    raise CheckpointError(candidate, f"has a value of the wrong type ({exc}).",
+                                          "Use the model's original diffusers config.json.") from None
                 found.update(_scheduler_shift(folder.parent / "scheduler" / "scheduler_config.json"))
                 return found
     return {}
@@ -77,13 +82,17 @@ def _metadata_config(path: Path) -> dict[str, Any]:
     if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
         text = read_safetensors_metadata(path).get(METADATA_KEY)
         if text:
-            return json.loads(text)
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                raise CheckpointError(path, f"has '{METADATA_KEY}' metadata that is not valid JSON ({exc}).",
+                                      "The file's metadata is damaged: convert the original release again "
+                                      "with python -m uniba convert-sana.") from None
+            if not isinstance(data, dict):
+                raise CheckpointError(path, f"has '{METADATA_KEY}' metadata that is not a JSON object.",
+                                      "Convert the original release again with python -m uniba convert-sana.")
+            return data
     return {}
-
-
-def _stored_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
-    counts = Counter(v.dtype for v in state_dict.values() if v.is_floating_point())
-    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None = None,
@@ -103,14 +112,15 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], hints: Mapping[str, Any
     mlp_ratio = ffn_hidden / hidden
     if int(hidden * mlp_ratio) != ffn_hidden:
         mlp_ratio = round(mlp_ratio, 6)
-    cross_heads = hints.pop("cross_heads", None) or CROSS_HEADS_BY_WIDTH.get(hidden)
+    cross_heads = hints.pop("cross_heads", None)  # 0 from damaged metadata is refused below, not replaced
     if cross_heads is None:
-        raise CheckpointError(
-            path, f"has hidden size {hidden}, which no Sana release uses, so its cross-attention head count is "
-                  "unknown.", "Put the model's diffusers config.json (with num_cross_attention_heads) beside it.")
+        cross_heads = CROSS_HEADS_BY_WIDTH.get(hidden)
+    if cross_heads is None:
+        raise CheckpointError(path, f"has hidden size {hidden}, which no Sana release uses, so its cross-attention "
+                                    "head count is unknown.", _sidecar_fix(path))
     fields_known = {f.name for f in fields(SanaConfig)}
     derived = {
-        "hidden_size": hidden, "depth": depth, "cross_heads": int(cross_heads), "mlp_ratio": mlp_ratio,
+        "hidden_size": hidden, "depth": depth, "cross_heads": cross_heads, "mlp_ratio": mlp_ratio,
         "in_channels": in_channels, "out_channels": out_channels, "patch_size": p,
         "caption_channels": caption_channels,
         "qk_norm": "transformer_blocks.0.attn1.norm_q.weight" in state_dict,
@@ -119,7 +129,20 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], hints: Mapping[str, Any
     for shape_fact in ("hidden_size", "depth", "qk_norm", "cross_norm"):
         hints.pop(shape_fact, None)  # the tensors are the truth
     derived.update({k: v for k, v in hints.items() if k in fields_known})
-    return SanaConfig(**derived)
+    return validate_config(SanaConfig(**derived), path, "its configuration (from the weights, metadata and config "
+                                                        "files)")
+
+
+def _sidecar_fix(path: str | os.PathLike | None) -> str:
+    """Which file states the missing config: ``<name>.json`` beside the model (a folder's own config.json)."""
+    if path is None:
+        return "Pass cross_heads= (num_cross_attention_heads of the model's diffusers config)."
+    path = Path(path)
+    if path.is_dir():
+        return (f"Put the model's diffusers config.json (with num_cross_attention_heads) into {path}.")
+    return (f"Save the model's diffusers transformer config (with num_cross_attention_heads) as "
+            f"'{path.with_suffix('.json').name}' beside it, in {path.parent}. A config.json in that folder "
+            "would also be read, but for every model file there.")
 
 
 def read_sana_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -151,7 +174,8 @@ def read_sana_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor],
     hints.update(overrides or {})
     converted = sana_keys.original_to_ours(stripped) if fmt == "original" else stripped
     config = infer_config(converted, hints, path)
-    return SanaCheckpoint(converted, config, fmt, _stored_dtype(converted), None if path is None else str(path))
+    return SanaCheckpoint(converted, config, fmt, stored_dtype(converted) or torch.float32,
+                          None if path is None else str(path))
 
 
 def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
@@ -169,10 +193,5 @@ def load_sana(source: str | os.PathLike | Mapping[str, torch.Tensor], dtype: tor
     tell (``use_pe``, ``pe_base_size``, ``pe_interpolation``, ``cross_heads``, ``flow_shift``).
     """
     ckpt = read_sana_checkpoint(source, overrides)
-    check_keys(ckpt.state_dict, expected_shapes(ckpt.config), path=ckpt.path, family=FAMILY)
-    dtype = dtype or ckpt.stored_dtype
-    with torch.device("meta"):
-        model = SanaDiT(ckpt.config)
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.state_dict.items()}
-    model.load_state_dict(weights, strict=True, assign=True)
-    return model.eval()
+    return load_model(lambda: SanaDiT(ckpt.config), ckpt.state_dict, path=ckpt.path, family=FAMILY,
+                      dtype=dtype or ckpt.stored_dtype, device=device)

@@ -22,8 +22,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,11 @@ import torch
 
 from uniba.checkpoint import (
     CheckpointError,
-    check_keys,
+    load_model,
     read_safetensors_metadata,
     read_sharded_folder,
     read_state_dict,
+    strip_prefix,
     wrong_family_error,
 )
 
@@ -159,49 +159,19 @@ def _tokenizer_from_spiece(data: torch.Tensor, path: str) -> Any:
                                   "Download the file again, or use the Hugging Face folder of gemma-2-2b-it.") from None
 
 
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create modules with parameters on the meta device but real buffers (rotary tables, embed scale).
-
-    The weights come from the file right after, so nothing is allocated or initialised twice.
-    """
-    register = torch.nn.Module.register_parameter
-
-    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
 def _build_model(config: Any, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype | None) -> Any:
     from transformers import Gemma2Model
 
     config._attn_implementation = "eager"  # logit soft-capping exists only in eager attention
-    with _parameters_on_meta():
-        model = Gemma2Model(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(state, expected, path=path, family=FAMILY, ignore=_IGNORED)
-    if dtype is None:
-        dtype = state["embed_tokens.weight"].dtype
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k in expected}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    # real buffers: Gemma computes its rotary table and embedding scale in the constructor
+    return load_model(lambda: Gemma2Model(config), state, path=path, family=FAMILY, ignore=_IGNORED, dtype=dtype,
+                      real_buffers=True)
 
 
 def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        for prefix in ("model.language_model.", "language_model.model.", "model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-                break
-        out[k] = v
-    return out
+    """Gemma2Model's own keys from a causal-LM (``model.``) or multimodal (``model.language_model.``) file."""
+    return strip_prefix(state, ("model.language_model.", "language_model.model.", "model."),
+                        marker=lambda key: key.startswith("layers."))
 
 
 def load_text_encoder(path_or_folder: str | os.PathLike, dtype: torch.dtype | None = None,

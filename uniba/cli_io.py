@@ -1,0 +1,259 @@
+"""File handling of the command line: every argument checked before any work, outputs that never lose data.
+
+Rules (issue 11 items 1 and 2):
+
+* Inputs are ``stat``-ed first (:func:`uniba.checkpoint.check_file`): a FIFO, a device, a folder, a
+  symlink loop or an empty file is one clear error, never a hang.
+* An output that is an input (the same file, after resolving links and hard links) is refused, and so
+  is an existing output unless ``--overwrite`` is given. The output's folder must exist and accept a
+  new file (probed by creating one), and its extension must name a format the command writes.
+* Outputs are written to a temporary file in the target folder and renamed into place only when the
+  write succeeded, so an interrupted or failed run leaves the old file (or nothing) behind.
+* Errors are :class:`CliError` (a ``ValueError``): ``python -m uniba`` prints them as one
+  ``error: ...`` line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, check_file
+
+log = logging.getLogger(__name__)
+
+# Image formats the upscaler writes, by extension, and whether they keep an alpha channel.
+IMAGE_FORMATS: dict[str, str] = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
+                                 ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF", "BMP"})
+SAFETENSORS_FORMATS: dict[str, str] = {".safetensors": "safetensors"}
+
+
+class CliError(ValueError):
+    """A bad command-line argument, reported as one ``error:`` line."""
+
+
+# --------------------------------------------------------------------------- argparse types
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, 0 to 2**64 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {value}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a finite number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def memory_size(text: str) -> int:
+    """argparse type: a memory size such as ``12GB`` (at least 1 byte)."""
+    from .memory import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- inputs
+
+def input_file(path: str | os.PathLike, what: str, *, allow_dir: bool = False) -> Path:
+    """An existing, regular, non-empty input file (or a folder if ``allow_dir``); CliError otherwise."""
+    try:
+        check_file(path, allow_dir=allow_dir, fix=f"Give {what} as a regular file.")
+    except CheckpointError as exc:
+        raise CliError(f"{what}: {exc}") from None
+    return Path(path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def output_file(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                overwrite: bool = False, formats: Mapping[str, str], what: str = "output") -> Path:
+    """Check an output path before any work: format from the extension, not an input, folder writable.
+
+    ``formats`` maps the extensions the command writes to their format names; any other extension
+    is refused (the extension decides the format, so bytes of one format never get another's name).
+    """
+    target = Path(path)
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+        if os.path.islink(target):
+            raise CliError(f"{what} {target}: is a symbolic link to a missing file; give a plain file name.") \
+                from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CliError(f"{what} {target}: is a symbolic link loop; give a plain file name.") from None
+        raise CliError(f"{what} {target}: cannot be used ({_reason(exc)}).") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise CliError(f"{what} {target}: is a folder; give a file name inside it, e.g. "
+                           f"{target / ('result' + next(iter(formats)))}.")
+        if not stat.S_ISREG(st.st_mode):
+            raise CliError(f"{what} {target}: is not a regular file (a device, pipe or socket); choose a file name.")
+    if target.suffix.lower() not in formats:
+        names = ", ".join(sorted(formats))
+        kinds = " or ".join(sorted(set(formats.values())))
+        raise CliError(f"{what} {target}: the extension '{target.suffix or '(none)'}' is not one this command "
+                       f"writes; it writes {kinds}: name the file with {names}.")
+    if st is not None:
+        for source in inputs:
+            if source is not None and _same_file(target, Path(source)):
+                raise CliError(f"{what} {target}: is the input file {source}; writing it would destroy the input. "
+                               "Choose another output name.")
+        if not overwrite:
+            raise CliError(f"{what} {target}: already exists; pass --overwrite to replace it, or choose another "
+                           "name.")
+    folder = Path(os.path.realpath(target)).parent
+    if not folder.is_dir():
+        raise CliError(f"{what} {target}: the folder {folder} does not exist; create it first.")
+    try:  # the only reliable writability test (root, read-only mounts, /proc, /sys) is to create a file
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".uniba-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CliError(f"{what} {target}: cannot write into the folder {folder} ({_reason(exc)}).") from None
+    return target
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``target`` and rename it into place on success only."""
+    target = Path(target)
+    folder = Path(os.path.realpath(target)).parent
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, os.path.realpath(target) if target.is_symlink() else target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- devices
+
+def resolve_device(text: str | None) -> torch.device:
+    """``--device``: cuda/mps/cpu (with an index) that this torch build can use; default cuda if available."""
+    if not text:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise CliError(f"--device {text!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = torch.__version__ + ("" if torch.version.cuda else ", built without CUDA")
+            raise CliError(f"--device {text}: CUDA is not available in this torch ({build}). Install a CUDA build "
+                           "of torch, or use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CliError(f"--device {text}: MPS (Apple GPU) is not available here; use --device cpu.")
+    elif device.type != "cpu":
+        raise CliError(f"--device {text}: only cpu, cuda and mps are supported.")
+    return device
+
+
+# --------------------------------------------------------------------------- images
+
+def read_image(path: str | os.PathLike, what: str = "input") -> torch.Tensor:
+    """An image file as (1, 3 or 4, H, W) in [-1, 1] (4 when it has transparency); CliError if it is not one."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    source = input_file(path, f"{what} image")
+    try:
+        with Image.open(source) as img:
+            img.load()
+            has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+            array = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise CliError(f"{what} image {source}: is not an image file this program can read "
+                       "(PNG, JPEG, WebP, TIFF, BMP ...).") from None
+    except Image.DecompressionBombError as exc:
+        raise CliError(f"{what} image {source}: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise CliError(f"{what} image {source}: cannot be decoded ({exc}); the file is probably damaged.") from None
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The image format an output path asks for (by extension; :func:`output_file` refused others)."""
+    return IMAGE_FORMATS[Path(path).suffix.lower()]
+
+
+def alpha_dropped(channels: int, path: str | os.PathLike) -> bool:
+    """True (and a warning) when an image with alpha goes to a format without it: the alpha is dropped."""
+    fmt = image_format(path)
+    if channels == 4 and fmt not in ALPHA_FORMATS:
+        log.warning("%s: %s has no alpha channel, so the transparency of the input is dropped; "
+                    "use .png or .webp to keep it", path, fmt)
+        return True
+    return False
+
+
+def write_image(tensor: torch.Tensor, path: str | os.PathLike, what: str = "output image") -> None:
+    """(1, 3 or 4, H, W) in [-1, 1] -> an image file, atomically; refuses NaN/inf (they would save as black)."""
+    from PIL import Image
+
+    from .guards import check_finite
+
+    check_finite(tensor, what, "Nothing was written. Try --dtype fp32 (fp16 overflows), or check the model file.")
+    fmt = image_format(path)
+    image = tensor[0]
+    if image.shape[0] == 4 and fmt not in ALPHA_FORMATS:
+        image = image[:3]
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(array, "RGBA" if array.shape[-1] == 4 else "RGB")
+    atomic_write(path, lambda tmp: pil.save(tmp, format=fmt))
