@@ -183,6 +183,8 @@ test("the planner's block_order and evaluations are used as sent, not re-derived
   assert.deepEqual(batchOrder(plan), [[[1, 0], [1, 1]], [[1, 2]], [[0, 0], [0, 1], [0, 2]]]);
   assert.equal(batchesPerStep(plan), 3);
   assert.equal(modelCalls(plan, 20), 7);
+  const twoPass = { ...plan, passes: [{ ...PASS_4X, batches_per_step: 5 }, { ...PASS_4X, batches_per_step: 3 }] };
+  assert.deepEqual(batchesPerPass(twoPass), [5, 3]);
   assert.equal(modelCalls({ ...plan, evaluations: [5, 9] }, 20), 9); // one per pass: the drawn last pass
   // a plan made for other steps than the widget now shows falls back to the step rule until it is refetched
   assert.equal(modelCalls({ ...plan, steps: 20 }, 3), 5);

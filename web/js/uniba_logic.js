@@ -103,10 +103,16 @@ export function modelCalls(plan, steps) {
   return Math.max(1, Number(plan?.steps_model_evals) || 1);
 }
 
-/** Block batches per model call of every pass; earlier passes are estimated from their canvas size. */
+/**
+ * Block batches per model call of every pass, as the planner lists them (`passes[i].batches_per_step`); answers
+ * from an older route without them: earlier passes estimated from their canvas size.
+ */
 export function batchesPerPass(plan) {
   const last = batchesPerStep(plan);
   if (!Array.isArray(plan?.passes) || plan.passes.length < 2) return new Array(passCount(plan)).fill(last);
+  if (plan.passes.every((p) => Number.isFinite(p?.batches_per_step) && p.batches_per_step > 0)) {
+    return plan.passes.map((p, i) => (i === plan.passes.length - 1 ? last : p.batches_per_step));
+  }
   const [nh, nw] = blockBatchShape(plan);
   const px = plan.block_px || BLOCK_PX;
   return plan.passes.map((p, i) => {
