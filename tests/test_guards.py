@@ -164,10 +164,13 @@ def test_finite_denoiser_names_the_step_the_sampler_produced_nan_at() -> None:
 
     with pytest.raises(NonFiniteError, match=r"Flow-Euler produced non-finite values at step 4 of 6"):
         sample_flow_euler(finite_denoiser(denoiser, sigmas, "Flow-Euler"), torch.randn(1, 4, 2, 2), sigmas)
-    calls.clear()
-    callback = finite_callback(None, 6, "SanaSampler")
-    with pytest.raises(NonFiniteError, match=r"SanaSampler produced non-finite values at step 4 of 6 \(sigma"):
-        sample_flow_euler(denoiser, torch.randn(1, 4, 2, 2), sigmas, callback=callback)
+    seen = []
+    callback = finite_callback(seen.append, 6, "SanaSampler")  # for samplers a host runs (stock KSampler)
+    callback({"i": 0, "denoised": torch.zeros(1, 4, 2, 2), "sigma": torch.tensor(0.9)})
+    assert len(seen) == 1
+    with pytest.raises(NonFiniteError, match=r"SanaSampler produced non-finite values at step 4 of 6 \(sigma 0.5\)"):
+        callback({"i": 3, "denoised": torch.full((1, 4, 2, 2), float("nan")), "sigma": torch.tensor(0.5)})
+    assert len(seen) == 1
 
 
 # --------------------------------------------------------------------------- Sana inputs (issue 11 item 8)
@@ -328,3 +331,61 @@ def test_unknown_sana_width_names_the_sidecar_file(tmp_path: Path) -> None:
     (tmp_path / "my_finetune.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel",
                                                            "num_cross_attention_heads": 4, "num_layers": 1}))
     assert load_sana(path).config.cross_heads == 4
+
+
+@pytest.mark.parametrize("solver", ["sample_flow_dpm_solver", "sample_flow_euler"])
+def test_sana_samplers_stop_at_the_step_that_produced_nan(solver: str) -> None:
+    from uniba.sana import sampling
+
+    sigmas = sampling.flow_sigmas(5, 3.0)
+    calls = []
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return x * float("nan") if len(calls) == 3 else x * 0.5
+
+    with pytest.raises(NonFiniteError, match=r"produced non-finite values at step 3 of 5"):
+        getattr(sampling, solver)(denoiser, torch.randn(1, 32, 2, 2), sigmas)
+    assert len(calls) == 3  # stopped there, not after decoding the whole run
+
+
+def test_empty_latent_and_sampling_checks_give_shapes_and_refuse_oversize() -> None:
+    from uniba.guards import check_sana_empty_latent, check_sana_sampling
+
+    assert check_sana_empty_latent(2, 1024, 768, 8 * GIB) == (2, 32, 24, 32)
+    with pytest.raises(WorkTooLarge, match="SanaEmptyLatent: 4096 images of 16384x16384 px"):
+        check_sana_empty_latent(4096, 16384, 16384, 64 * GIB)
+    small = torch.zeros(1, 32, 32, 32)
+    check_sana_sampling(small, 8 * GIB, hidden_size=2240)
+    with pytest.raises(WorkTooLarge, match=r"SanaSampler: 64 images of 4096x4096 px"):
+        check_sana_sampling(torch.zeros(64, 32, 128, 128).expand(64, 32, 128, 128), 24 * GIB, hidden_size=2240)
+
+
+def test_sharded_folder_checks_each_shard_and_stays_in_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, str(folder / "s1.safetensors"))
+    save_file({"b": torch.tensor([1.0, float("nan")])}, str(folder / "s2.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"s2.safetensors: tensor 'b' holds NaN"):
+        read_state_dict(folder)
+    index.write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match="outside its folder"):
+        read_state_dict(folder)
+
+
+def test_conditioning_input_as_nodes_receive_it() -> None:
+    from uniba.guards import check_sana_conditioning_input
+
+    good = [[torch.zeros(1, 300, 2304), {"attention_mask": torch.ones(1, 300)}]]
+    check_sana_conditioning_input(good, "positive", latent_batch=4)
+    with pytest.raises(ValueError, match=r"negative: expected Sana text conditioning .* got \(1, 77, 768\)"):
+        check_sana_conditioning_input([[torch.zeros(1, 77, 768), {"pooled_output": None}]], "negative")
+    with pytest.raises(ValueError, match="positive: the attention_mask has shape"):
+        check_sana_conditioning_input([[torch.zeros(1, 300, 2304), {"attention_mask": torch.ones(1, 77)}]],
+                                      "positive")
+    with pytest.raises(ValueError, match="positive: holds 3 prompts but latent_image holds 4 latents"):
+        check_sana_conditioning_input([[torch.zeros(3, 300, 2304), {}]], "positive", latent_batch=4)
+    with pytest.raises(ValueError, match="positive: expected a CONDITIONING"):
+        check_sana_conditioning_input([], "positive")

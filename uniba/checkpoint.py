@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import stat
+import sys
 import threading
 import zipfile
 from collections import Counter
@@ -159,10 +160,10 @@ def _describe_size(path: Path) -> str:
 
 
 _SPECIAL_FILES = (
-    (stat.S_ISFIFO, "is a named pipe (FIFO), not a model file; reading it would wait for a writer forever"),
-    (stat.S_ISCHR, "is a character device (such as /dev/zero), not a model file"),
-    (stat.S_ISBLK, "is a block device, not a model file"),
-    (stat.S_ISSOCK, "is a socket, not a model file"),
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file; reading it would wait for a writer forever"),
+    (stat.S_ISCHR, "is a character device (such as /dev/zero), not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
 )
 
 
@@ -364,24 +365,28 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     path = Path(path)
     if stat.S_ISDIR(check_file(path, allow_dir=True).st_mode):
-        state = read_sharded_folder(path, device)
+        return read_sharded_folder(path, device)  # checks every shard itself
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        state = read_safetensors(path, device)
+    elif suffix in PICKLE_SUFFIXES:
+        state = unwrap_state_dict(_torch_load_safely(path, device), path)
     else:
-        suffix = path.suffix.lower()
-        if suffix in SAFETENSORS_SUFFIXES:
-            state = read_safetensors(path, device)
-        elif suffix in PICKLE_SUFFIXES:
-            state = unwrap_state_dict(_torch_load_safely(path, device), path)
-        else:
-            raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
-                                  f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+        raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
+                              f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
     # cheap per tensor (a bounded temporary per chunk) and names the tensor; a NaN weight would
     # otherwise give black images with no message
-    check_state_dict_finite(state, path)
+    mappings = checkpoint_mappings()
+    for key, value in state.items():
+        check_state_dict_finite({key: value}, path)
+        release_pages([value], mappings)  # the check touched every page: unmap them (they stay in the page cache)
     return state
 
 
 def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read a diffusers-style folder: ``*.safetensors.index.json`` shards, or a single safetensors file."""
+    from .guards import check_state_dict_finite
+
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
@@ -392,16 +397,23 @@ def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = 
             raise CheckpointError(indexes[0], f"is not a valid shard index ({exc}).",
                                   "Download the folder again.") from None
         state: StateDict = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(set(map(str, weight_map.values()))):
             shard_path = folder / shard
+            if Path(shard).name != shard:  # shards live beside the index, never elsewhere
+                raise CheckpointError(indexes[0], f"names the shard '{shard}' outside its folder.",
+                                      "Download the folder again.")
             if not shard_path.exists():
                 raise CheckpointError(folder, f"is missing the shard '{shard}' named in {indexes[0].name}.",
                                       "Download every shard of the model into the same folder.")
-            state.update(read_safetensors(shard_path, device))
+            shard_state = read_safetensors(shard_path, device)
+            check_state_dict_finite(shard_state, shard_path)
+            state.update(shard_state)
         return state
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
-        return read_safetensors(files[0], device)
+        state = read_safetensors(files[0], device)
+        check_state_dict_finite(state, files[0])
+        return state
     raise CheckpointError(folder, f"holds {len(files)} safetensors files and no *.safetensors.index.json.",
                           "Point at one file, or at a folder with one model (diffusers layout).")
 
@@ -513,6 +525,71 @@ def parameters_on_meta() -> Iterator[None]:
         handle.remove()
 
 
+_MADV_DONTNEED = 4
+_madvise: Callable[[int, int, int], int] | None = None
+
+
+def _libc_madvise() -> Callable[[int, int, int], int]:
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise.restype = ctypes.c_int
+            _madvise = libc.madvise
+        except (OSError, AttributeError):
+            _madvise = lambda *_: -1  # noqa: E731 - remembered: not available here
+    return _madvise
+
+
+def checkpoint_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's private memory maps of checkpoint files (Linux; empty elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    ranges = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[1].endswith("p") and parts[5].rstrip().lower().endswith(
+                        SUPPORTED_SUFFIXES):
+                    low, high = parts[0].split("-")
+                    ranges.append((int(low, 16), int(high, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def release_pages(tensors: Iterable[torch.Tensor], mappings: list[tuple[int, int]] | None = None) -> None:
+    """Take the pages of tensors memory-mapped from a checkpoint file out of this process's resident memory.
+
+    Checkpoints are memory-mapped, so every page a reader touches (the NaN/inf check, a dtype conversion)
+    stays counted until the whole file is unmapped: without this, loading an fp32 file as bf16 would peak at
+    the file's size on top of the model. ``MADV_DONTNEED`` on a private *file* mapping only unmaps: the data
+    stays in the page cache and the next access maps it again from the file. It is applied to whole pages
+    inside tensors that lie in a checkpoint-file mapping (:func:`checkpoint_mappings`) and never to
+    ordinary memory. Only for tensors just read and not written to (a written page would revert to the file).
+    """
+    mappings = checkpoint_mappings() if mappings is None else mappings
+    if not mappings:
+        return
+    madvise = _libc_madvise()
+    page = os.sysconf("SC_PAGE_SIZE")
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or not tensor.numel() or not tensor.is_contiguous():
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(low <= start and end <= high for low, high in mappings):
+            continue
+        first = -(-start // page) * page  # whole pages only: a neighbour's partial page stays
+        last = end // page * page
+        if last > first:
+            madvise(first, last - first, _MADV_DONTNEED)
+
+
 def load_model(
     build: Callable[[], M],
     state_dict: Mapping[str, torch.Tensor],
@@ -541,8 +618,15 @@ def load_model(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(state_dict, expected, path=path, family=family, ignore=ignore)
     dtype = dtype or stored_dtype(state_dict) or torch.float32
-    weights = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-               for k, v in state_dict.items() if k in expected}
+    weights = {}
+    mappings = checkpoint_mappings()
+    for key, value in state_dict.items():  # one tensor at a time: never a second full copy of the model
+        if key not in expected:
+            continue
+        converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        if converted is not value:
+            release_pages([value], mappings)
+        weights[key] = converted
     model.load_state_dict(weights, strict=True, assign=True)
     unset = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if unset:  # a non-persistent buffer built on meta: the model needs real_buffers=True

@@ -6,11 +6,10 @@ import argparse
 import json
 import os
 import re
-from pathlib import Path
 
 import torch
 
-from ..memory import parse_bytes
+from ..cli_io import memory_size, positive_int, seed_int
 from .sampling import SAMPLERS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -27,47 +26,30 @@ def _plan(args: argparse.Namespace) -> int:
     from .plan import config_for_file, plan_upscale, release_config
 
     config = config_for_file(args.model) if args.model else release_config()
+    notes = []
     if args.input:
         in_w, in_h = args.input
     else:
         out_w, out_h = args.size
-        if out_w % args.scale or out_h % args.scale:
-            raise ValueError(f"--size {out_w}x{out_h} is not divisible by --scale {args.scale}")
-        in_w, in_h = out_w // args.scale, out_h // args.scale
-    free = parse_bytes(args.vram) if args.vram else None
-    plan = plan_upscale(config, in_h, in_w, args.scale, free, block_batch=args.block_batch,
+        # the node pads to a whole input pixel and crops back: plan the same, and say so
+        in_w, in_h = -(-out_w // args.scale), -(-out_h // args.scale)
+        if (in_w * args.scale, in_h * args.scale) != (out_w, out_h):
+            notes.append(f"note: --size {out_w}x{out_h} is not a multiple of --scale {args.scale}: planned for an "
+                         f"input of {in_w}x{in_h} px ({in_w * args.scale}x{in_h * args.scale} px out); crop the "
+                         "result, or give --input WxH")
+    plan = plan_upscale(config, in_h, in_w, args.scale, args.vram, block_batch=args.block_batch,
                         offload_cache=args.offload_cache, dtype=_DTYPES[args.dtype])
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
-        print(f"Inf-DiT plan ({'release config' if not args.model else args.model}, {args.dtype})")
+        source = "release config" if not args.model else (
+            f"{args.model}" + (", a .pt release: release config" if not str(args.model).lower().endswith(
+                (".safetensors", ".sft")) else ""))
+        print(f"Inf-DiT plan ({source}, {args.dtype})")
         print(plan.describe())
+        for note in notes:
+            print(note)
     return 0 if plan.fits else 1
-
-
-def _read_image(path: str) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as img:
-        mode = "RGBA" if img.mode in ("RGBA", "LA", "P") and "transparency" in img.info or img.mode in (
-            "RGBA", "LA") else "RGB"
-        array = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
-
-
-def _write_image(tensor: torch.Tensor, path: str) -> None:
-    from PIL import Image
-
-    array = ((tensor[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    target = Path(path)
-    tmp = target.with_name(target.name + ".partial" + target.suffix)
-    try:
-        Image.fromarray(array).save(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class _ProgressBar:
@@ -91,31 +73,43 @@ class _ProgressBar:
 
 
 def _upscale(args: argparse.Namespace) -> int:
+    from ..cli_io import IMAGE_FORMATS, alpha_dropped, input_file, output_file, read_image, resolve_device, write_image
     from ..memory import device_free_bytes
     from .loader import load_infdit
     from .plan import config_for_file, plan_upscale
     from .sampling import count_evaluations, get_sigmas_karras, named_sampler
-    from .upscale import upscale
+    from .upscale import NO_CLIP_TOWER, upscale
 
-    device = torch.device(args.device) if args.device else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    # every argument is checked before the weights load or anything is computed
+    device = resolve_device(args.device)
+    input_file(args.model, "--model")
+    if args.clip:
+        input_file(args.clip, "--clip")
+    image = read_image(args.input)
+    output_file(args.output, inputs=[args.input, args.model, args.clip], overwrite=args.overwrite,
+                formats=IMAGE_FORMATS)
+    alpha_dropped(image.shape[1], args.output)
+    config = config_for_file(args.model)
+    if config.clip is None and not args.clip:
+        raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
     dtype = _DTYPES.get(args.dtype) if args.dtype != "auto" else default_dtype(device)
     sampler, sigmas = named_sampler(args.sampler), get_sigmas_karras(args.steps)
-    image = _read_image(args.input)
-    free = parse_bytes(args.vram) if args.vram else device_free_bytes(device)
+    free = args.vram if args.vram else device_free_bytes(device)
     # one plan, checked before the weights load; the upscale runs exactly this plan
-    plan = plan_upscale(config_for_file(args.model), image.shape[-2], image.shape[-1], args.scale, free,
+    plan = plan_upscale(config, image.shape[-2], image.shape[-1], args.scale, free,
                         block_batch=args.block_batch, offload_cache=args.offload_cache, dtype=dtype,
                         evaluations=count_evaluations(sampler, sigmas))
     plan.check_fits()
     model = load_infdit(args.model, dtype, clip=args.clip).to(device)
+    if model.clip is None:  # a .pt planned with the release config turned out to lack the tower
+        raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
     bar = _ProgressBar(plan, image.shape[0])
     try:
         out = upscale(model, image, scale=args.scale, seed=args.seed, plan=plan, sampler=sampler, sigmas=sigmas,
                       color_match=args.color_match, progress=bar)
     finally:
         bar.close()
-    _write_image(out, args.output)
+    write_image(out, args.output, "the upscaled image")  # refuses NaN/inf, writes atomically
     print(f"wrote {args.output} ({out.shape[-1]}x{out.shape[-2]})")
     return 0
 
@@ -128,23 +122,36 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from ..cli_io import SAFETENSORS_FORMATS, input_file, output_file
     from .loader import convert_checkpoint
 
-    if Path(args.output).suffix.lower() != ".safetensors":
-        raise ValueError(f"the output must end in .safetensors, got {args.output}")
+    input_file(args.input, "input")
+    if args.clip:
+        input_file(args.clip, "--clip")
+    output_file(args.output, inputs=[args.input, args.clip], overwrite=args.overwrite, formats=SAFETENSORS_FORMATS)
     model = convert_checkpoint(args.input, args.output, _DTYPES.get(args.dtype), clip=args.clip)
     c = model.config
     print(f"wrote {args.output}: Inf-DiT {c.hidden_size} wide, {c.num_layers} layers, "
-          f"CLIP tower {'included' if model.clip is not None else 'absent'}")
+          f"CLIP tower {'included' if model.clip is not None else 'absent (add --clip to include it)'}")
     return 0
+
+
+def _block_batch(text: str) -> int | tuple[int, int] | None:
+    from .plan import parse_block_batch
+
+    try:
+        return parse_block_batch(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--scale", type=int, default=4, choices=(2, 4, 8, 16), help="upscaling factor (default 4)")
-    common.add_argument("--block-batch", default="auto", help="auto, n (n x n blocks per forward) or n_h x n_w (2x3)")
+    common.add_argument("--block-batch", default=None, type=_block_batch,
+                        help="auto, n (n x n blocks per forward) or n_h x n_w (2x3)")
     common.add_argument("--offload-cache", default="auto", choices=("auto", "on", "off"))
-    common.add_argument("--vram", help="memory budget, e.g. 12GB (default: free device memory)")
+    common.add_argument("--vram", type=memory_size, help="memory budget, e.g. 12GB (default: free device memory)")
 
     if "plan" not in subparsers.choices:
         plan = subparsers.add_parser("plan", parents=[common], help="memory plan of an upscale (no weights needed)")
@@ -164,11 +171,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--clip", help="separate open_clip ViT-L-14 file if the checkpoint has no CLIP tower")
     up.add_argument("--sampler", default="heun", choices=tuple(SAMPLERS),
                     help="heun = the reference (2 evaluations per step); the others take 1 per step")
-    up.add_argument("--steps", type=int, default=20, help="steps of the Karras schedule (default 20 = reference)")
-    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--steps", type=positive_int, default=20,
+                    help="steps of the Karras schedule (default 20 = reference)")
+    up.add_argument("--seed", type=seed_int, default=0)
     up.add_argument("--dtype", default="auto", choices=("auto",) + tuple(_DTYPES))
     up.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
     up.add_argument("--color-match", default="none", choices=("none", "wavelet"))
+    up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     up.set_defaults(func=_upscale)
 
     conv = subparsers.add_parser("convert-infdit", help="convert the released .pt to .safetensors (no pickle)")
@@ -176,4 +185,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("output")
     conv.add_argument("--dtype", default="keep", choices=("keep",) + tuple(_DTYPES))
     conv.add_argument("--clip", help="separate open_clip ViT-L-14 file to include")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     conv.set_defaults(func=_convert)

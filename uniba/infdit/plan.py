@@ -176,22 +176,68 @@ class UpscalePlan:
         return data
 
     def describe(self) -> str:
+        """The plan in words, for the CLI, the ComfyUI readout and the route: figures, warnings and fixes.
+
+        When the free figure was taken with the weights already loaded (the node), the peak includes
+        weights that are not part of that figure, so a peak above "free" can still fit; the text says so.
+        """
         from ..memory import format_bytes
 
+        def count(n: int, noun: str) -> str:
+            return f"{n} {noun}" + ("" if n == 1 else ("es" if noun.endswith("ch") else "s"))
+
         lines = [
-            f"output {self.out_width}x{self.out_height} px in {len(self.passes)} pass(es): "
+            f"output {self.out_width}x{self.out_height} px in {count(len(self.passes), 'pass')}: "
             + ", ".join(f"{p['in_width']}x{p['in_height']} -> {p['out_width']}x{p['out_height']} ({p['scale']}x)"
                         for p in self.passes),
             f"last pass: {self.grid_rows}x{self.grid_cols} blocks of {self.block_px} px, traversal {self.traversal}, "
-            f"block batch {self.block_batch[0]}x{self.block_batch[1]} ({self.batches_per_step} batches per model call, "
-            f"{self.evaluations} model calls)",
+            f"block batch {self.block_batch[0]}x{self.block_batch[1]} ({count(self.batches_per_step, 'batch')} per "
+            f"model call, {count(self.evaluations, 'model call')})",
             f"KV cache {format_bytes(self.cache_bytes)} "
             f"({'offloaded to host RAM' if self.offload_cache else 'on device'})",
-            f"weights {format_bytes(self.weights_bytes)}, estimated peak {format_bytes(self.peak_bytes)}"
-            + (f" of {format_bytes(self.free_bytes)} free: {'fits' if self.fits else 'DOES NOT FIT'}"
-               if self.free_bytes is not None else ""),
         ]
+        work = self.peak_bytes - self.weights_bytes
+        resident = bool(self.extras.get("weights_resident"))
+        if self.free_bytes is None:
+            lines.append(f"weights {format_bytes(self.weights_bytes)}, estimated peak {format_bytes(self.peak_bytes)} "
+                         "(no memory budget given: --vram 12GB checks one)")
+        elif resident:
+            lines.append(
+                f"estimated peak {format_bytes(self.peak_bytes)} = weights {format_bytes(self.weights_bytes)} "
+                f"(already loaded, so not part of the {format_bytes(self.free_bytes)} free) + work "
+                f"{format_bytes(work)}; the work {'fits' if self.fits else 'DOES NOT FIT'} in "
+                f"{format_bytes(self.usable_bytes or 0)} usable")
+        else:
+            lines.append(
+                f"estimated peak {format_bytes(self.peak_bytes)} (weights {format_bytes(self.weights_bytes)} + work "
+                f"{format_bytes(work)}) of {format_bytes(self.free_bytes)} free "
+                f"({format_bytes(self.usable_bytes or 0)} usable after the weights and a 10 % margin): "
+                f"{'fits' if self.fits else 'DOES NOT FIT'}")
+        if self.extras.get("rope_wraps"):
+            lines.append(f"warning: the output side {max(self.out_width, self.out_height)} px exceeds "
+                         f"{self.extras.get('rope_max_side_px', '?')} px, so RoPE positions wrap around (as in the "
+                         "reference): expect repeated structure; upscale a smaller region or use a smaller scale")
+        if not self.fits:
+            lines.append("to fit: " + self.advice())
         return "\n".join(lines)
+
+    def advice(self) -> str:
+        """What to change when the plan does not fit, most effective first."""
+        from ..memory import format_bytes
+
+        minimum_work = self.minimum_bytes - self.weights_bytes
+        usable = self.usable_bytes or 0
+        if minimum_work <= usable:
+            options = []
+            if tuple(self.block_batch) != (1, 1):
+                options.append("a smaller block batch (auto picks the largest that fits)")
+            if not self.offload_cache:
+                options.append("offload_cache on (KV cache in host RAM)")
+            return (" or ".join(options) or "block batch 1 with offload_cache on") + \
+                f": one block with the cache offloaded needs {format_bytes(minimum_work)} of work memory."
+        return (f"even one block with the cache offloaded needs {format_bytes(minimum_work)} of work memory, "
+                f"{format_bytes(minimum_work - usable)} more than usable: use a smaller scale or a smaller input, "
+                "or free memory (close other programs, unload other models).")
 
     def check_fits(self) -> None:
         """Refuse a plan whose smallest unit (one block, KV cache offloaded) exceeds the budget.
@@ -308,8 +354,20 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
         fits=usable is None or peak - weights <= usable, offload_cache=last["offload_cache"],
         evaluations=model_evaluations(DEFAULT_STEPS) if evaluations is None else int(evaluations),
         block_order=[[r.row0, r.col0, r.n_h, r.n_w] for r in order], minimum_bytes=minimum, usable_bytes=usable,
-        extras={"rope_wraps": max(last["canvas_height"], last["canvas_width"]) > config.max_side_px},
+        extras={"rope_wraps": max(last["canvas_height"], last["canvas_width"]) > config.max_side_px,
+                "rope_max_side_px": config.max_side_px, "weights_resident": bool(weights_resident)},
     )
+
+
+def _check_pickle_signature(path: str) -> None:
+    """A ``.pt`` is planned with the release config without loading it, but it must look like a checkpoint."""
+    from ..checkpoint import CheckpointError
+
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(path, "is neither a torch zip checkpoint nor a pickle.",
+                              "It is probably truncated or not a model file: download it again.")
 
 
 def config_for_file(path: str | os.PathLike) -> InfDiTConfig:
@@ -325,6 +383,7 @@ def config_for_file(path: str | os.PathLike) -> InfDiTConfig:
     path = os.fspath(path)
     check_file(path)  # a missing, special or empty file is an error, never "the release plan"
     if not path.lower().endswith((".safetensors", ".sft")):
+        _check_pickle_signature(path)
         return release_config()
     header = read_safetensors_header(path)
     meta = header.pop("__metadata__", None) or {}

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..guards import check_finite, finite_denoiser
 from ..memory import device_free_bytes, is_out_of_memory
 from ..progress import ProgressFn
 from .blockwise import BatchCallback, BlockwiseDenoiser
@@ -29,6 +30,15 @@ from .sampling import DEFAULT_STEPS, Sampler, count_evaluations, get_sigmas_karr
 log = logging.getLogger(__name__)
 
 PREVIEW_MAX = 512
+
+
+# Said to every user of a model without its CLIP image tower: CLI users pass --clip, node users
+# convert once with the tower included (the loader node has no separate CLIP input).
+NO_CLIP_TOWER = (
+    "this Inf-DiT model has no CLIP image tower (image_encoder.model.visual.*). On the command line add "
+    "--clip open_clip_pytorch_model.safetensors (laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K); in ComfyUI first run "
+    "python -m uniba convert-infdit MODEL OUT.safetensors --clip open_clip_pytorch_model.safetensors and load "
+    "OUT.safetensors. From Python: load_infdit(..., clip=...) or upscale(..., clip_embedding=...).")
 
 
 class RopeWrapWarning(UserWarning):
@@ -99,7 +109,8 @@ def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | 
                                  block_batch=block_batch, offload_cache=offload_cache, on_batch=on_batch,
                                  is_oom=is_oom)
     x = denoiser.concat_lr.float() + sigmas[0] * noise.float()
-    return run_sampler(sampler, denoiser, x, sigmas, seed=seed)
+    # a step that produces NaN/inf stops here, named, instead of ending as a black image
+    return run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed)
 
 
 def _preview_pool(height: int, width: int, block_px: int) -> int:
@@ -144,7 +155,7 @@ def _check_input(lr: torch.Tensor) -> torch.Tensor:
         lr = lr[None]
     if lr.ndim != 4 or lr.shape[1] not in (3, 4) or min(lr.shape[-2:]) < 1:
         raise ValueError(f"lr must be (B, 3 or 4, H, W) in [-1, 1] (RGB, optionally with alpha), got {tuple(lr.shape)}")
-    return lr
+    return check_finite(lr, "the input image", "Replace the NaN/inf pixels (an upstream node produced them).")
 
 
 def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -236,8 +247,7 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
     if noise is not None and len(factors) > 1:
         raise ValueError("noise= can only be given for a single pass (scale 2 or 4)")
     if clip_embedding is None and model.clip is None:
-        raise ValueError("this Inf-DiT model has no CLIP image tower: load the release checkpoint that contains "
-                         "image_encoder.model.visual.*, pass clip= to load_infdit, or give clip_embedding=")
+        raise ValueError(NO_CLIP_TOWER)
     sampler, sigmas = resolve_sampling(sampler, sigmas, steps)
     evaluations = count_evaluations(sampler, sigmas)
     if plan is None:

@@ -71,9 +71,11 @@ def _sidecar_config(path: Path) -> dict[str, Any]:
 
 def _scheduler_shift(path: Path) -> dict[str, Any]:
     """The release's flow shift from a diffusers pipeline's ``scheduler/scheduler_config.json``."""
+    if not path.is_file():  # also skips a FIFO or device of that name, which read_text would block on
+        return {}
     try:
         shift = json.loads(path.read_text()).get("flow_shift")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return {}
     return {"flow_shift": float(shift)} if shift else {}
 

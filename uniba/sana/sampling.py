@@ -4,7 +4,9 @@ Each sampler is ``sample_x(model, x, sigmas, extra_args=None, callback=None, dis
 where ``model(x, sigma * ones(B), **extra_args)`` returns the x0 (data) prediction, as ComfyUI
 and k-diffusion hand a denoiser to their samplers. For Sana's rectified flow
 ``x_sigma = (1 - sigma) * x0 + sigma * noise`` and the network predicts ``v = noise - x0``, so the
-host's denoiser is ``x0 = x - sigma * v`` (ComfyUI's ``CONST`` model sampling).
+host's denoiser is ``x0 = x - sigma * v`` (ComfyUI's ``CONST`` model sampling). Every step's
+prediction is checked for NaN/inf (:func:`uniba.guards.check_step_finite`), so a diverging model
+stops with the step named instead of decoding to a black image.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import trange
+
+from ..guards import check_step_finite
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -86,6 +90,7 @@ def sample_flow_dpm_solver(model: Callable[..., torch.Tensor], x: torch.Tensor, 
     for i in trange(steps, disable=disable):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = model(x, sigmas[i] * s_in, **extra_args)
+        check_step_finite(denoised, i, steps, "Flow-DPM-Solver", sigma)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         lam, lam_next = _half_log_snr(sigma), _half_log_snr(sigma_next)
@@ -120,6 +125,7 @@ def sample_flow_euler(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = sigmas[i]
         denoised = model(x, sigma * s_in, **extra_args)
+        check_step_finite(denoised, i, len(sigmas) - 1, "Flow-Euler", float(sigma))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         velocity = (x - denoised) / sigma

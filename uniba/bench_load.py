@@ -1,0 +1,339 @@
+"""``python -m uniba bench load``: what loading each released checkpoint costs, and a full-size forward smoke.
+
+Every measurement runs in a fresh Python process, so one load's memory never hides another's. The child
+imports everything first, then resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), so the figure
+is the peak *above* the imported baseline while the loader runs. It is compared with the size of what was
+loaded (parameters and buffers of the model as built): a loader that keeps a second full copy, or converts
+through fp32, shows a ratio near 2 or more; the target is <= 1.25 for safetensors and zip pickles.
+
+``--forward`` also runs one small forward per model in bf16 and in fp32 (Inf-DiT: one block batch of a
+256 px output; Sana: a 16x16 latent; DC-AE: a 256 px decode; Gemma-2: one prompt) and prints max abs and
+relative L2 of bf16 against fp32. Any NaN/inf fails the run. Files come from ``tests/make_release_size.py``
+(random weights, release shapes) or are real downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Where tests/make_release_size.py puts each format, and which loader reads it.
+KNOWN_FILES: tuple[tuple[str, str], ...] = (
+    ("infdit", "infdit/mp_rank_00_model_states.pt"),
+    ("sana", "diffusion_models/Sana_1600M_1024px_BF16.pth"),
+    ("sana", "diffusion_models/Sana_1600M_4Kpx_BF16.pth"),
+    ("sana", "diffusion_models/Sana_1600M_1024px_BF16_diffusers/transformer"),
+    ("gemma", "text_encoders/gemma-2-2b-it"),
+    ("gemma", "text_encoders/gemma_2_2b_fp16.safetensors"),
+    ("dcae", "vae/dc-ae-f32c32-sana-1.1.safetensors"),
+)
+KINDS = ("infdit", "sana", "dcae", "gemma")
+RATIO_LIMIT = 1.25
+
+
+# ------------------------------------------------------------------------------------------------ child side
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakRss:
+    """Peak resident memory above the baseline at ``start()``: the kernel's high-water mark, reset first."""
+
+    def start(self) -> None:
+        gc.collect()
+        self.baseline = _status_kib("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+
+    def peak_above_baseline(self) -> int:
+        return max(0, _status_kib("VmHWM") * 1024 - self.baseline)
+
+
+def _model_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers."""
+    seen: dict[int, int] = {}
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def _touch(module: torch.nn.Module) -> None:
+    """Read one byte of every memory page of every parameter and buffer."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel():
+                flat = tensor.detach().reshape(-1) if tensor.is_contiguous() else tensor.detach().contiguous().view(-1)
+                flat.view(torch.uint8)[::4096].sum()
+
+
+def _load(kind: str, path: str, dtype: torch.dtype | None) -> tuple[Any, torch.nn.Module]:
+    if kind == "infdit":
+        from .infdit import load_infdit
+
+        model = load_infdit(path, dtype)
+        return model, model
+    if kind == "sana":
+        from .sana import load_sana
+
+        model = load_sana(path, dtype)
+        return model, model
+    if kind == "dcae":
+        try:
+            from .dcae import load_dcae
+        except ImportError:
+            from .sana import load_dcae
+        model = load_dcae(path, dtype)
+        return model, model
+    if kind == "gemma":
+        from .sana import load_text_encoder
+
+        encoder = load_text_encoder(path, dtype)
+        return encoder, encoder.model
+    raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def _warm_imports(kind: str) -> None:
+    """Import everything the load needs before the baseline, so imports are not counted as load memory."""
+    if kind == "gemma":
+        import transformers  # noqa: F401
+        from transformers import Gemma2Model, GemmaTokenizer  # noqa: F401
+    import safetensors.torch  # noqa: F401
+
+    from . import checkpoint  # noqa: F401
+    try:
+        from . import dcae, infdit, sana  # noqa: F401
+    except ImportError:
+        from . import infdit, sana  # noqa: F401
+
+
+def _forward(kind: str, loaded: Any, seed: int = 0) -> torch.Tensor:
+    """One small forward at full model size (inputs drawn on the CPU from ``seed``, fp32, then cast)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        if kind == "infdit":
+            model = loaded
+            px = 2 * model.config.block_px  # 256 px output: a 2x2-block canvas, one block batch
+            lr = torch.rand((1, 3, px // 4, px // 4), generator=gen) * 2 - 1
+            x = torch.randn((1, 3, px, px), generator=gen)
+            if model.clip is not None:
+                emb = model.clip.embed(lr)
+            else:
+                emb = torch.nn.functional.normalize(torch.randn((1, model.config.vector_dim), generator=gen), dim=-1)
+            return model.denoise(x, 1.0, lr, emb, block_batch=(2, 2)).float()
+        if kind == "sana":
+            model = loaded
+            x = torch.randn((1, model.config.in_channels, 16, 16), generator=gen)
+            context = torch.randn((1, 300, model.config.caption_channels), generator=gen)
+            mask = torch.ones((1, 300), dtype=torch.int64)
+            mask[:, 40:] = 0
+            return model(x, torch.tensor([500.0]), context, mask).float()
+        if kind == "dcae":
+            latent = torch.randn((1, 32, 8, 8), generator=gen)
+            return loaded.decode(latent).float()
+        if kind == "gemma":
+            from .sana import encode_prompt
+
+            emb, mask = encode_prompt(loaded, ["a red fox in a snowy forest at sunrise, soft golden light"])
+            return (emb * mask[..., None]).float()
+    raise ValueError(kind)
+
+
+def child_main(spec: dict[str, Any]) -> dict[str, Any]:
+    kind, path = spec["kind"], spec["path"]
+    dtype = DTYPES.get(spec.get("dtype") or "")
+    torch.set_num_threads(int(spec.get("threads") or 2))
+    _warm_imports(kind)
+    meter = PeakRss()
+    meter.start()
+    start = time.perf_counter()
+    loaded, module = _load(kind, path, dtype)
+    seconds = time.perf_counter() - start
+    # Memory-mapped weights are read lazily: touch every page, as the first forward would, so the peak
+    # counts what the model really occupies once in use.
+    _touch(module)
+    ready = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "kind": kind, "path": path, "load_s": seconds, "ready_s": ready, "peak_bytes": meter.peak_above_baseline(),
+        "model_bytes": _model_bytes(module), "dtype": _short(next(module.parameters()).dtype),
+    }
+    if spec.get("forward_out"):
+        meter.start()
+        start = time.perf_counter()
+        out = _forward(kind, loaded)
+        result["forward_s"] = time.perf_counter() - start
+        result["forward_peak_bytes"] = meter.peak_above_baseline()
+        result["finite"] = bool(torch.isfinite(out).all())
+        torch.save(out.cpu(), spec["forward_out"])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- parent side
+
+
+def _file_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return path.stat().st_size
+
+
+def _format_of(path: Path) -> str:
+    if path.is_dir():
+        return "safetensors shards"
+    if path.suffix in (".safetensors", ".sft"):
+        return "safetensors"
+    import zipfile
+
+    return "zip pickle" if zipfile.is_zipfile(path) else "legacy pickle"
+
+
+def run_child(kind: str, path: Path, dtype: str | None, forward_out: str | None = None,
+              threads: int = 2) -> dict[str, Any]:
+    spec = {"kind": kind, "path": str(path), "dtype": dtype, "forward_out": forward_out, "threads": threads}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1])] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
+                                                       else [])))
+    proc = subprocess.run([sys.executable, "-m", "uniba.bench_load", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"kind": kind, "path": str(path), "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+
+
+def discover(folder: Path) -> list[tuple[str, Path]]:
+    found = [(kind, folder / rel) for kind, rel in KNOWN_FILES if (folder / rel).exists()]
+    if not found:
+        raise FileNotFoundError(f"{folder} holds none of the release files ({', '.join(r for _, r in KNOWN_FILES)}); "
+                                "write them with: python tests/make_release_size.py " + str(folder))
+    return found
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _compare(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    diff = (a.double() - ref.double())
+    return float(diff.abs().max()), float(diff.norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uniba bench load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path,
+                        help="the folder written by tests/make_release_size.py, or checkpoint files/folders")
+    parser.add_argument("--kind", choices=KINDS, help="loader for explicit files (default: from the folder layout)")
+    parser.add_argument("--dtype", default="stored",
+                        help="comma-separated load dtypes: stored (the file's own), bf16, fp16, fp32 (default stored)")
+    parser.add_argument("--only", default="", help="comma-separated kinds to run (infdit, sana, dcae, gemma)")
+    parser.add_argument("--forward", action="store_true",
+                        help="also run one forward per model in bf16 and fp32 and compare (fresh process each)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad = [d for d in dtypes if d != "stored" and d not in DTYPES]
+    if bad:
+        parser.error(f"--dtype {','.join(bad)}: choose from stored, {', '.join(DTYPES)}")
+    only = {k.strip() for k in args.only.split(",") if k.strip()}
+    if only - set(KINDS):
+        parser.error(f"--only {','.join(sorted(only - set(KINDS)))}: choose from {', '.join(KINDS)}")
+    targets: list[tuple[str, Path]] = []
+    for path in args.paths:
+        if not path.exists():
+            parser.error(f"{path} does not exist")
+        if args.kind:
+            targets.append((args.kind, path))
+        else:
+            targets += discover(path)
+    targets = [(k, p) for k, p in targets if not only or k in only]
+
+    print(f"python -m uniba bench load: fresh process per load, {args.threads} threads, peak RSS above the "
+          f"imported baseline; target peak/model <= {RATIO_LIMIT} for safetensors and zip pickles")
+    header = (f"{'file':52s} {'format':18s} {'file GiB':>8s} {'dtype':>6s} {'model GiB':>9s} {'load s':>7s} "
+              f"{'ready s':>7s} {'peak GiB':>8s} {'peak/model':>10s}")
+    print(header)
+    failures = 0
+    for kind, path in targets:
+        for dtype in dtypes:
+            result = run_child(kind, path, None if dtype == "stored" else dtype, threads=args.threads)
+            name = str(path.relative_to(args.paths[0])) if args.paths[0] in path.parents else str(path)
+            if "error" in result:
+                print(f"{name[-52:]:52s} ERROR {result['error']}")
+                failures += 1
+                continue
+            ratio = result["peak_bytes"] / max(result["model_bytes"], 1)
+            verdict = "" if ratio <= RATIO_LIMIT else "  over"
+            failures += bool(verdict)
+            print(f"{name[-52:]:52s} {_format_of(path):18s} {_gib(_file_bytes(path)):>8s} {result['dtype']:>6s} "
+                  f"{_gib(result['model_bytes']):>9s} {result['load_s']:7.1f} {result['ready_s']:7.1f} "
+                  f"{_gib(result['peak_bytes']):>8s} "
+                  f"{ratio:10.2f}{verdict}", flush=True)
+    if args.forward:
+        failures += _forward_table(targets, args.threads)
+    return 1 if failures else 0
+
+
+def _forward_table(targets: list[tuple[str, Path]], threads: int) -> int:
+    print("\nforward smoke, bf16 against fp32 (same weights; fresh process each; inputs seeded on the CPU)")
+    print(f"{'file':52s} {'bf16 s':>7s} {'fp32 s':>7s} {'max abs':>9s} {'rel L2':>9s}  finite")
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (kind, path) in enumerate(targets):
+            outs: dict[str, torch.Tensor] = {}
+            times: dict[str, float] = {}
+            ok = True
+            for dtype in ("bf16", "fp32"):
+                out_file = os.path.join(tmp, f"{i}_{dtype}.pt")
+                result = run_child(kind, path, dtype, forward_out=out_file, threads=threads)
+                if "error" in result:
+                    print(f"{str(path)[-52:]:52s} {dtype} ERROR {result['error']}")
+                    ok = False
+                    break
+                times[dtype] = result["forward_s"]
+                outs[dtype] = torch.load(out_file, weights_only=True)
+                ok &= result["finite"]
+            if not ok or len(outs) < 2:
+                failures += 1
+                if len(outs) == 2:
+                    print(f"{str(path)[-52:]:52s} NaN/inf in the output: FAILED")
+                continue
+            max_abs, rel = _compare(outs["bf16"], outs["fp32"])
+            print(f"{str(path)[-52:]:52s} {times['bf16']:7.1f} {times['fp32']:7.1f} {max_abs:9.3g} {rel:9.3g}  yes",
+                  flush=True)
+    return failures
+
+
+def _child_entry() -> int:
+    spec = json.loads(sys.argv[sys.argv.index("--child") + 1])
+    result = child_main(spec)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_entry())
+
