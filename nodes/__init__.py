@@ -1,9 +1,11 @@
 """Thin ComfyUI node classes (V1 API). Each module exports its own mappings; they are merged here.
 
-ComfyUI internals are reached only through :mod:`.host`.
+Node modules are declarations plus calls into the engine (``uniba``) or the ComfyUI adapter
+(:mod:`.comfy`), the only code that touches ComfyUI.
 """
 
-from . import hidiffusion_nodes, host, infdit_nodes, sana_nodes, sana_text_vae_nodes
+from . import hidiffusion_nodes, infdit_nodes, routes, sana_nodes, sana_text_vae_nodes
+from .comfy import host
 
 _MODULES = (infdit_nodes, sana_nodes, sana_text_vae_nodes, hidiffusion_nodes)
 
@@ -17,7 +19,6 @@ for _module in _MODULES:
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 
 host.register_model_folders()
-if host.IN_COMFYUI:
-    from . import routes  # noqa: F401 - registers the pack's HTTP routes on ComfyUI's server
+routes.register()  # the pack's HTTP routes, on ComfyUI's server when there is one
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -15,7 +15,7 @@ from uniba.infdit import count_evaluations, load_infdit, plan_upscale, upscale
 from uniba.infdit.sampling import DEFAULT_STEPS, SIGMA_MAX, SIGMA_MIN
 from uniba.infdit.upscale import resolve_sampling
 
-from . import host
+from .comfy import host
 
 CATEGORY = "UniBA/Inf-DiT"
 SCALES = ["4", "2", "8", "16"]

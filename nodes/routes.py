@@ -3,10 +3,16 @@
 ``GET /uniba/infdit/plan?model=&dtype=&width=&height=&scale=&block_batch=&offload_cache=`` answers the
 Inf-DiT block plan for an input of ``width`` x ``height`` pixels, computed by the same planner and the
 same free-memory figure the ``InfDiTUpscale`` node uses, so the readout shows what a run will do.
+
+The route is confined: ``model`` must be a name the ``models/infdit`` listing shows (ComfyUI's
+``folder_paths``); an absolute path, a ``..`` or another folder's file gets exactly the answer of a
+missing file, so the route cannot probe the file system or read other files' headers. Every bad
+parameter is a 400 with a message, never a 500.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,7 +20,8 @@ from typing import Any
 from uniba.checkpoint import stored_dtype
 from uniba.infdit.sampling import model_evaluations
 
-from . import host, infdit_nodes
+from . import infdit_nodes
+from .comfy import host
 
 PLAN_ROUTE = "/uniba/infdit/plan"
 SCALES = tuple(infdit_nodes.SCALES)
@@ -42,9 +49,12 @@ def _side(query: Mapping[str, str], name: str) -> int:
     if raw is None or raw == "":
         raise BadRequest(f"{name} is required (the input image's size in pixels)")
     try:
-        value = int(float(raw))
+        number = float(raw)
     except ValueError:
-        raise BadRequest(f"{name} must be a whole number of pixels, got {raw!r}") from None
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise BadRequest(f"{name} must be a whole number of pixels, got {raw[:40]!r}")
+    value = int(number)
     if not 1 <= value <= MAX_SIDE:
         raise BadRequest(f"{name} must be between 1 and {MAX_SIDE} pixels, got {value}")
     return value
@@ -70,7 +80,7 @@ def model_config(model: str | None) -> tuple[Any, str, str | None]:
     if not model:
         return planner.release_config(), "release", None
     try:
-        path = host.model_path(host.INFDIT_FOLDER, model)
+        path = host.model_path(host.INFDIT_FOLDER, model, listed_only=True)
     except FileNotFoundError:
         # a shared workflow opened before its model was downloaded still gets the released model's plan
         return planner.release_config(), f"release ({model} not found in models/{host.INFDIT_FOLDER})", None
@@ -128,6 +138,3 @@ async def infdit_plan(request: Any) -> Any:
 def register() -> bool:
     """Add the routes to ComfyUI's server; False outside ComfyUI."""
     return host.add_route("GET", PLAN_ROUTE, infdit_plan)
-
-
-register()

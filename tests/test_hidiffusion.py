@@ -446,6 +446,6 @@ def test_benchmark_host_free_part_runs(capsys, monkeypatch) -> None:
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
     assert bench.run(["--sizes", "256", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "256px" in out and "Table 4" in out and "set COMFYUI_DIR" in out
+    assert "256px" in out and "Table 4" in out and "nodes/comfy/unet_benchmark.py --comfyui" in out
     result = bench.attention_times(256, query_slice=256, repeats=1)
     assert result["tokens"] == 1024 and result["flop_ratio"] == 0.25 and result["sliced"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_infdit import write_tiny_infdit
-from uniba_pack.nodes import host, infdit_nodes
+from uniba_pack.nodes import infdit_nodes
+from uniba_pack.nodes.comfy import host
 from uniba_pack.nodes.infdit_nodes import InfDiTLoader, InfDiTUpscale
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -78,9 +78,34 @@ def test_not_an_infdit_file_is_a_clear_error(models_dir) -> None:
         routes.plan_for_query(_query(model="sdxl.safetensors"), free_bytes=lambda: GIB)
 
 
+def test_model_must_be_listed_in_the_infdit_folder(models_dir) -> None:
+    """Paths, `..` and other folders' files answer exactly like a missing file: no probing, no foreign headers."""
+    write_tiny_infdit(models_dir / "infdit", "tiny.safetensors")
+    write_tiny_infdit(models_dir / "vae", "elsewhere.safetensors")  # a valid header, in another folder
+    (models_dir / "infdit" / "notes.txt").write_text("not a model")
+    outside = models_dir / "vae" / "elsewhere.safetensors"
+
+    def answer(model: str) -> dict:
+        result = routes.plan_for_query(_query(model=model), free_bytes=lambda: 12 * GIB)
+        return {**result, "model": result["model"].replace(model, "NAME")}
+
+    missing = answer("absent.safetensors")
+    assert missing["model"] == "release (NAME not found in models/infdit)"
+    for probe in (str(outside), "../vae/elsewhere.safetensors", "sub/../../vae/elsewhere.safetensors",
+                  "/etc/passwd", "notes.txt", str(models_dir / "infdit" / "tiny.safetensors")):
+        assert answer(probe) == missing, probe
+    assert routes.plan_for_query(_query(model="tiny.safetensors"), free_bytes=lambda: 12 * GIB)["model"] == \
+        "tiny.safetensors"
+
+
 @pytest.mark.parametrize("query,message", [
     ({"width": None}, "width is required"),
     ({"width": "abc"}, "whole number"),
+    ({"width": "inf"}, "whole number"),
+    ({"height": "-Infinity"}, "whole number"),
+    ({"width": "nan"}, "whole number"),
+    ({"width": "1e999"}, "whole number"),
+    ({"height": "12.5"}, "whole number"),
     ({"height": "0"}, "between 1 and"),
     ({"scale": "3"}, "scale must be one of"),
     ({"block_batch": "0"}, "block_batch must be one of"),
@@ -134,6 +159,9 @@ def test_handler_answers_json(models_dir) -> None:
     assert ok.status == 200 and json.loads(ok.body)["out_width"] == 2048
     bad = asyncio.run(routes.infdit_plan(make_mocked_request("GET", "/uniba/infdit/plan?width=512")))
     assert bad.status == 400 and "height is required" in json.loads(bad.body)["error"]
+    for query in ("width=inf&height=512", "width=512&height=1e400", "width=NaN&height=512", "width=x&height=1"):
+        answer = asyncio.run(routes.infdit_plan(make_mocked_request("GET", f"/uniba/infdit/plan?{query}")))
+        assert answer.status == 400 and "whole number of pixels" in json.loads(answer.body)["error"], query
 
 
 def test_route_registers_only_inside_comfyui() -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_sana import TINY, write_tiny_sana_dit
 
-from uniba.sana import flow_sigmas
+from uniba.sana import flow_sigmas, load_sana
+from uniba.sana.config import RATIO_BINS_1024, RATIO_BINS_4096
 
 sana_nodes = importlib.import_module("uniba_pack.nodes.sana_nodes")
 
@@ -55,7 +56,7 @@ def test_empty_latent_custom_and_presets() -> None:
         assert name in presets
         (latent,) = node.generate(64, 64, name, 1)
         assert tuple(latent["samples"].shape) == (1, 32, h // 32, w // 32)
-    assert len(sana_nodes.RATIO_BINS_1024) == 33 and len(sana_nodes.RATIO_BINS_4096) == 40
+    assert len(RATIO_BINS_1024) == 33 and len(RATIO_BINS_4096) == 40
     assert all(w % 32 == 0 and h % 32 == 0 for w, h in sana_nodes.RESOLUTION_PRESETS.values())
 
 
@@ -79,6 +80,24 @@ def test_headless_loader(tmp_path, monkeypatch) -> None:
     assert "tiny.safetensors" in sana_nodes.SanaDiTLoader.INPUT_TYPES()["required"]["unet_name"][0]
     (patcher,) = sana_nodes.SanaDiTLoader().load("tiny.safetensors", "fp32")
     assert patcher.model.config == TINY and patcher.model.dtype == torch.float32
+
+
+def test_loader_node_runs_the_engine_load_path(tmp_path, monkeypatch) -> None:
+    """Headless and in ComfyUI the node reads and builds through uniba.sana.loader; only the wrapping differs."""
+    source = write_tiny_sana_dit(tmp_path / "diffusion_models", "tiny_bf16.safetensors", fmt="original")
+    converted = tmp_path / "diffusion_models" / "tiny_bf16_diffusers.safetensors"
+    from uniba.cli import main
+
+    assert main(["convert-sana", str(source), str(converted), "--dtype", "bf16"]) == 0
+    monkeypatch.setenv("UNIBA_MODELS_DIR", str(tmp_path))
+    engine = load_sana(converted, torch.float32)
+    (patcher,) = sana_nodes.SanaDiTLoader().load("tiny_bf16_diffusers.safetensors", "auto")
+    assert patcher.model.dtype == torch.float32  # the one dtype policy: auto is fp32 on the CPU
+    node_state = patcher.model.state_dict()
+    assert node_state.keys() == engine.state_dict().keys()
+    assert all(torch.equal(v, node_state[k]) for k, v in engine.state_dict().items())
+    (kept,) = sana_nodes.SanaDiTLoader().load("tiny_bf16_diffusers.safetensors", "bf16")
+    assert kept.model.dtype == torch.bfloat16 and not kept.model.training
 
 
 def test_convert_cli_round_trip(tmp_path, capsys) -> None:

@@ -61,7 +61,7 @@ def test_text_encode_conditioning_format(headless_models, name) -> None:
     assert mask.shape == (1, 300) and mask.dtype == torch.int64 and mask[0, 0] == 1
     (neg,) = nodes.SanaTextEncode().encode(te, "", False)
     assert int(neg[0][1]["attention_mask"].sum()) == 1
-    assert te.patcher.model.gemma.embed_tokens.weight.device.type == "cpu"  # offloaded after encoding
+    assert te.patcher.model.embed_tokens.weight.device.type == "cpu"  # offloaded after encoding
 
 
 def test_vae_decode_and_encode_nodes(headless_models) -> None:

@@ -21,7 +21,7 @@ BENCHMARKS = {
     "sana": ("uniba.sana.bench", "Sana linear vs softmax attention scaling; Flow-DPM-Solver vs Flow-Euler"),
     "dcae": ("uniba.sana.bench_dcae", "DC-AE tiled vs untiled decode memory and time"),
     "load": ("uniba.bench_load", "load time and peak RSS per released checkpoint; --forward: bf16 vs fp32 smoke"),
-    "hidiffusion": ("uniba.hidiffusion.bench", "MSW-MSA vs global attention; patched vs vanilla UNet"),
+    "hidiffusion": ("uniba.hidiffusion.bench", "MSW-MSA vs global self-attention at SD1.5's top level"),
 }
 
 

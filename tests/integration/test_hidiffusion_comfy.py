@@ -20,9 +20,10 @@ def env(comfy_host):
     import tiny_unets
 
     nodes = __import__(comfy_host.pack_module.__name__ + ".nodes.hidiffusion_nodes", fromlist=["x"])
+    adapter = __import__(comfy_host.pack_module.__name__ + ".nodes.comfy.hidiffusion", fromlist=["x"])
     torch.manual_seed(0)
     sd = tiny_unets.comfy_patcher("sd15", tiny_unets.diffusers_unet("sd15", std=0.1))
-    return types.SimpleNamespace(host=comfy_host, tu=tiny_unets, nodes=nodes, sd=sd)
+    return types.SimpleNamespace(host=comfy_host, tu=tiny_unets, nodes=nodes, adapter=adapter, sd=sd)
 
 
 def _cond(seed: int = 1) -> tuple[list, list]:
@@ -85,10 +86,10 @@ def test_original_model_untouched_after_clone_runs_and_after_an_exception(env) -
 
 
 def test_detection_on_real_models_and_refusals(env) -> None:
-    _clone, detection, config = env.nodes.patch_model(env.sd)
+    _clone, detection, config = env.adapter.patch_model(env.sd)
     assert detection.family == "sd1" and config.rad == 3
     xl = env.tu.comfy_patcher("sdxl", env.tu.diffusers_unet("sdxl"), latent_format="SDXL_Playground_2_5")
-    _clone, detection, config = env.nodes.patch_model(xl)
+    _clone, detection, config = env.adapter.patch_model(xl)
     assert detection.family == "sdxl" and detection.non_aggressive_model
     with pytest.raises(ValueError, match="model_variant=sdxl expects"):
         env.nodes.HiDiffusionPatch().patch(env.sd, model_variant="sdxl")
@@ -101,7 +102,7 @@ def test_detection_on_real_models_and_refusals(env) -> None:
     fake = types.SimpleNamespace(get_model_object=lambda name: NotUNet() if name == "diffusion_model" else None,
                                  model=None)
     with pytest.raises(env.nodes.UnsupportedModelError, match="not a UNet"):
-        env.nodes.patch_model(fake)
+        env.adapter.patch_model(fake)
 
 
 def test_patching_twice_replaces_instead_of_stacking(env) -> None:

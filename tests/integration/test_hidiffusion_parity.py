@@ -29,7 +29,7 @@ def env(comfy_host):
     reference = pytest.importorskip("hidiffusion.hidiffusion")
     import tiny_unets
 
-    nodes = __import__(comfy_host.pack_module.__name__ + ".nodes.hidiffusion_nodes", fromlist=["x"])
+    nodes = __import__(comfy_host.pack_module.__name__ + ".nodes.comfy.hidiffusion", fromlist=["x"])
     models = {}
 
     def model(kind: str):

@@ -10,7 +10,7 @@ def test_every_pack_node_registered(comfy_host) -> None:
 
 
 def test_host_adapter_sees_comfyui(comfy_host) -> None:
-    host = __import__(comfy_host.pack_module.__name__ + ".nodes.host", fromlist=["host"])
+    host = __import__(comfy_host.pack_module.__name__ + ".nodes.comfy.host", fromlist=["host"])
     assert host.IN_COMFYUI
     assert host.torch_device().type == "cpu"
     assert host.free_memory() > 0

@@ -6,10 +6,8 @@ side by side in one run. Attention cost is linear in the number of queries, so l
 on a slice of ``--query-slice`` queries (against *all* keys of their window or of the whole map)
 and scaled; ``--full`` times the whole maps instead.
 
-Part 2 (only when ``COMFYUI_DIR`` points at a ComfyUI checkout): one forward of ComfyUI's SD1.5
-UNet (real architecture, random weights) at a ``--unet-px`` image's latent, vanilla against our
-patch on an early step (RAU-Net + MSW-MSA) and a late step (MSW-MSA only). It runs in a child
-process, because the engine itself never imports ComfyUI.
+The whole UNet with and without the patch needs ComfyUI's UNet, so it is the host-side benchmark
+``python nodes/comfy/unet_benchmark.py --comfyui DIR`` (the engine never runs ComfyUI code).
 
 The paper (Table 4, SD1.5 + RAU-Net at 1024 px, GPU) reports 14.31 s -> 8.26 s with MSW-MSA (-42 %).
 """
@@ -17,12 +15,7 @@ The paper (Table 4, SD1.5 + RAU-Net at 1024 px, GPU) reports 14.31 s -> 8.26 s w
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -81,28 +74,6 @@ def attention_times(px: int, *, query_slice: int | None, repeats: int = 2, dtype
             "sliced": query_slice is not None and query_slice < tokens}
 
 
-def _unet_child(comfyui_dir: str, px: int, repeats: int) -> dict:
-    pack = Path(__file__).resolve().parents[2]
-    code = (
-        "import sys, json, importlib.util\n"
-        f"sys.path[:0] = [{comfyui_dir!r}, {str(pack)!r}]\n"
-        "import torch\n"
-        "from comfy.cli_args import args\n"
-        "args.cpu = not torch.cuda.is_available()\n"
-        f"spec = importlib.util.spec_from_file_location('uniba_pack', {str(pack / '__init__.py')!r},"
-        f" submodule_search_locations=[{str(pack)!r}])\n"
-        "pack = importlib.util.module_from_spec(spec); sys.modules['uniba_pack'] = pack\n"
-        "spec.loader.exec_module(pack)\n"
-        "from uniba_pack.nodes import hidiffusion_nodes as hn\n"
-        f"print('RESULT ' + json.dumps(hn.benchmark_unet_forward({px}, repeats={repeats})))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"UNet benchmark failed:\n{proc.stderr[-3000:]}")
-
-
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniba bench hidiffusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,8 +82,6 @@ def run(argv: list[str] | None = None) -> int:
                         help="time this many queries and scale (attention is linear in queries)")
     parser.add_argument("--full", action="store_true", help="time the whole maps (slow at 2048 px)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--unet-px", type=int, default=1024, help="image size for the ComfyUI UNet forward")
-    parser.add_argument("--no-unet", action="store_true", help="skip the ComfyUI UNet part")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -128,16 +97,5 @@ def run(argv: list[str] | None = None) -> int:
           f"= {PAPER_1024[1] / PAPER_1024[0]:.2f}x; 2048px {PAPER_2048[0]} s -> {PAPER_2048[1]} s "
           f"= {PAPER_2048[1] / PAPER_2048[0]:.2f}x")
 
-    comfyui_dir = os.environ.get("COMFYUI_DIR", "")
-    if args.no_unet or not comfyui_dir:
-        if not args.no_unet:
-            print("UNet forward: skipped (set COMFYUI_DIR to a ComfyUI checkout to run it)")
-        return 0
-    print(f"UNet forward: ComfyUI SD1.5 architecture, random weights, {args.unet_px}px "
-          f"({args.unet_px // 8}x{args.unet_px // 8} latent), batch 1 ...", flush=True)
-    r = _unet_child(comfyui_dir, args.unet_px, args.repeats)
-    print(f"  vanilla            {r['vanilla_s']:8.2f} s  1.00x")
-    print(f"  patched, early step (RAU-Net + MSW-MSA) {r['early_s']:8.2f} s  {r['early_s'] / r['vanilla_s']:.2f}x")
-    print(f"  patched, late step (MSW-MSA only)       {r['late_s']:8.2f} s  {r['late_s'] / r['vanilla_s']:.2f}x")
-    print(f"  paper, MSW-MSA on top of RAU-Net: {PAPER_1024[1] / PAPER_1024[0]:.2f}x of RAU-Net alone (1024px)")
+    print("whole UNet, vanilla vs patched (needs ComfyUI): python nodes/comfy/unet_benchmark.py --comfyui DIR")
     return 0

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..configs import config_from_json, config_to_json
+from ..metadata import config_from_json, config_to_json
 
 METADATA_KEY = "uniba_infdit_config"
 

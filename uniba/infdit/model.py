@@ -201,11 +201,6 @@ class InfDiT(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embed.weight.device
 
-    @device.setter
-    def device(self, value: torch.device) -> None:
-        # ComfyUI's ModelPatcher records the device it moved the model to; the weights already tell it
-        pass
-
     def precondition(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """EDM c_skip, c_out, c_in, c_noise (float32) for sigma of shape (B,)."""
         sd = self.config.sigma_data

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..configs import config_from_json, config_to_json
+from ..metadata import config_from_json, config_to_json
 
 # Cross-attention heads of the released widths (SANA registry: SanaMS_600M_* 16 heads, 1600M/4800M 20 heads).
 CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
@@ -20,6 +20,43 @@ CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
 # Flow shift of the scheduler each release was trained/evaluated with (sana.md §3.2).
 DEFAULT_SHIFT = 3.0
 SHIFT_4K = 6.0
+
+
+# The latent Sana's DiT works in: the DC-AE f32c32's 32 channels at 1/32 of the image size, scaled
+# by the DC-AE's scaling factor before the DiT sees it.
+LATENT_CHANNELS = 32
+LATENT_DOWNSCALE = 32
+LATENT_SCALE = 0.41407
+
+# Sana's aspect-ratio bins as (width, height): ASPECT_RATIO_1024_BIN and _2048_BIN of PixArt/Sana, ordered
+# from wide to tall; the 4096 bin is the 2048 bin doubled.
+RATIO_BINS_1024 = ((2048, 512), (1856, 512), (1792, 576), (1728, 576), (1664, 576), (1600, 640), (1536, 640),
+                   (1472, 704), (1408, 704), (1344, 704), (1344, 768), (1280, 768), (1216, 832), (1152, 832),
+                   (1152, 896), (1088, 896), (1088, 960), (1024, 960), (1024, 1024), (960, 1024), (960, 1088),
+                   (896, 1088), (896, 1152), (832, 1152), (832, 1216), (768, 1280), (768, 1344), (704, 1408),
+                   (704, 1472), (640, 1536), (640, 1600), (576, 1728), (512, 2048))
+RATIO_BINS_2048 = ((4096, 1024), (3968, 1024), (3840, 1024), (3712, 1024), (3584, 1152), (3456, 1152),
+                   (3328, 1152), (3200, 1280), (3072, 1280), (2944, 1408), (2816, 1408), (2688, 1408), (2688, 1536),
+                   (2560, 1536), (2432, 1664), (2304, 1664), (2304, 1792), (2176, 1792), (2176, 1920), (2048, 1920),
+                   (2048, 2048), (1920, 2048), (1920, 2176), (1792, 2176), (1792, 2304), (1664, 2304), (1664, 2432),
+                   (1536, 2560), (1536, 2688), (1408, 2816), (1408, 2944), (1280, 3072), (1280, 3200), (1152, 3328),
+                   (1152, 3456), (1152, 3584), (1024, 3712), (1024, 3840), (1024, 3968), (1024, 4096))
+RATIO_BINS_4096 = tuple((2 * w, 2 * h) for w, h in RATIO_BINS_2048)
+
+
+def resolution_presets() -> dict[str, tuple[int, int]]:
+    """``{"WxH": (W, H)}`` of every ratio bin, the squares of each bin first, in bin order."""
+    presets: dict[str, tuple[int, int]] = {}
+    for bins in (RATIO_BINS_1024, RATIO_BINS_2048, RATIO_BINS_4096):
+        square = [size for size in bins if size[0] == size[1]]
+        for w, h in square + [size for size in bins if size[0] != size[1]]:
+            presets.setdefault(f"{w}x{h}", (w, h))
+    return presets
+
+
+def latent_shape(width: int, height: int, batch_size: int = 1) -> tuple[int, int, int, int]:
+    """The latent of a ``width`` x ``height`` image (at least one latent pixel per side)."""
+    return (batch_size, LATENT_CHANNELS, max(1, height // LATENT_DOWNSCALE), max(1, width // LATENT_DOWNSCALE))
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ def _sidecar_fix(path: str | os.PathLike | None) -> str:
 
 def read_sana_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor],
                          overrides: Mapping[str, Any] | None = None) -> SanaCheckpoint:
-    """Read and convert a checkpoint without building the model (the ComfyUI loader builds its own)."""
+    """Read and convert a checkpoint without building the model (the dtype can be chosen from it first)."""
     path = None if isinstance(source, Mapping) else Path(source)
     raw = dict(source) if path is None else read_state_dict(path)
     stripped = sana_keys.strip_prefix(raw)
@@ -187,13 +187,24 @@ def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def build_sana(checkpoint: SanaCheckpoint, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
+               operations: Any = None) -> SanaDiT:
+    """The model of a read checkpoint: built on meta, keys checked strictly, weights assigned.
+
+    ``dtype`` None keeps the checkpoint's dtype. ``operations`` are the host's layer classes
+    (ComfyUI's weight-casting ops); the default is ``torch.nn``.
+    """
+    return load_model(lambda: SanaDiT(checkpoint.config, operations=operations), checkpoint.state_dict,
+                      path=checkpoint.path, family=FAMILY, dtype=dtype or checkpoint.stored_dtype, device=device)
+
+
 def load_sana(source: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, *,
               device: str | torch.device = "cpu", overrides: Mapping[str, Any] | None = None) -> SanaDiT:
     """Load a Sana DiT from a file, a diffusers folder or a state dict (either key format).
 
+    The one load path: :func:`read_sana_checkpoint` then :func:`build_sana`, which the ComfyUI
+    loader node also calls (it only adds ComfyUI's layer classes and wraps the result).
     ``dtype`` None keeps the checkpoint's dtype. ``overrides`` sets config fields the weights cannot
     tell (``use_pe``, ``pe_base_size``, ``pe_interpolation``, ``cross_heads``, ``flow_shift``).
     """
-    ckpt = read_sana_checkpoint(source, overrides)
-    return load_model(lambda: SanaDiT(ckpt.config), ckpt.state_dict, path=ckpt.path, family=FAMILY,
-                      dtype=dtype or ckpt.stored_dtype, device=device)
+    return build_sana(read_sana_checkpoint(source, overrides), dtype, device=device)

@@ -22,7 +22,7 @@ from ..guards import check_step_finite
 
 NUM_TRAIN_TIMESTEPS = 1000
 
-__all__ = ["flow_sigmas", "sample_flow_dpm_solver", "sample_flow_euler", "shift_sigma"]
+__all__ = ["flow_sigmas", "sample_flow_dpm_solver", "sample_flow_euler", "shift_sigma", "start_noise"]
 
 
 def shift_sigma(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
@@ -58,6 +58,15 @@ def flow_sigmas(steps: int, shift: float = 3.0, *, kind: str = "dpm_solver", den
         raise ValueError(f"unknown sigma grid {kind!r}: use 'dpm_solver' or 'euler'")
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
     return sigmas[-(steps + 1):]
+
+
+def start_noise(noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Noise for a host that starts text-to-image at ``sigmas[0] * noise`` (k-diffusion, ComfyUI).
+
+    Sana starts from unit noise itself although its first sigma is ``shift(0.999)``, just below 1; so
+    the noise is divided by that sigma, and the host's product is Sana's start exactly.
+    """
+    return noise / sigmas[0]
 
 
 def _half_log_snr(sigma: float) -> float:

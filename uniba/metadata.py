@@ -1,4 +1,4 @@
-"""JSON round trips of model config dataclasses (stored in safetensors metadata by the converters)."""
+"""Config dataclasses as JSON, the form the converters store them in a safetensors file's metadata."""
 
 from __future__ import annotations
 

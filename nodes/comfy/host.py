@@ -1,20 +1,16 @@
-"""The one place that touches ComfyUI internals.
+"""What every node needs from ComfyUI, in host-neutral words, with a plain-torch fallback for each.
 
-Every ComfyUI import in the pack happens here, guarded, so the node classes and the engine
-import in a plain Python environment. Each function has a plain-torch fallback, so nodes and the
-CLI also run headless (tqdm progress, no-op cancel, free RAM as the budget).
-
-Other node modules that need a ComfyUI class (Sana's model base, the sampler wrapper) ask for it
-with :func:`comfy_module` instead of importing ``comfy`` themselves.
+Devices and dtypes, free memory, wrapping our ``nn.Module`` models in ComfyUI's ``ModelPatcher``,
+progress and Cancel, model folders, server routes and the out-of-memory test. The ComfyUI imports
+are guarded, so the pack imports and runs headless too (tqdm progress, no-op Cancel, free RAM as
+the budget, ``UNIBA_MODELS_DIR`` as the model folder).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -27,10 +23,12 @@ PACK_NAME = "ComfyUI-UniBA"
 
 try:  # pragma: no cover - exercised in the integration tier
     import comfy.model_management as _mm
+    import comfy.model_patcher as _model_patcher
     import comfy.utils as _cu
     import folder_paths as _fp
 except Exception:  # noqa: BLE001 - any failure means "not inside a usable ComfyUI"
     _mm = None
+    _model_patcher = None
     _cu = None
     _fp = None
 
@@ -41,15 +39,14 @@ INFDIT_FOLDER = "infdit"
 MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin"}
 
 
-class HostUnavailable(RuntimeError):
-    """A feature that only exists inside ComfyUI was used outside it."""
+class NeedsComfyUI(RuntimeError):
+    """Something only ComfyUI can do (a SAMPLER, ComfyUI's sampling, UNet hooks) was asked for headless."""
 
 
-def comfy_module(name: str) -> ModuleType:
-    """Import a ComfyUI module (``"comfy.model_base"``, ``"comfy.samplers"``...) or say why it can't."""
+def require_comfyui(what: str) -> None:
     if not IN_COMFYUI:
-        raise HostUnavailable(f"{name} is only available when this pack runs inside ComfyUI.")
-    return importlib.import_module(name)
+        raise NeedsComfyUI(f"{what} runs inside ComfyUI only; headless, use the engine (python -m uniba, the "
+                           "uniba package).")
 
 
 # --------------------------------------------------------------------------- devices and dtypes
@@ -81,6 +78,10 @@ def text_encoder_device() -> torch.device:
 
 def vae_device() -> torch.device:
     return _mm.vae_device() if IN_COMFYUI else torch_device()
+
+
+def vae_offload_device() -> torch.device:
+    return _mm.vae_offload_device() if IN_COMFYUI else torch.device("cpu")
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -127,12 +128,6 @@ def free_memory(device: torch.device | None = None) -> int:
     return device_free_bytes(device)
 
 
-def make_room(bytes_needed: int, device: torch.device | None = None) -> None:
-    """Ask ComfyUI to unload least-recently-used models until ``bytes_needed`` are free."""
-    if IN_COMFYUI:
-        _mm.free_memory(bytes_needed, device or torch_device())
-
-
 def is_oom(exc: BaseException) -> bool:
     """ComfyUI's ``OOM_EXCEPTION`` where it is specific, else the engine's own detection."""
     if IN_COMFYUI and _mm.OOM_EXCEPTION is not Exception and isinstance(exc, _mm.OOM_EXCEPTION):
@@ -163,13 +158,16 @@ class HeadlessPatcher:
 
 def wrap_model(model: torch.nn.Module, load_device: torch.device | None = None,
                offload: torch.device | None = None) -> Any:
-    """Wrap one of our ``nn.Module`` models so ComfyUI's manager loads and evicts it like its own."""
+    """Wrap a model so ComfyUI's manager loads and evicts it like its own (the one way the pack makes patchers).
+
+    Our engine models, transformers' Gemma and ComfyUI ``BaseModel`` subclasses all go through here,
+    so the patcher's ``model.device`` assignment is dealt with in one place.
+    """
     load_device = load_device or torch_device()
     offload = offload or offload_device()
     if IN_COMFYUI:
-        model_patcher = comfy_module("comfy.model_patcher")
         _allow_device_assignment(model)
-        return model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
+        return _model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
     return HeadlessPatcher(model.to(offload), load_device, offload)
 
 
@@ -308,24 +306,30 @@ def list_model_dirs(folder: str) -> list[str]:
     return sorted(set(found))
 
 
-def model_path(folder: str, name: str) -> str:
-    """Full path of a file or sub-folder chosen in a loader node; a clear error if it is gone."""
-    if os.path.isabs(name) and os.path.exists(name):
-        return name
+def _inside(name: str) -> bool:
+    """A name that stays inside its model folder: relative, no ``..`` component (symlinked files are fine)."""
+    normal = os.path.normpath(name.replace("\\", "/"))
+    return bool(name) and not os.path.isabs(name) and not os.path.splitdrive(name)[0] \
+        and normal != ".." and not normal.startswith("../")
+
+
+def model_path(folder: str, name: str, *, listed_only: bool = False) -> str:
+    """Full path of a file or sub-folder chosen in a loader node; a clear error if it is not there.
+
+    Only names inside the folder are looked up: an absolute path or a ``..`` gets the same
+    ``FileNotFoundError`` as a missing file, so a prompt or a route cannot reach other files.
+    ``listed_only`` also requires a name the folder's listing (:func:`list_models`) shows.
+    """
     bases = _fp.get_folder_paths(folder) if IN_COMFYUI else _headless_dirs(folder)
-    for base in bases:
-        candidate = os.path.join(base, name)
-        if os.path.exists(candidate):
-            return candidate
+    if _inside(name) and (not listed_only or name in list_models(folder)):
+        for base in bases:
+            candidate = os.path.join(base, name)
+            if os.path.exists(candidate):
+                return candidate
     raise FileNotFoundError(
         f"{name!r} is not in the '{folder}' model folder ({', '.join(bases) or 'none registered'}). "
         f"Put the file into models/{folder}/ and press 'Refresh' in ComfyUI."
     )
-
-
-def on_oom_retry_cleanup() -> Callable[[], None]:
-    """Cleanup to run between out-of-memory retries."""
-    return soft_empty_cache
 
 
 # --------------------------------------------------------------------------- server routes
@@ -335,9 +339,10 @@ def add_route(method: str, path: str, handler: Callable[..., Any]) -> bool:
     if not IN_COMFYUI:
         return False
     try:
-        server = importlib.import_module("server")
+        import server
+
         routes = server.PromptServer.instance.routes
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError):  # ComfyUI's modules without its server (tests, scripts)
         return False
     getattr(routes, method.lower())(path)(handler)
     return True

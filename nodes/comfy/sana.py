@@ -1,0 +1,270 @@
+"""Sana as native ComfyUI types: the MODEL around the engine's DiT, the DC-AE as a VAE, the flow samplers.
+
+* MODEL: ComfyUI's ``BaseModel`` with flow-matching ``CONST`` sampling at the release's shift and a
+  32-channel latent format, whose ``diffusion_model`` is the :class:`uniba.sana.model.SanaDiT` that
+  :func:`uniba.sana.loader.build_sana` loaded (the same load path as headless; ComfyUI only adds its
+  layer classes and wraps the result). Stock KSampler, SamplerCustom, previews and ModelSamplingSD3
+  work on it.
+* VAE: ``comfy.sd.VAE`` cannot detect a DC-AE from its keys, but represents one once its model and
+  ratios are set, so a subclass holds our DC-AE; stock VAEDecode/VAEEncode then run our tiling policy
+  (:func:`decode_images`, :func:`encode_images`), VAEDecodeTiled/VAEEncodeTiled ComfyUI's.
+* SAMPLER and the one-node sampler: the engine's k-diffusion-shaped samplers through ``KSAMPLER`` and
+  ``sample_custom``.
+
+Headless, the loaders return the engine model in a :class:`host.HeadlessPatcher` and a
+:class:`SanaVAE`; sampling needs ComfyUI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from uniba.sana.config import LATENT_CHANNELS, LATENT_SCALE, SanaConfig
+from uniba.sana.loader import SanaCheckpoint, build_sana
+from uniba.sana.sampling import start_noise
+from uniba.sana.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
+
+from . import host
+
+try:  # pragma: no cover - exercised in the integration tier
+    import comfy.conds
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.ops
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.utils
+    import latent_preview
+except Exception:  # noqa: BLE001 - not inside a usable ComfyUI: the headless fallbacks below apply
+    pass
+
+# Live-preview projection of the 32 latent channels to RGB. Colour-accurate factors must be fitted
+# on the real DC-AE decoder, which this project has not done yet; until then the preview is a
+# grey-scale view of the latent's mean over channels, which shows composition, not colour.
+PREVIEW_CHANNEL_WEIGHT = 0.15
+LATENT_RGB_FACTORS = [[PREVIEW_CHANNEL_WEIGHT] * 3 for _ in range(LATENT_CHANNELS)]
+LATENT_RGB_BIAS = [0.0, 0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- MODEL
+
+if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
+
+    class SanaLatentFormat(comfy.latent_formats.LatentFormat):
+        latent_channels = LATENT_CHANNELS
+        scale_factor = LATENT_SCALE
+
+        def __init__(self) -> None:
+            self.latent_rgb_factors = [list(row) for row in LATENT_RGB_FACTORS]
+            self.latent_rgb_factors_bias = list(LATENT_RGB_BIAS)
+
+    class SanaModelConfig(comfy.supported_models_base.BASE):
+        unet_config: dict[str, Any] = {}
+        unet_extra_config: dict[str, Any] = {}
+        latent_format = SanaLatentFormat
+        sampling_settings = {"shift": 3.0, "multiplier": 1000}
+        supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+        memory_usage_factor = 4.0
+
+        def __init__(self, sana_config: SanaConfig) -> None:
+            super().__init__({"sana_config": sana_config})
+            self.sampling_settings = {"shift": float(sana_config.flow_shift), "multiplier": 1000}
+
+        def model_type(self, state_dict: Any, prefix: str = "") -> Any:
+            return comfy.model_base.ModelType.FLOW
+
+    class SanaModel(comfy.model_base.BaseModel):
+        """ComfyUI's model base around an already loaded engine DiT."""
+
+        def __init__(self, model_config: Any, dit: torch.nn.Module) -> None:
+            super().__init__(model_config, comfy.model_base.ModelType.FLOW, unet_model=lambda **_: dit)
+            self.diffusion_model.compute_dtype = model_config.manual_cast_dtype
+
+        def extra_conds(self, **kwargs: Any) -> dict[str, Any]:
+            out = super().extra_conds(**kwargs)
+            cross_attn = kwargs.get("cross_attn", None)
+            if cross_attn is not None:
+                # regular (not cross-attn) cond: never padded to a common length, so the mask stays aligned
+                out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
+            mask = kwargs.get("attention_mask", None)
+            if mask is not None:
+                out["context_mask"] = comfy.conds.CONDRegular(mask)
+            return out
+
+
+def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype) -> Any:
+    """A MODEL of a read Sana checkpoint with weights in ``dtype`` (:func:`host.choose_dtype`'s choice).
+
+    Inside ComfyUI the DiT is built with ComfyUI's layer classes, which compute in the dtype the
+    device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``.
+    """
+    if not host.IN_COMFYUI:
+        return host.wrap_model(build_sana(checkpoint, dtype))
+    supported = [torch.bfloat16, torch.float16, torch.float32]
+    if checkpoint.stored_dtype == torch.bfloat16:
+        supported.remove(torch.float16)  # bf16 releases overflow in fp16 (sana.md §8.5)
+    manual_cast = comfy.model_management.unet_manual_cast(dtype, host.torch_device(), supported)
+    model_config = SanaModelConfig(checkpoint.config)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    dit = build_sana(checkpoint, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast))
+    return host.wrap_model(SanaModel(model_config, dit))
+
+
+# --------------------------------------------------------------------------- SAMPLER and sampling
+
+def ksampler(sample_fn: Callable[..., torch.Tensor]) -> Any:
+    """A SAMPLER (for SamplerCustom) running one of the engine's k-diffusion-shaped samplers."""
+    host.require_comfyui("A Sana SAMPLER")
+    return comfy.samplers.KSAMPLER(sample_fn)
+
+
+def model_shift(model: Any) -> float:
+    """The flow shift the MODEL samples with (the release's, or ModelSamplingSD3's)."""
+    return float(getattr(model.get_model_object("model_sampling"), "shift", 3.0))
+
+
+def sample(model: Any, latent: dict[str, Any], *, sample_fn: Callable[..., torch.Tensor], sigmas: torch.Tensor,
+           positive: Any, negative: Any, cfg: float, seed: int, text_to_image: bool) -> torch.Tensor:
+    """Run ComfyUI's ``sample_custom`` with an engine sampler: previews, progress and Cancel are ComfyUI's.
+
+    ``text_to_image`` (full denoise of an empty latent) starts from Sana's unit noise.
+    """
+    host.require_comfyui("SanaSampler")
+    samples = latent["samples"]
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    if text_to_image:
+        noise = start_noise(noise, sigmas)
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+    return comfy.sample.sample_custom(
+        model, noise, cfg, comfy.samplers.KSAMPLER(sample_fn), sigmas, positive, negative, samples,
+        noise_mask=latent.get("noise_mask"), callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+
+# --------------------------------------------------------------------------- VAE
+
+class SanaVAE:
+    """Headless stand-in for the ComfyUI VAE: the DC-AE and its (headless) patcher."""
+
+    def __init__(self, dcae: Any, patcher: Any) -> None:
+        self.dcae = dcae
+        self.patcher = patcher
+
+    def decode(self, samples: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
+        return decode_images(self, samples)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_images(self, pixels)
+
+
+def _dcae_of(vae: Any) -> Any:
+    dcae = getattr(vae, "dcae", None)
+    if dcae is None:
+        raise ValueError("This VAE is not a Sana DC-AE: load the DC-AE with 'Sana VAE Loader' "
+                         "(dc-ae-f32c32-sana-1.x in models/vae/).")
+    return dcae
+
+
+def _prepare_model(vae: Any, out_pixels: int, batch: int) -> tuple[Any, int]:
+    """Load the DC-AE on its device through the model manager; return it and the activation budget."""
+    dcae = _dcae_of(vae)
+    need = int(activation_bytes_per_pixel(dcae.config.decoder_widths, dcae.weight_dtype) * batch
+               * min(out_pixels, DEFAULT_TILE_PX**2))
+    model = host.load_to_device(vae.patcher, memory_required=need)
+    return model, host.free_memory(vae.patcher.load_device)
+
+
+def decode_images(vae: Any, samples: torch.Tensor, tile_size: int = 0, node_id: str | None = None) -> torch.Tensor:
+    """LATENT samples (unscaled) -> IMAGE (B, H, W, 3) in [0, 1] under the tiling policy."""
+    dcae = _dcae_of(vae)
+    ratio = dcae.spatial_ratio
+    model, budget = _prepare_model(vae, samples.shape[-2] * samples.shape[-1] * ratio * ratio, samples.shape[0])
+    progress = host.Progress(1, node_id=node_id, desc="DC-AE decode")
+    try:
+        images = model.decode(samples, tile_size=tile_size or None, budget_bytes=budget, progress=progress,
+                              output_device=host.intermediate_device(), is_oom=host.is_oom)
+    finally:
+        progress.close()
+    return (images * 0.5 + 0.5).clamp(0.0, 1.0).movedim(1, -1)
+
+
+def _crop_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
+    h, w = pixels.shape[1], pixels.shape[2]
+    nh, nw = h // multiple * multiple, w // multiple * multiple
+    if nh == 0 or nw == 0:
+        raise ValueError(f"the image is {w}x{h} px; the DC-AE needs at least {multiple}x{multiple}.")
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return pixels[:, top:top + nh, left:left + nw, :]
+
+
+def encode_images(vae: Any, pixels: torch.Tensor, tile_size: int = 0, node_id: str | None = None) -> torch.Tensor:
+    """IMAGE (B, H, W, C) in [0, 1] -> unscaled latents, center-cropped to multiples of 32 like ComfyUI's VAEs."""
+    dcae = _dcae_of(vae)
+    pixels = _crop_to_multiple(pixels[..., :3], dcae.spatial_ratio)
+    model, budget = _prepare_model(vae, pixels.shape[1] * pixels.shape[2], pixels.shape[0])
+    progress = host.Progress(1, node_id=node_id, desc="DC-AE encode")
+    try:
+        image = pixels.movedim(-1, 1) * 2.0 - 1.0
+        return model.encode(image, tile_size=tile_size or None, budget_bytes=budget, progress=progress,
+                            output_device=host.intermediate_device(), is_oom=host.is_oom)
+    finally:
+        progress.close()
+
+
+if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
+
+    class SanaDCAEVAE(comfy.sd.VAE):
+        """ComfyUI VAE around our DC-AE: stock VAE nodes work; VAEDecode/VAEEncode use our tiling policy."""
+
+        def __init__(self, dcae: Any) -> None:
+            try:
+                # ComfyUI's own defaults for every attribute this version uses: the cheapest branch
+                # of its constructor (a pixel-space "VAE"), then everything DC-AE specific is overridden.
+                super().__init__(sd={"pixel_space_vae": torch.tensor(1.0)})
+            except Exception:  # noqa: BLE001 - a newer ComfyUI without that branch: set the essentials below
+                pass
+            ratio = dcae.spatial_ratio
+            self.dcae = dcae
+            self.first_stage_model = dcae
+            self.latent_channels = dcae.config.latent_channels
+            self.latent_dim = 2
+            self.output_channels = 3
+            self.downscale_ratio = ratio
+            self.upscale_ratio = ratio
+            self.process_input = lambda image: image * 2.0 - 1.0
+            self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+            self.working_dtypes = [torch.bfloat16, torch.float32]
+            per_pixel = activation_bytes_per_pixel(dcae.config.decoder_widths, dcae.weight_dtype)
+            self.memory_used_decode = lambda shape, dtype: per_pixel * shape[0] * shape[2] * shape[3] * ratio * ratio
+            self.memory_used_encode = lambda shape, dtype: per_pixel * shape[0] * shape[2] * shape[3]
+            for name, value in (("disable_offload", False), ("not_video", False), ("crop_input", True),
+                                ("extra_1d_channel", None), ("downscale_index_formula", None),
+                                ("upscale_index_formula", None)):
+                if not hasattr(self, name):
+                    setattr(self, name, value)
+            self.vae_dtype = dcae.weight_dtype
+            self.output_device = host.intermediate_device()
+            self.patcher = host.wrap_model(dcae, host.vae_device(), host.vae_offload_device())
+            self.device = self.patcher.load_device
+
+        def decode(self, samples_in: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
+            return decode_images(self, samples_in)
+
+        def encode(self, pixel_samples: torch.Tensor) -> torch.Tensor:
+            return encode_images(self, pixel_samples)
+
+        def get_sd(self) -> dict:
+            return self.dcae.state_dict()
+
+
+def make_vae(dcae: Any) -> Any:
+    """A VAE of a loaded DC-AE: ComfyUI's VAE type inside ComfyUI, :class:`SanaVAE` headless."""
+    if host.IN_COMFYUI:
+        return SanaDCAEVAE(dcae)
+    return SanaVAE(dcae, host.wrap_model(dcae, host.vae_device(), host.vae_offload_device()))
