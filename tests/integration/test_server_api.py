@@ -68,11 +68,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         srv.stop()
 
 
-def _prompt(width_check: bool = True) -> dict:
-    image = INPUT if width_check else "too_small.png"
+def _prompt(model: str = CKPT) -> dict:
     return {
-        "1": {"class_type": "InfDiTLoader", "inputs": {"model_name": CKPT, "dtype": "auto"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "1": {"class_type": "InfDiTLoader", "inputs": {"model_name": model, "dtype": "auto"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": INPUT}},
         "3": {"class_type": "InfDiTUpscale", "inputs": {
             "model": ["1", 0], "image": ["2", 0], "scale": "4", "steps": 2, "seed": 3, "block_batch": "auto",
             "offload_cache": "auto", "color_match": "none"}},
@@ -144,18 +143,20 @@ def test_queued_prompt_reports_progress_and_serves_the_image(server) -> None:
 
     served = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.float32) / 255
     assert served.shape == (HEIGHT * 4, WIDTH * 4, 3)
-    # SaveImage rounds down to 8 bits: at most one step apart from the engine's float output
-    assert np.abs(served - _engine_output(server).numpy()).max() <= 1.001 / 255
+    # SaveImage truncates to 8 bits: one step, plus float noise between two processes' runs
+    assert np.abs(served - _engine_output(server).numpy()).max() <= 1.5 / 255
 
 
 def test_node_error_reaches_the_client_with_its_message(server) -> None:
-    from PIL import Image
+    from uniba.checkpoint import save_safetensors
 
-    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(server.base / "input" / "too_small.png")
-    _prompt_id, events = _queue_and_listen(server, _prompt(width_check=False))
+    save_safetensors({"foo.weight": torch.zeros(2, 2)}, server.base / "models" / "infdit" / "not_infdit.safetensors")
+    _prompt_id, events = _queue_and_listen(server, _prompt("not_infdit.safetensors"))
     errors = [e["data"] for e in events if e["type"] == "execution_error"]
     assert errors, [e["type"] for e in events]
-    assert errors[0]["node_type"] == "InfDiTUpscale" and "at least 32 px" in errors[0]["exception_message"]
+    message = errors[0]["exception_message"]
+    assert errors[0]["node_type"] == "InfDiTLoader" and "not_infdit.safetensors" in message, message
+    assert "is not an Inf-DiT checkpoint" in message and "mp_rank_00_model_states.pt" in message, message
 
 
 def test_invalid_input_is_refused_before_queueing(server) -> None:
