@@ -69,3 +69,65 @@ def test_cancel_propagates_from_the_progress_callback(models_dir, monkeypatch):
 def test_missing_model_file_says_where_to_put_it(models_dir):
     with pytest.raises(FileNotFoundError, match="models/infdit"):
         InfDiTLoader().load("nope.safetensors", "auto")
+
+
+class FakeKSampler:
+    """What ComfyUI's KSamplerSelect returns: a KSAMPLER holding a k-diffusion function and its options."""
+
+    def __init__(self, function, extra_options=None):
+        self.sampler_function = function
+        self.extra_options = extra_options or {}
+        self.inpaint_options = {}
+
+
+def comfy_style_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                s_noise=1.0, noise_sampler=None):
+    """Shaped like ComfyUI's sample_euler_ancestral: it inspects model_sampling where ComfyUI keeps it."""
+    assert not hasattr(model.inner_model.inner_model.model_sampling, "shift")  # not a flow model
+    sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
+    assert sampling.sigma_data == 0.5 and extra_args["seed"] >= 0
+    from uniba.infdit.sampling import sample_euler_ancestral
+
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise,
+                                  noise_sampler=noise_sampler)
+
+
+def test_optional_sampler_and_sigmas_inputs(models_dir):
+    from uniba.infdit.sampling import get_sigmas_karras, sample_dpmpp_2m
+
+    optional = InfDiTUpscale.INPUT_TYPES()["optional"]
+    assert optional["sampler"][0] == "SAMPLER" and optional["sigmas"][0] == "SIGMAS"
+    (patcher,) = InfDiTLoader().load("infdit_tiny.safetensors", "fp32")
+    image = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(0))
+    sigmas = get_sigmas_karras(3)
+    node = InfDiTUpscale()
+    ancestral = FakeKSampler(comfy_style_euler_ancestral)
+    (a,) = node.upscale(patcher, image, "4", 20, 7, "1", "off", "none", ancestral, sigmas)
+    (b,) = node.upscale(patcher, image, "4", 20, 7, "auto", "on", "none", ancestral, sigmas)
+    assert (a - b).abs().max() <= 1e-5  # seeded CPU noise: the same on every block batch
+    (c,) = node.upscale(patcher, image, "4", 20, 7, "1", "off", "none", FakeKSampler(comfy_style_euler_ancestral,
+                                                                                     {"eta": 0.0}), sigmas)
+    (d,) = node.upscale(patcher, image, "4", 3, 7, "1", "off", "none", FakeKSampler(sample_dpmpp_2m), None)
+    assert not torch.equal(a, c) and a.shape == c.shape == d.shape == (1, 128, 192, 3)
+
+
+def test_progress_counts_the_chosen_samplers_evaluations(models_dir, monkeypatch):
+    from uniba.infdit.sampling import get_sigmas_karras, sample_dpmpp_2m
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, total, node_id=None, desc=""):
+            seen.append(("total", total))
+
+        def __call__(self, done, total=None, preview=None):
+            seen.append((done, total))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(host, "Progress", Recorder)
+    (patcher,) = InfDiTLoader().load("infdit_tiny.safetensors", "fp32")
+    InfDiTUpscale().upscale(patcher, torch.rand(1, 32, 32, 3), "4", 20, 0, "2", "off", "none",
+                            FakeKSampler(sample_dpmpp_2m), get_sigmas_karras(5))
+    assert seen[0] == ("total", 5 * 4) and seen[-1] == (20, 20)  # 5 evaluations x 4 batches of 2x2 blocks

@@ -13,6 +13,8 @@ from uniba.infdit import PlanDoesNotFit, parse_block_batch, plan_upscale, releas
 from uniba.infdit.plan import block_cache_bytes, passes_for_scale, weights_bytes
 from uniba.memory import GIB
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KEYS = {"out_height", "out_width", "passes", "grid_rows", "grid_cols", "block_px", "traversal", "block_batch",
         "batches_per_step", "cache_bytes", "peak_bytes", "weights_bytes", "free_bytes", "fits", "offload_cache",
         "steps_model_evals", "evaluations", "block_order"}
@@ -137,3 +139,21 @@ def test_cli_refuses_a_plan_that_cannot_fit_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: Inf-DiT cannot upscale to 1024x1024 px within 1.00 MiB free") and "offload" in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_cli_upscale_takes_a_sampler_steps_or_preset(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from tiny_infdit import write_tiny_infdit
+
+    model = write_tiny_infdit(tmp_path)
+    src = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(1).random((16, 16, 3)) * 255).astype("uint8")).save(src)
+    outputs = {}
+    for name, extra in (("a", ["--sampler", "dpmpp_2m", "--steps", "3"]), ("c", ["--preset", "fast"]),
+                        ("d", ["--sampler", "dpmpp_2m", "--steps", "3", "--block-batch", "1x2"])):
+        dst = tmp_path / f"{name}.png"
+        assert main(["upscale", str(src), str(dst), "--model", str(model), *extra]) == 0
+        outputs[name] = np.asarray(Image.open(dst))
+    assert outputs["a"].shape == (64, 64, 3) and not np.array_equal(outputs["a"], outputs["c"])
+    assert np.abs(outputs["a"].astype(int) - outputs["d"]).max() <= 1  # any block batch: the same image

@@ -17,7 +17,8 @@ from . import __version__
 METHOD_CLIS = ("uniba.infdit.cli", "uniba.sana.cli", "uniba.hidiffusion.cli")
 
 BENCHMARKS = {
-    "infdit": ("uniba.infdit.bench", "Inf-DiT block-wise vs whole-canvas memory and time"),
+    "infdit": ("uniba.infdit.bench", "Inf-DiT block-wise vs whole-canvas memory and time; presets; bf16"),
+    "infdit-solvers": ("uniba.infdit.bench_solvers", "Inf-DiT samplers: distance to 200 Heun steps vs evaluations"),
     "sana": ("uniba.sana.bench", "Sana linear vs softmax attention scaling; Flow-DPM-Solver vs Flow-Euler"),
     "dcae": ("uniba.sana.bench_dcae", "DC-AE tiled vs untiled decode memory and time"),
     "load": ("uniba.bench_load", "load time and peak RSS per released checkpoint; --forward: bf16 vs fp32 smoke"),

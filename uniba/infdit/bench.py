@@ -1,4 +1,9 @@
-"""``python -m uniba bench infdit``: block-wise (UniBA) vs whole-canvas inference, memory and time.
+"""``python -m uniba bench infdit``: block-wise (UniBA) vs whole-canvas memory and time; presets; bf16.
+
+Three parts (``--only`` picks one): **memory** (below), **presets** (the default = the reference's
+Heun 20, the fast preset and Heun 10, timed side by side in one process on the mid-size config, with
+their distance to a 200-step solution) and **precision** (the golden tiny model's 20-step sample in
+bf16 and fp32 against the reference's float64 result).
 
 A mid-size random Inf-DiT (same architecture, smaller widths) upsamples three output sizes, each
 side twice the previous one. Every measurement runs in a fresh subprocess (so one run cannot
@@ -97,15 +102,96 @@ def _estimate(side: int, block_batch: int | None) -> int:
     return denoiser_call_bytes(config, (grid, grid), (n, n), "row-major", False, torch.float32)
 
 
+def _presets(side: int, accuracy_side: int, block_batch: int, repeats: int) -> None:
+    """Default (Heun 20) vs fast preset vs Heun 10: seconds side by side, evaluations, accuracy."""
+    from .bench_solvers import _mid_problem, measure
+    from .sampling import FAST_PRESET, REFERENCE_PRESET, SAMPLERS, count_evaluations, get_sigmas_karras
+
+    presets = [("default (reference)", REFERENCE_PRESET), ("fast preset", FAST_PRESET), ("Heun 10", ("heun", 10))]
+    accuracy = {(r["sampler"], r["steps"]): r for r in measure([_mid_problem(accuracy_side)],
+                                                               [key for _, key in presets])}
+    _, model, lr, vector, noise = _mid_problem(side)
+    seconds = {key: float("inf") for _, key in presets}
+    from .upscale import sample_canvas
+
+    for _ in range(repeats):  # interleaved, best of: the machine's load drifts during a run
+        for _, key in presets:
+            start = time.perf_counter()
+            sample_canvas(model, lr, clip_embedding=vector, noise=noise, sampler=SAMPLERS[key[0]],
+                          sigmas=get_sigmas_karras(key[1]), block_batch=block_batch)
+            seconds[key] = min(seconds[key], time.perf_counter() - start)
+    base_key = REFERENCE_PRESET
+    base_evals = count_evaluations(SAMPLERS[base_key[0]], get_sigmas_karras(base_key[1]))
+    print(f"\npresets on the mid-size config: {side}x{side} px, block batch {block_batch}, best of {repeats}; "
+          f"accuracy vs a 200-step Heun solution at {accuracy_side}x{accuracy_side} px (random weights: a proxy)")
+    header = (f"{'preset':<20} {'sampler':<9} {'steps':>5} {'evals':>5} {'seconds':>8} {'time ratio':>10} "
+              f"{'eval ratio':>10} {'rel L2':>9} {'max abs':>9}")
+    print(header)
+    print("-" * len(header))
+    for label, key in presets:
+        evals = count_evaluations(SAMPLERS[key[0]], get_sigmas_karras(key[1]))
+        acc = accuracy[key]
+        print(f"{label:<20} {key[0]:<9} {key[1]:>5} {evals:>5} {seconds[key]:>8.2f} "
+              f"{seconds[base_key] / seconds[key]:>9.2f}x {base_evals / evals:>9.2f}x {acc['rel_l2']:>9.2e} "
+              f"{acc['max_abs']:>9.2e}")
+    fast_evals = count_evaluations(SAMPLERS[FAST_PRESET[0]], get_sigmas_karras(FAST_PRESET[1]))
+    measured = seconds[base_key] / seconds[FAST_PRESET]
+    print(f"expected speed-up of the fast preset at any size (4096 px included): {base_evals}/{fast_evals} "
+          f"evaluations = {base_evals / fast_evals:.1f}x; measured here {measured:.2f}x")
+
+
+def _precision() -> None:
+    """The golden tiny model's 20-step sample in fp32 and bf16 against the reference's float64 result."""
+    from safetensors.torch import load_file
+
+    from .bench_solvers import GOLDEN
+    from .loader import load_infdit
+    from .upscale import sample_canvas
+
+    if not GOLDEN.exists():
+        print(f"\n(precision: golden tiny model not found at {GOLDEN})")
+        return
+    golden = {k[len("golden."):]: v for k, v in load_file(str(GOLDEN)).items() if k.startswith("golden.")}
+    reference = golden["sample_out_fp64"].double()
+    print("\nprecision: golden tiny model, 20 Heun steps (39 evaluations), vs the reference's float64 sample "
+          f"(values up to {reference.abs().max().item():.2f})")
+    rows = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = load_infdit(GOLDEN, dtype=dtype)
+        out = sample_canvas(model, golden["lr_image"], clip_embedding=golden["vector"], noise=golden["noise"],
+                            block_batch=2).double()
+        diff = out - reference
+        rows[name] = (diff.abs().max().item(), (diff.norm() / reference.norm()).item())
+        print(f"  {name}: max abs {rows[name][0]:.2e}, relative L2 {rows[name][1]:.2e}")
+    diff = rows["bf16"]
+    print(f"  bf16 vs fp32: the bf16 error is {diff[1] / max(rows['fp32'][1], 1e-30):.0f}x the fp32 one "
+          "(bf16 keeps 8 mantissa bits; the sampler state stays float32)")
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniba bench infdit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("memory", "presets", "precision"), help="run one part only")
+    parser.add_argument("--preset-side", type=int, default=256, help="output side of the preset timing (px)")
     parser.add_argument("--sides", type=int, nargs=3, default=DEFAULT_SIDES, help="three output sides in px")
     parser.add_argument("--block-batch", type=int, default=2, help="n for the block-wise runs (n x n blocks)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared CPU more threads only add contention)")
     parser.add_argument("--repeats", type=int, default=1, help="time each measurement this many times (best of)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.only in (None, "memory"):
+        code = _memory(args)
+        if code:
+            return code
+    if args.only in (None, "presets"):
+        _presets(args.preset_side, 128, args.block_batch, max(1, args.repeats))
+    if args.only in (None, "precision"):
+        _precision()
+    return 0
+
+
+def _memory(args: argparse.Namespace) -> int:
     if not os.path.exists("/proc/self/clear_refs"):
         print("this benchmark measures peak RSS through /proc (Linux only)", file=sys.stderr)
         return 2

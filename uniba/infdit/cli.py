@@ -10,7 +10,7 @@ import re
 import torch
 
 from ..cli_io import memory_size, positive_int, seed_int
-from .sampling import SAMPLERS
+from .sampling import FAST_PRESET, PRESETS, SAMPLERS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -93,7 +93,8 @@ def _upscale(args: argparse.Namespace) -> int:
     if config.clip is None and not args.clip:
         raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
     dtype = _DTYPES.get(args.dtype) if args.dtype != "auto" else default_dtype(device)
-    sampler, sigmas = named_sampler(args.sampler), get_sigmas_karras(args.steps)
+    name, steps = PRESETS[args.preset] if args.preset else (args.sampler, args.steps)
+    sampler, sigmas = named_sampler(name), get_sigmas_karras(steps)
     free = args.vram if args.vram else device_free_bytes(device)
     # one plan, checked before the weights load; the upscale runs exactly this plan
     plan = plan_upscale(config, image.shape[-2], image.shape[-1], args.scale, free,
@@ -173,6 +174,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="heun = the reference (2 evaluations per step); the others take 1 per step")
     up.add_argument("--steps", type=positive_int, default=20,
                     help="steps of the Karras schedule (default 20 = reference)")
+    up.add_argument("--preset", choices=tuple(PRESETS),
+                    help=f"instead of --sampler/--steps: reference = heun 20 (39 evaluations), fast = "
+                         f"{FAST_PRESET[0]} {FAST_PRESET[1]} ({FAST_PRESET[1]} evaluations)")
     up.add_argument("--seed", type=seed_int, default=0)
     up.add_argument("--dtype", default="auto", choices=("auto",) + tuple(_DTYPES))
     up.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")

@@ -334,6 +334,14 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
+# (sampler, steps). The reference: EDM Heun, 20 steps = 39 evaluations. The fast preset: the cheapest
+# candidate of ``python -m uniba bench infdit-solvers`` at least as close to a 200-step solution as the
+# reference on both benchmark models (README, "Fewer evaluations").
+REFERENCE_PRESET = ("heun", 20)
+FAST_PRESET = ("dpmpp_3m", 16)
+PRESETS = {"reference": REFERENCE_PRESET, "fast": FAST_PRESET}
+
+
 def named_sampler(name: str) -> Sampler:
     try:
         return SAMPLERS[name]
