@@ -146,7 +146,10 @@ def is_oom(exc: BaseException) -> bool:
     clears the queued CUDA error before the retry; older hosts: their ``OOM_EXCEPTION``. Then the engine's own
     detection (the CPU allocator's failure, which neither knows)."""
     if IN_COMFYUI:
-        host_check = getattr(_mm, "is_oom", None)
+        try:
+            host_check = _mm.is_oom
+        except AttributeError:  # hosts before it (0.3.x)
+            host_check = None
         if host_check is not None:
             if host_check(exc):
                 return True
@@ -189,7 +192,10 @@ def wrap_model(model: torch.nn.Module, load_device: torch.device | None = None,
         _allow_device_assignment(model)
         # the host's patcher for its own models: ModelPatcherDynamic where Dynamic VRAM is on (weights paged in
         # on demand, no forced eviction of core models), the legacy ModelPatcher elsewhere
-        patcher_class = getattr(_model_patcher, "CoreModelPatcher", _model_patcher.ModelPatcher)
+        try:
+            patcher_class = _model_patcher.CoreModelPatcher
+        except AttributeError:  # hosts before Dynamic VRAM
+            patcher_class = _model_patcher.ModelPatcher
         patcher = patcher_class(model, load_device=load_device, offload_device=offload)
         if hasattr(patcher, "cached_patcher_init"):
             # how core makes a non-dynamic twin (clone(disable_dynamic=True): hooked conds, multi-GPU); our

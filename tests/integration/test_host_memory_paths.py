@@ -30,9 +30,10 @@ def test_models_are_wrapped_by_the_hosts_core_patcher(host, monkeypatch) -> None
     import comfy.model_patcher as mp
 
     model = torch.nn.Linear(4, 4)
-    dynamic = getattr(mp, "ModelPatcherDynamic", None)
-    if dynamic is not None:  # what main.py binds when comfy-aimdo starts (never with --cpu)
-        monkeypatch.setattr(mp, "CoreModelPatcher", dynamic)
+    try:  # what main.py binds as CoreModelPatcher when comfy-aimdo starts (never with --cpu)
+        monkeypatch.setattr(mp, "CoreModelPatcher", mp.ModelPatcherDynamic)
+    except AttributeError:  # hosts before Dynamic VRAM
+        pass
     patcher = host.wrap_model(model, torch.device("cpu"), torch.device("cpu"))
     # on a CPU load device the dynamic class itself hands back a legacy patcher, as for core's own models
     assert type(patcher) is mp.ModelPatcher and patcher.model is model
