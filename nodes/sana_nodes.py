@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from uniba.sana.config import LATENT_CHANNELS, LATENT_DOWNSCALE, latent_shape, resolution_presets
+from uniba.guards import check_sana_conditioning_input, check_sana_empty_latent, check_sana_latent, check_sana_sampling
+from uniba.sana.config import LATENT_DOWNSCALE, latent_shape, resolution_presets
 from uniba.sana.loader import read_sana_checkpoint
 from uniba.sana.sampling import flow_sigmas, sample_flow_dpm_solver, sample_flow_euler
 
@@ -21,10 +22,6 @@ CATEGORY = "UniBA/Sana"
 RESOLUTION_PRESETS = {"custom": (0, 0), **resolution_presets()}
 SAMPLER_FUNCTIONS = {"flow_dpm_solver": sample_flow_dpm_solver, "flow_euler": sample_flow_euler}
 SIGMA_KIND = {"flow_dpm_solver": "dpm_solver", "flow_euler": "euler"}
-
-SD_LATENT_HINT = ("Sana works on the 32-channel DC-AE latent at 1/32 of the image size; this latent has {c} "
-                  "channels (an SD/SDXL latent?). Start from 'SanaEmptyLatent' or encode the image with the Sana "
-                  "DC-AE encoder node.")
 
 
 def _diffusion_model_choices() -> list[str]:
@@ -113,7 +110,10 @@ class SanaEmptyLatent:
                 raise ValueError(f"unknown Sana resolution preset {preset!r}; choose one of the listed ones or "
                                  "'custom'")
             width, height = RESOLUTION_PRESETS[preset]
-        return ({"samples": torch.zeros(latent_shape(width, height, batch_size), device=host.intermediate_device())},)
+        device = host.intermediate_device()
+        # refused with the figures before torch.zeros tries (16384 px x 4096 would ask for 137 GB)
+        check_sana_empty_latent(batch_size, width, height, host.free_memory(device))
+        return ({"samples": torch.zeros(latent_shape(width, height, batch_size), device=device)},)
 
 
 class SanaSampler:
@@ -142,9 +142,14 @@ class SanaSampler:
 
     def sample(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, steps: int,
                cfg: float, solver: str, shift: float, denoise: float) -> tuple[dict[str, Any]]:
-        samples = latent_image["samples"]
-        if samples.ndim != 4 or samples.shape[1] != LATENT_CHANNELS:
-            raise ValueError(SD_LATENT_HINT.format(c=samples.shape[1] if samples.ndim > 1 else "?"))
+        samples = check_sana_latent(latent_image.get("samples") if isinstance(latent_image, dict) else None,
+                                    "latent_image")
+        check_sana_conditioning_input(positive, "positive", samples.shape[0])
+        check_sana_conditioning_input(negative, "negative", samples.shape[0])
+        config = _dit_config(model)
+        if config is not None:  # a lower bound against all the device's memory: refused work could never run
+            check_sana_sampling(samples, host.total_memory(getattr(model, "load_device", None)),
+                                hidden_size=config.hidden_size, mlp_ratio=config.mlp_ratio, cfg=cfg != 1.0)
         if solver not in SAMPLER_FUNCTIONS:
             raise ValueError(f"solver must be one of {', '.join(SAMPLER_FUNCTIONS)}, got {solver!r}")
         out = dict(latent_image)
@@ -158,6 +163,16 @@ class SanaSampler:
                                            text_to_image=denoise >= 1.0 and not samples.any())
         out.pop("downscale_ratio_spacial", None)
         return (out,)
+
+
+def _dit_config(model: Any) -> Any:
+    """The engine config of the DiT inside a MODEL (ComfyUI's patcher or the headless one), or None."""
+    inner = getattr(model, "model", None)
+    for candidate in (getattr(inner, "diffusion_model", None), inner):
+        config = getattr(candidate, "config", None)
+        if hasattr(config, "hidden_size") and hasattr(config, "mlp_ratio"):
+            return config
+    return None
 
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {

@@ -182,3 +182,10 @@ def test_readout_explains_a_peak_above_the_free_figure() -> None:
     text = plan.describe()
     assert "(already loaded, so not part of the 3.00 GiB free)" in text and "the work fits" in text
     assert "1 batches" not in text and "1 passes" not in text
+
+
+def test_plan_dict_carries_the_description_for_the_route_and_readout() -> None:
+    plan = plan_upscale(release_config(), 512, 512, 4, 3 * GIB, weights_resident=True)
+    data = plan.to_dict()
+    assert data["description"] == plan.describe()
+    json.dumps(data)  # the route sends it as JSON

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from uniba.guards import check_context_mask, check_finite, check_sana_conditioning, check_sana_latent
 from uniba.sana.config import LATENT_CHANNELS, LATENT_SCALE, SanaConfig
 from uniba.sana.loader import SanaCheckpoint, build_sana
 from uniba.sana.sampling import start_noise
@@ -93,6 +94,9 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             out = super().extra_conds(**kwargs)
             cross_attn = kwargs.get("cross_attn", None)
             if cross_attn is not None:
+                # SD/SDXL CLIP conditioning from the stock CLIPTextEncode: one clear error, not a matmul failure
+                check_sana_conditioning(cross_attn, "conditioning (positive/negative)")
+                check_context_mask(cross_attn, kwargs.get("attention_mask", None), "conditioning (positive/negative)")
                 # regular (not cross-attn) cond: never padded to a common length, so the mask stays aligned
                 out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
             mask = kwargs.get("attention_mask", None)
@@ -186,6 +190,7 @@ def _prepare_model(vae: Any, out_pixels: int, batch: int) -> tuple[Any, int]:
 def decode_images(vae: Any, samples: torch.Tensor, tile_size: int = 0, node_id: str | None = None) -> torch.Tensor:
     """LATENT samples (unscaled) -> IMAGE (B, H, W, 3) in [0, 1] under the tiling policy."""
     dcae = _dcae_of(vae)
+    check_sana_latent(samples, "samples", channels=getattr(getattr(dcae, "config", None), "latent_channels", 32))
     ratio = dcae.spatial_ratio
     model, budget = _prepare_model(vae, samples.shape[-2] * samples.shape[-1] * ratio * ratio, samples.shape[0])
     progress = host.Progress(1, node_id=node_id, desc="DC-AE decode")
@@ -194,6 +199,8 @@ def decode_images(vae: Any, samples: torch.Tensor, tile_size: int = 0, node_id: 
                               output_device=host.intermediate_device(), is_oom=host.is_oom)
     finally:
         progress.close()
+    # clamp() keeps NaN and SaveImage writes it as black: refuse it here, named
+    check_finite(images, "Sana VAE decode output", "Decode in float32 or bfloat16 (fp16 overflows in the DC-AE).")
     return (images * 0.5 + 0.5).clamp(0.0, 1.0).movedim(1, -1)
 
 
@@ -209,6 +216,7 @@ def _crop_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
 def encode_images(vae: Any, pixels: torch.Tensor, tile_size: int = 0, node_id: str | None = None) -> torch.Tensor:
     """IMAGE (B, H, W, C) in [0, 1] -> unscaled latents, center-cropped to multiples of 32 like ComfyUI's VAEs."""
     dcae = _dcae_of(vae)
+    check_finite(pixels, "image (VAE encode input)")
     pixels = _crop_to_multiple(pixels[..., :3], dcae.spatial_ratio)
     model, budget = _prepare_model(vae, pixels.shape[1] * pixels.shape[2], pixels.shape[0])
     progress = host.Progress(1, node_id=node_id, desc="DC-AE encode")

@@ -173,6 +173,8 @@ class UpscalePlan:
         data["block_batch"] = list(self.block_batch)
         data["steps_model_evals"] = self.evaluations  # the name older web extensions read
         data.update(self.extras)
+        # the plan in words (figures, warnings, what to change): the route and readout show it as is
+        data["description"] = self.describe()
         return data
 
     def describe(self) -> str:
