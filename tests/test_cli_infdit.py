@@ -189,3 +189,23 @@ def test_plan_dict_carries_the_description_for_the_route_and_readout() -> None:
     data = plan.to_dict()
     assert data["description"] == plan.describe()
     json.dumps(data)  # the route sends it as JSON
+
+
+def test_absurd_sizes_are_refused_at_once() -> None:
+    """Run in a daemon thread with a timeout: a regression must fail, not hang the suite."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            plan_upscale(release_config(), 25_000_000, 25_000_000, 4, GIB)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "planning a 10^8 px side did not return within 20 s"
+    assert isinstance(outcome[0], ValueError) and "Inf-DiT plans at most 65536 px a side" in str(outcome[0])

@@ -38,6 +38,9 @@ STATE_CANVASES = 20  # float32 values per output pixel held by the Heun sampler 
 SAFETY_FRACTION = 0.1
 MAX_BLOCK_BATCH = 16
 SCALES = (2, 4, 8, 16)
+# Largest output side planned (512 blocks of the release): bounds the planner's work for any request,
+# including the route's; RoPE positions already wrap past 4096 px.
+MAX_OUTPUT_SIDE = 65536
 
 __all__ = ["UpscalePlan", "PlanDoesNotFit", "plan_upscale", "parse_block_batch", "release_config", "config_for_file",
            "passes_for_scale", "min_input_side"]
@@ -300,6 +303,11 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
 
     if min(lr_height, lr_width) < 1:
         raise ValueError(f"the input is {lr_width}x{lr_height} px: it has no pixels")
+    if max(lr_height, lr_width) * int(scale) > MAX_OUTPUT_SIDE:
+        # the block order alone would take hours and gigabytes; past 4096 px RoPE positions wrap anyway
+        raise ValueError(f"the output would be {lr_width * int(scale)}x{lr_height * int(scale)} px; Inf-DiT plans "
+                         f"at most {MAX_OUTPUT_SIDE} px a side. Upscale a smaller image or region, or use a smaller "
+                         "scale.")
     if offload_cache not in ("auto", "on", "off"):
         raise ValueError(f"offload_cache must be auto, on or off, got {offload_cache!r}")
     requested = parse_block_batch(block_batch)
