@@ -94,7 +94,8 @@ class InfDiTUpscale:
         sampler_fn, schedule = resolve_sampling(sampler, sigmas, int(steps))
         lr_h, lr_w = int(image.shape[1]), int(image.shape[2])
         # the one plan of this run: the progress total, the memory request and the batches all come from it
-        plan = plan_upscale(module.config, lr_h, lr_w, int(scale), host.free_memory(device), block_batch=block_batch,
+        plan = plan_upscale(module.config, lr_h, lr_w, int(scale), host.free_memory(device, patcher=model),
+                            block_batch=block_batch,
                             offload_cache=offload_cache, dtype=module.dtype, weights_resident=True,
                             evaluations=count_evaluations(sampler_fn, schedule))
         plan.check_fits()

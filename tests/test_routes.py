@@ -132,7 +132,7 @@ def test_route_offers_exactly_the_node_choices() -> None:
 def test_node_runs_the_plan_the_route_shows(models_dir, monkeypatch) -> None:
     write_tiny_infdit(models_dir / "infdit", "tiny.safetensors")
     free = 2 * GIB
-    monkeypatch.setattr(infdit_nodes.host, "free_memory", lambda device=None: free)
+    monkeypatch.setattr(infdit_nodes.host, "free_memory", lambda device=None, patcher=None: free)
     seen = []
     real = infdit_nodes.plan_upscale
 

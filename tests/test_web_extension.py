@@ -1,9 +1,13 @@
-"""The frontend extension: its pure logic under Node's built-in test runner, its files parse as ES modules."""
+"""The frontend extension: its pure logic under Node's built-in test runner, its files parse as ES modules, and
+it type-checks against the frontend's published TypeScript definitions (so frontend API drift fails here)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
 NODE = shutil.which("node")
+NPM = shutil.which("npm")
+# The newest @comfyorg/comfyui-frontend-types whose npm dependencies all resolve (1.53-1.55 need an unpublished
+# @comfyorg/comfyui-desktop-bridge-types); its API is the one frontend 1.45-1.58 ships.
+FRONTEND_TYPES = os.environ.get("UNIBA_FRONTEND_TYPES", "1.45.6")
+TYPESCRIPT = "5.9.3"
+TYPES_CACHE = Path(os.environ.get("UNIBA_WEB_TYPES_CACHE", Path.home() / ".cache" / "uniba-web-types"))
 
 pytestmark = pytest.mark.skipif(NODE is None, reason="Node.js is not installed (the web tests need `node`)")
 
@@ -37,3 +47,58 @@ def test_extension_imports_only_what_comfyui_serves() -> None:
     assert 'from "./uniba_logic.js"' in source
     logic = (WEB / "js" / "uniba_logic.js").read_text(encoding="utf-8")
     assert "import " not in logic.split("export", 1)[0], "the pure logic must not import anything"
+
+
+def _typescript_with_frontend_types() -> Path:
+    """tsc with the frontend types, installed once into a cache folder outside the repo; skip without a registry."""
+    if NPM is None:
+        pytest.skip("npm is not installed (the type check installs typescript and the frontend types with it)")
+    target = TYPES_CACHE / f"frontend-types-{FRONTEND_TYPES}-ts-{TYPESCRIPT}"
+    tsc = target / "node_modules" / ".bin" / "tsc"
+    if tsc.is_file():
+        return tsc
+    TYPES_CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="install-", dir=TYPES_CACHE))
+    packages = [f"typescript@{TYPESCRIPT}", f"@comfyorg/comfyui-frontend-types@{FRONTEND_TYPES}", "vue@3", "zod@3"]
+    try:
+        out = subprocess.run([NPM, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(staging),
+                              *packages], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(staging, ignore_errors=True)
+        pytest.skip("npm install of the frontend types timed out (no registry?)")
+    if out.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        pytest.skip(f"npm could not install {' '.join(packages)} (no registry?): {out.stderr.strip()[-400:]}")
+    try:
+        staging.rename(target)  # atomic: a concurrent run either sees the whole install or none
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another run won the race
+    return tsc
+
+
+def test_extension_type_checks_against_the_frontend_types(tmp_path: Path) -> None:
+    tsc = _typescript_with_frontend_types()
+    types = tsc.parents[1] / "@comfyorg" / "comfyui-frontend-types" / "index.d.ts"
+    # the extension as ComfyUI serves it: /extensions/<pack>/js/*.js beside the app's /scripts/{app,api}.js shims
+    js = tmp_path / "extensions" / "pack" / "js"
+    js.mkdir(parents=True)
+    for script in (WEB / "js").glob("*.js"):
+        shutil.copy(script, js / script.name)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "app.d.ts").write_text('import type { ComfyApp } from "@comfyorg/comfyui-frontend-types";\n'
+                                      "export declare const app: ComfyApp;\n")
+    (scripts / "api.d.ts").write_text('import type { ComfyApi } from "@comfyorg/comfyui-frontend-types";\n'
+                                      "export declare const api: ComfyApi;\n")
+    config = {
+        "compilerOptions": {
+            "allowJs": True, "checkJs": True, "noEmit": True, "strict": False, "target": "ES2022",
+            "module": "ESNext", "moduleResolution": "bundler", "skipLibCheck": True, "lib": ["ES2022", "DOM"],
+            "types": [], "paths": {"@comfyorg/comfyui-frontend-types": [str(types)]},
+        },
+        "files": [str(p.relative_to(tmp_path)) for p in sorted(js.glob("*.js"))],
+    }
+    (tmp_path / "tsconfig.json").write_text(json.dumps(config))
+    out = subprocess.run([NODE, str(tsc), "-p", "tsconfig.json"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, f"tsc --checkJs against frontend types {FRONTEND_TYPES}:\n{out.stdout[-4000:]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import uuid
 
 import pytest
@@ -56,6 +57,38 @@ def test_workflow_has_a_note_naming_models_and_downloads(name: str, defs: dict) 
         assert "models/diffusion_models" in text and "models/text_encoders" in text and "models/vae" in text
     if any(n["type"] == "CheckpointLoaderSimple" for n in workflow["nodes"]):
         assert "models/checkpoints" in text
+
+
+RELEASE_FILES = {  # what a user downloads, as the notes say; the loader must preselect exactly that
+    "InfDiTLoader": ("model_name", "mp_rank_00_model_states.pt", "infdit"),
+    "SanaTextEncoderLoader": ("model_name", "gemma-2-2b-it", "text_encoders"),
+    "SanaVAELoader": ("vae_name", "dc-ae-f32c32-sana-1.1.safetensors", "vae"),
+    "CheckpointLoaderSimple": ("ckpt_name", "sd_xl_base_1.0.safetensors", "checkpoints"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_loaders_preselect_the_release_files_and_declare_their_download(name: str, defs: dict) -> None:
+    workflow = _load(name)
+    note = next(n for n in workflow["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+    loaders = [n for n in workflow["nodes"] if n["type"].endswith("Loader") or n["type"] == "CheckpointLoaderSimple"]
+    assert loaders
+    for node in loaders:
+        chosen = wt.widget_values_by_name(node, defs[node["type"]])
+        if node["type"] == "SanaDiTLoader":
+            widget, directory = "unet_name", "diffusion_models"
+            expected = chosen[widget]
+            assert re.fullmatch(r"Sana_1600M_(1024px|4Kpx)_BF16\.pth", expected), expected
+        else:
+            widget, expected, directory = RELEASE_FILES[node["type"]]
+        assert chosen[widget] == expected, (node["type"], chosen[widget])
+        assert f"`{expected}`" in note or expected in note, f"the note does not name {expected}"
+        models = node["properties"]["models"]
+        assert models == [{"name": expected, "url": models[0]["url"], "directory": directory}], models
+        assert models[0]["url"].startswith("https://")
+        if expected.endswith(".safetensors") or expected.endswith(".pth"):
+            # a direct file link the frontend can download (Inf-DiT and the Gemma folder link to their pages)
+            assert "/resolve/main/" in models[0]["url"], models[0]["url"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -24,9 +24,27 @@ SANA_1K = "Sana_1600M_1024px_BF16.pth"
 SANA_4K = "Sana_1600M_4Kpx_BF16.pth"
 GEMMA = "gemma-2-2b-it"
 DCAE = "dc-ae-f32c32-sana-1.1.safetensors"
-INFDIT = "Inf-DiT.safetensors"
+INFDIT = "mp_rank_00_model_states.pt"  # the released file name (see INFDIT_NOTE)
 ROW2 = 640  # y of the second row: decode, preview, upscale, save
 SDXL = "sd_xl_base_1.0.safetensors"
+
+# properties.models of every loader: newer frontends check the preselected file and offer its download
+# (name = the file name the loader expects, url = where it comes from, directory = the ComfyUI model folder).
+# Inf-DiT has no direct file link (Tsinghua cloud, linked from the README) and Gemma-2 is a whole folder: their
+# url is the page the note sends users to, which the frontend shows instead of "Unknown".
+HF = "https://huggingface.co"
+MODEL_DOWNLOADS: dict[str, tuple[str, str]] = {
+    SANA_1K: (f"{HF}/Efficient-Large-Model/Sana_1600M_1024px_BF16/resolve/main/checkpoints/{SANA_1K}",
+              "diffusion_models"),
+    SANA_4K: (f"{HF}/Efficient-Large-Model/Sana_1600M_4Kpx_BF16/resolve/main/checkpoints/{SANA_4K}",
+              "diffusion_models"),
+    GEMMA: (f"{HF}/Efficient-Large-Model/gemma-2-2b-it", "text_encoders"),
+    DCAE: (f"{HF}/mit-han-lab/dc-ae-f32c32-sana-1.1/resolve/main/model.safetensors", "vae"),
+    INFDIT: ("https://github.com/zai-org/Inf-DiT", "infdit"),
+    SDXL: (f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/{SDXL}", "checkpoints"),
+}
+LOADER_WIDGETS = {"SanaDiTLoader": "unet_name", "SanaTextEncoderLoader": "model_name", "SanaVAELoader": "vae_name",
+                  "InfDiTLoader": "model_name", "CheckpointLoaderSimple": "ckpt_name"}
 
 PROMPT = ("A cozy alpine village at dawn, snow on the roofs, warm light in the windows, a frozen lake in the "
           "foreground reflecting the mountains, ultra detailed, sharp focus, 8k photograph")
@@ -192,6 +210,10 @@ def build(name: str, spec: list[N], defs: dict[str, Any]) -> dict[str, Any]:
                  "size": list(node.size or (340, height)), "flags": {}, "order": order, "mode": 0,
                  "inputs": inputs_of[node.id], "outputs": outputs,
                  "properties": {"Node name for S&R": node.type}, "widgets_values": values}
+        if node.type in LOADER_WIDGETS:
+            file_name = node.widgets[LOADER_WIDGETS[node.type]]
+            url, directory = MODEL_DOWNLOADS[file_name]
+            entry["properties"]["models"] = [{"name": file_name, "url": url, "directory": directory}]
         if node.title:
             entry["title"] = node.title
         nodes.append(entry)

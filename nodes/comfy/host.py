@@ -75,7 +75,15 @@ def intermediate_device() -> torch.device:
 
 
 def text_encoder_device() -> torch.device:
-    return _mm.text_encoder_device() if IN_COMFYUI else torch_device()
+    """Where Gemma-2 runs. ``--lowvram``/``--novram`` keep it on the offload device: newer hosts answer the
+    GPU for text encoders whenever Dynamic VRAM is on, which would force a 5 GB encoder onto a small card."""
+    if not IN_COMFYUI:
+        return torch_device()
+    low = tuple(getattr(_mm.VRAMState, name) for name in ("LOW_VRAM", "NO_VRAM") if hasattr(_mm.VRAMState, name))
+    gpu_only = bool(getattr(getattr(_mm, "args", None), "gpu_only", False))
+    if _mm.vram_state in low and not gpu_only:
+        return _mm.text_encoder_offload_device()
+    return _mm.text_encoder_device()
 
 
 def vae_device() -> torch.device:
@@ -122,11 +130,16 @@ def choose_dtype(
 
 # --------------------------------------------------------------------------- memory
 
-def free_memory(device: torch.device | None = None) -> int:
-    """Free bytes on the device: ComfyUI's figure, else ``cuda.mem_get_info``, else available RAM."""
+def free_memory(device: torch.device | None = None, patcher: Any = None) -> int:
+    """Free bytes on the device: ComfyUI's figure, else ``cuda.mem_get_info``, else available RAM.
+
+    With the patcher of the model about to run, hosts with Dynamic VRAM also count the VRAM they can reclaim
+    from paged-in weights (``patcher.get_free_memory``), as core does for its own batches and VAE tiles.
+    """
     device = device or torch_device()
     if IN_COMFYUI:
-        return int(_mm.get_free_memory(device))
+        own_figure = getattr(patcher, "get_free_memory", None)
+        return int(own_figure(device) if own_figure is not None else _mm.get_free_memory(device))
     return device_free_bytes(device)
 
 
@@ -143,9 +156,19 @@ def total_memory(device: torch.device | None = None) -> int:
 
 
 def is_oom(exc: BaseException) -> bool:
-    """ComfyUI's ``OOM_EXCEPTION`` where it is specific, else the engine's own detection."""
-    if IN_COMFYUI and _mm.OOM_EXCEPTION is not Exception and isinstance(exc, _mm.OOM_EXCEPTION):
-        return True
+    """The host's own test first: ``model_management.is_oom`` also recognises ``torch.AcceleratorError`` and
+    clears the queued CUDA error before the retry; older hosts: their ``OOM_EXCEPTION``. Then the engine's own
+    detection (the CPU allocator's failure, which neither knows)."""
+    if IN_COMFYUI:
+        try:
+            host_check = _mm.is_oom
+        except AttributeError:  # hosts before it (0.3.x)
+            host_check = None
+        if host_check is not None:
+            if host_check(exc):
+                return True
+        elif _mm.OOM_EXCEPTION is not Exception and isinstance(exc, _mm.OOM_EXCEPTION):
+            return True
     return is_out_of_memory(exc)
 
 
@@ -181,8 +204,30 @@ def wrap_model(model: torch.nn.Module, load_device: torch.device | None = None,
     offload = offload or offload_device()
     if IN_COMFYUI:
         _allow_device_assignment(model)
-        return _model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
+        # the host's patcher for its own models: ModelPatcherDynamic where Dynamic VRAM is on (weights paged in
+        # on demand, no forced eviction of core models), the legacy ModelPatcher elsewhere
+        try:
+            patcher_class = _model_patcher.CoreModelPatcher
+        except AttributeError:  # hosts before Dynamic VRAM
+            patcher_class = _model_patcher.ModelPatcher
+        patcher = patcher_class(model, load_device=load_device, offload_device=offload)
+        if hasattr(patcher, "cached_patcher_init"):
+            # how core makes a non-dynamic twin (clone(disable_dynamic=True): hooked conds, multi-GPU); our
+            # modules are complete in memory, so the twin is a legacy patcher on the same module
+            patcher.cached_patcher_init = (_legacy_patcher, (model, load_device, offload))
+        return patcher
     return HeadlessPatcher(model.to(offload), load_device, offload)
+
+
+def _legacy_patcher(model: torch.nn.Module, load_device: torch.device, offload: torch.device,
+                    disable_dynamic: bool = True) -> Any:
+    return _model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
+
+
+def is_dynamic(patcher: Any) -> bool:
+    """Whether the patcher pages weights in on demand (Dynamic VRAM); never for the legacy patcher."""
+    check = getattr(patcher, "is_dynamic", None)
+    return bool(check()) if check is not None else False
 
 
 _SETTABLE_DEVICE: dict[type, type] = {}
@@ -206,7 +251,8 @@ def _allow_device_assignment(model: torch.nn.Module) -> None:
 def load_to_device(patcher: Any, memory_required: int = 0) -> torch.nn.Module:
     """Move a wrapped model to its compute device (evicting others if needed) and return the module."""
     if IN_COMFYUI:
-        _mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+        # a dynamic patcher refuses full loads (it pages weights in during the forward); legacy ones load whole
+        _mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=not is_dynamic(patcher))
         return patcher.model
     patcher.model.to(patcher.load_device)
     return patcher.model

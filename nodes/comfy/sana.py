@@ -60,6 +60,9 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
     class SanaLatentFormat(comfy.latent_formats.LatentFormat):
         latent_channels = LATENT_CHANNELS
         scale_factor = LATENT_SCALE
+        # DC-AE f32c32: 32 px per latent cell. Hosts that honour it (0.28+) resize a stock EmptyLatentImage
+        # (made for 8) before sampling, so KSampler gets the right latent size; older ones ignore it.
+        spacial_downscale_ratio = 32
 
         def __init__(self) -> None:
             self.latent_rgb_factors = [list(row) for row in LATENT_RGB_FACTORS]
@@ -181,7 +184,7 @@ def _prepare_model(vae: Any, out_pixels: int, batch: int) -> tuple[Any, int]:
     need = int(activation_bytes_per_pixel(dcae.config.decoder_widths, dcae.weight_dtype) * batch
                * min(out_pixels, DEFAULT_TILE_PX**2))
     model = host.load_to_device(vae.patcher, memory_required=need)
-    return model, host.free_memory(vae.patcher.load_device)
+    return model, host.free_memory(vae.patcher.load_device, patcher=vae.patcher)
 
 
 def decode_images(vae: Any, samples: torch.Tensor, tile_size: int = 0, node_id: str | None = None) -> torch.Tensor:
@@ -251,7 +254,11 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             per_pixel = activation_bytes_per_pixel(dcae.config.decoder_widths, dcae.weight_dtype)
             self.memory_used_decode = lambda shape, dtype: per_pixel * shape[0] * shape[2] * shape[3] * ratio * ratio
             self.memory_used_encode = lambda shape, dtype: per_pixel * shape[0] * shape[2] * shape[3]
-            for name, value in (("disable_offload", False), ("not_video", False), ("crop_input", True),
+            # the pixel-space branch above turned offloading off and (newer hosts) cached the placeholder's
+            # size (4 bytes) in self.size: the DC-AE is offloadable and its size is measured when asked
+            self.disable_offload = False
+            self.size = None
+            for name, value in (("not_video", False), ("crop_input", True),
                                 ("extra_1d_channel", None), ("downscale_index_formula", None),
                                 ("upscale_index_formula", None)):
                 if not hasattr(self, name):

@@ -39,6 +39,21 @@ def find_chromium() -> str | None:
     return None
 
 
+def frontend_root() -> str | None:
+    """``UNIBA_FRONTEND_ROOT``: serve this frontend build instead of the host's pinned one.
+
+    Either the ``static`` folder itself or a ``pip install --target DIR comfyui-frontend-package==X`` folder.
+    """
+    root = os.environ.get("UNIBA_FRONTEND_ROOT")
+    if not root:
+        return None
+    path = Path(root)
+    for candidate in (path, path / "comfyui_frontend_package" / "static", path / "static"):
+        if (candidate / "index.html").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"UNIBA_FRONTEND_ROOT={root} holds no index.html (nor comfyui_frontend_package/static)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,6 +91,9 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--disable-api-nodes", "--listen", "127.0.0.1",
                "--port", str(self.port), "--base-directory", str(self.base), "--disable-auto-launch",
                "--preview-method", "none", "--database-url", "sqlite:///:memory:"]
+        front_end = frontend_root()
+        if front_end:
+            cmd += ["--front-end-root", front_end]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,

@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import executor_adapter  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "ComfyUI-UniBA"
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
@@ -53,19 +56,6 @@ class ComfyHost:
 
     def model_folder(self, name: str) -> Path:
         return self.models_dir / name
-
-
-class _DummyServer:
-    """The minimum of ``server.PromptServer`` that ``execution.PromptExecutor`` touches."""
-
-    def __init__(self) -> None:
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.messages: list[tuple[str, Any]] = []
-
-    def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
-        self.messages.append((event, data))
 
 
 @pytest.fixture(scope="session")
@@ -134,10 +124,15 @@ class PromptResult:
 
 @pytest.fixture(scope="session")
 def run_prompt(comfy_host: ComfyHost):
-    """Run an API-format prompt in-process and return its outputs; raise with the node errors on failure."""
+    """Run an API-format prompt in-process and return its outputs; raise with the node errors on failure.
+
+    ``preview_method`` (e.g. "latent2rgb") turns sampler previews on for this prompt only. Executor details
+    that differ between ComfyUI releases are handled in ``executor_adapter`` and nowhere else.
+    """
     import execution
 
-    def run(prompt: dict[str, Any], *, refresh_model_lists: bool = True) -> PromptResult:
+    def run(prompt: dict[str, Any], *, refresh_model_lists: bool = True,
+            preview_method: str | None = None) -> PromptResult:
         if refresh_model_lists:
             import folder_paths
 
@@ -146,17 +141,23 @@ def run_prompt(comfy_host: ComfyHost):
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
             raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
-        server = _DummyServer()
-        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
-        executor.execute(prompt, prompt_id, {}, valid[2])
+        server = executor_adapter.RecordingServer()
+        executor = executor_adapter.make_executor(execution, server)
+        from comfy.cli_args import args
+
+        previous_preview = args.preview_method
+        try:
+            executor.execute(prompt, prompt_id, executor_adapter.extra_data(preview_method), valid[2])
+        finally:
+            executor_adapter.reset_preview_method(previous_preview)
         if not executor.success:
             errors = [data for event, data in executor.status_messages if event == "execution_error"]
             raise AssertionError(f"prompt failed: {errors}")
         outputs = {}
         for node_id in prompt:
-            cached = executor.caches.outputs.get(node_id)
+            cached = executor_adapter.cached_output(executor, node_id)
             if cached is not None:
-                outputs[node_id] = getattr(cached, "outputs", cached)
+                outputs[node_id] = cached
         return PromptResult(ui=executor.history_result["outputs"], outputs=outputs,
                             messages=executor.status_messages + server.messages)
 

@@ -1,7 +1,10 @@
 """Real browser: ComfyUI with this pack and its real frontend on 127.0.0.1, driven by headless Chromium.
 
 Needs ``COMFYUI_DIR`` (like the whole integration tier), Debian's ``chromium`` (``apt-get install chromium``)
-and ``websocket-client``; skipped otherwise. Screenshots go to ``$UNIBA_ARTIFACT_DIR`` (default
+and ``websocket-client``; skipped otherwise. The host's own pinned frontend is used unless
+``UNIBA_FRONTEND_ROOT`` names another build (see ``chromium_cdp.frontend_root``). Elements are found by stable
+means only — the ``app`` API and its commands, node ids, ARIA roles and visible text, never a frontend's CSS
+classes — so the same checks pass on frontend 1.27 and 1.58. Screenshots go to ``$UNIBA_ARTIFACT_DIR`` (default
 ``tests/artifacts/browser``). With ``UNIBA_WRITE_SCREENSHOTS=1`` the per-workflow screenshots also go to
 ``docs/screenshots/`` and become the template browser's thumbnails (``workflows/<name>.jpg``).
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -75,17 +79,20 @@ def session(tmp_path_factory: pytest.TempPathFactory):
     _write_models(base / "models")
     server.start()
     # readable screenshots: no minimap, no low-detail rendering when the whole workflow is in view
-    for key, value in (("Comfy.Minimap.Visible", False), ("LiteGraph.Canvas.MinFontSizeForLOD", 0)):
+    # and no first-run template browser over the canvas
+    for key, value in (("Comfy.Minimap.Visible", False), ("LiteGraph.Canvas.MinFontSizeForLOD", 0),
+                       ("Comfy.TutorialCompleted", True)):
         cdp.http_json(f"{server.url}/settings/{key}", data=json.dumps(value).encode(), method="POST")
     browser = None
     try:
         browser = cdp.Chromium(cdp.find_chromium(), width=2400, height=1350)
         page = browser.page
         page.navigate(server.url)
-        page.wait_for("!!(window.app && window.app.graph && window.app.canvas)", timeout=180)
-        page.wait_for("!!document.querySelector('.templates-tab-button')", timeout=60)
+        page.wait_for("!!(window.app && window.app.graph && window.app.canvas && app.extensionManager?.command)",
+                      timeout=180)
         page.pump(2.0)
-        _close_dialogs(page)  # a fresh user gets the template browser on first load
+        page.evaluate(HELPERS)
+        _close_dialogs(page)
         yield server, page
     finally:
         if browser:
@@ -101,9 +108,32 @@ def _our_errors(page: cdp.Page) -> list[dict]:
             and (OUR_SCRIPT in m.get("url", "") or OUR_SCRIPT in m.get("text", "") or "uniba" in m["text"].lower())]
 
 
+# Page-side helpers: visible dialogs by ARIA role, elements by their exact visible text, a dialog's close button
+# by its accessible name or icon (PrimeVue on 1.27, reka-ui on 1.58).
+HELPERS = """window.__uniba_t = {
+  visible: (e) => !!e && e.getClientRects().length > 0,
+  dialogs: () => [...document.querySelectorAll('[role=dialog]')].filter((d) => window.__uniba_t.visible(d)),
+  byText: (root, text) => {
+    const hits = [...root.querySelectorAll('*')].filter((e) => window.__uniba_t.visible(e)
+      && (e.innerText ?? '').trim() === text);
+    return hits.find((e) => ![...e.children].some((c) => (c.innerText ?? '').trim() === text)) ?? null;
+  },
+  closeDialogs: () => {
+    for (const d of window.__uniba_t.dialogs()) {
+      const close = [...d.querySelectorAll('button')].find((b) => /close/i.test(b.getAttribute('aria-label') ?? '')
+        || b.querySelector('.pi-times'));
+      if (close) close.click();
+      else d.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));
+    }
+    return window.__uniba_t.dialogs().length;
+  },
+  nodes: () => app.graph.nodes ?? app.graph._nodes,
+};"""
+NODES = "window.__uniba_t.nodes()"
+
+
 def _close_dialogs(page: cdp.Page) -> None:
-    page.evaluate("document.querySelectorAll('.p-dialog .p-dialog-close-button').forEach(b => b.click())")
-    page.wait_for("!document.querySelector('.p-dialog')", timeout=15)
+    page.wait_for("window.__uniba_t.closeDialogs() === 0", timeout=15)
 
 
 def _on_failure_screenshot(page: cdp.Page, name: str):
@@ -148,34 +178,43 @@ def test_pack_nodes_are_in_the_node_library(session) -> None:
     info = cdp.http_json(server.url + "/object_info")
     ours = {name: d for name, d in info.items() if d.get("python_module", "").endswith(PACK)}
     assert ours, "the server registered none of the pack's nodes"
-    page.evaluate("document.querySelector('.node-library-tab-button').click()")
-    page.wait_for("!!document.querySelector('.side-bar-panel .search-box-input')", timeout=30)
+    toggle = "app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library')"
+    page.evaluate(toggle)
+    search = ("[...document.querySelectorAll('input')].find(i => window.__uniba_t.visible(i)"
+              " && /^search/i.test(i.placeholder ?? ''))")  # "Search Nodes..." (1.27), "Search..." (1.45+)
+    page.wait_for(f"!!({search})", timeout=30)
     missing = []
     for name, node_def in sorted(ours.items()):
         title = node_def["display_name"] or name
-        page.evaluate(f"""(() => {{ const i = document.querySelector('.side-bar-panel .search-box-input');
+        page.evaluate(f"""(() => {{ const i = {search};
             i.value = {json.dumps(title)}; i.dispatchEvent(new Event('input', {{bubbles: true}})); }})()""")
-        try:
-            page.wait_for(f"document.querySelector('.side-bar-panel').innerText.split('\\n')"
-                          f".some(l => l.trim() === {json.dumps(title)})", timeout=10)
+        try:  # the library lists the node under its title; newer frontends add the pack's badge: "Title (UniBA)"
+            page.wait_for(f"[...document.querySelectorAll('*')].some(e => e.children.length === 0"
+                          f" && window.__uniba_t.visible(e) && e.tagName !== 'INPUT'"
+                          f" && ((t) => t === {json.dumps(title)} || t.startsWith({json.dumps(title + ' (')}))"
+                          f"((e.textContent ?? '').trim()))", timeout=10)
         except TimeoutError:
             missing.append(title)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(ARTIFACTS / "node_library.png")
-    page.evaluate("document.querySelector('.node-library-tab-button').click()")  # close the panel again
+    page.evaluate(toggle)  # close the panel again
     assert missing == []
 
 
 def _open_template(page: cdp.Page, name: str) -> None:
-    if not page.evaluate("!!document.querySelector('.p-dialog li[role=option]')"):
-        page.evaluate("document.querySelector('.templates-tab-button').click()")
-    category = f'.p-dialog li[role=option][aria-label="{PACK}"]'
-    page.wait_for(f"!!document.querySelector('{category}')", timeout=30)
-    page.evaluate(f"document.querySelector('{category}').click()")
-    card = f'.p-dialog h3[title="{name}"]'
-    page.wait_for(f"!!document.querySelector('{card}')", timeout=30)
-    page.evaluate(f"document.querySelector('{card}').click()")
-    page.wait_for("!document.querySelector('.p-dialog li[role=option]')", timeout=60)
+    """Through the template browser as a user does: the pack's category by its text, the card by its title."""
+    _close_dialogs(page)
+    page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    category = f"window.__uniba_t.dialogs().map(d => window.__uniba_t.byText(d, {json.dumps(PACK)})).find(Boolean)"
+    page.wait_for(f"!!({category})", timeout=30)
+    page.evaluate(f"({category}).click()")
+    card = (f"window.__uniba_t.dialogs().map(d => [...d.querySelectorAll('[title]')]"
+            f".find(e => e.getAttribute('title') === {json.dumps(name)} && window.__uniba_t.visible(e)))"
+            f".find(Boolean)")
+    page.wait_for(f"!!({card})", timeout=30)
+    page.evaluate(f"({card}).click()")
+    page.wait_for(f"!window.__uniba_t.dialogs().some(d => window.__uniba_t.byText(d, {json.dumps(PACK)}))",
+                  timeout=60)
 
 
 def _fit_view(page: cdp.Page) -> None:
@@ -193,16 +232,24 @@ def test_workflow_loads_from_the_template_browser(session, name: str) -> None:
 
 def _check_template(server: cdp.ComfyServer, page: cdp.Page, name: str, workflow: dict) -> None:
     _open_template(page, name)
-    page.wait_for(f"app.graph._nodes.length === {len(workflow['nodes'])}", timeout=30)
+    page.wait_for(f"{NODES}.length === {len(workflow['nodes'])}", timeout=30)
     page.pump(1.0)
-    dialogs = page.evaluate("[...document.querySelectorAll('.p-dialog')].map(d => d.innerText)")
-    assert not [d for d in dialogs if "missing" in d.lower() or "not found" in d.lower()], dialogs
-    toasts = page.evaluate("[...document.querySelectorAll('.p-toast-message')].map(t => t.innerText)")
-    assert not [t for t in toasts if "invalid" in t.lower() or "error" in t.lower()], toasts
-    unknown = page.evaluate("app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type] "
-                            "|| n.has_errors).map(n => n.type)")
+    # the models are not installed here: a missing-model notice may name them, never a missing node type
+    # (frontend 1.27 lists them in a "Missing Models" dialog, newer ones in an alert and a side panel)
+    dialogs = page.evaluate("window.__uniba_t.dialogs().map(d => d.innerText)")
+    assert not [d for d in dialogs if ("missing" in d.lower() or "not found" in d.lower())
+                and "missing models" not in d.lower()], dialogs
+    _close_dialogs(page)
+    # newer frontends summarise problems in an alert ("2 ERRORS / 1 required model is missing / ..."): only the
+    # absent model files may be named there (the templates declare them in properties.models)
+    alerts = page.evaluate("[...document.querySelectorAll('[role=alert]')].map(t => t.innerText)")
+    problems = [line for text in alerts for line in text.splitlines()
+                if any(word in line.lower() for word in ("missing", "invalid", "not found", "failed"))
+                and not re.search(r"models? (is|are) missing|missing models?\b", line.lower())]
+    assert problems == [], alerts
+    unknown = page.evaluate(f"{NODES}.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type)")
     assert unknown == []
-    types = page.evaluate("app.graph._nodes.map(n => n.type).sort()")
+    types = page.evaluate(f"{NODES}.map(n => n.type).sort()")
     assert types == sorted(n["type"] for n in workflow["nodes"])
 
     if any(n["type"] == "InfDiTUpscale" for n in workflow["nodes"]):
@@ -244,7 +291,7 @@ def test_plan_readout_updates_and_shows_block_progress(session) -> None:
 
 def _check_readout(page: cdp.Page) -> None:
     _open_template(page, "upscale_render_4x")
-    read = "app.graph._nodes.find(n => n.type === 'InfDiTUpscale')"
+    read = f"{NODES}.find(n => n.type === 'InfDiTUpscale')"
     # LoadImage's 256x192 example, once its preview has loaded (before that: the assumed 1024x1024) -> 4x
     plan = page.wait_for(f"{read}?.__uniba?.plan?.lr_width === 256 && {read}.__uniba.plan", timeout=60)
     assert (plan["out_width"], plan["out_height"]) == (1024, 768), plan
@@ -255,12 +302,13 @@ def _check_readout(page: cdp.Page) -> None:
                   f" const b = n.widgets.find(w => w.name === 'block_batch'); b.value = '1';"
                   f" n.onWidgetChanged?.('block_batch', '1', 'auto', b); }})()")
     page.wait_for(f"{read}.__uniba.plan.out_width === 512 && {read}.__uniba.plan.batches_per_step > 1", timeout=30)
-    # a progress event (as ComfyUI sends during a run) marks finished blocks in the grid
+    # a progress_state event (as ComfyUI sends during a run, by node id) marks finished blocks in the grid
     node_id = page.evaluate(f"{read}.id")
     page.evaluate(f"(() => {{ const n = {read}; const p = n.__uniba.plan; const calls = 2 * 20 - 1;"
-                  f" const per = p.batches_per_step; window.comfyAPI.api.api.dispatchCustomEvent('progress',"
-                  f" {{value: Math.floor(per / 2) + per * 3, max: calls * per, node: '{node_id}',"
-                  f" prompt_id: 'x'}}); }})()")
+                  f" const per = p.batches_per_step; window.comfyAPI.api.api.dispatchCustomEvent('progress_state',"
+                  f" {{prompt_id: 'x', nodes: {{'{node_id}': {{value: Math.floor(per / 2) + per * 3,"
+                  f" max: calls * per, state: 'running', node_id: '{node_id}', display_node_id: '{node_id}',"
+                  f" prompt_id: 'x'}}}}}}); }})()")
     text = page.wait_for("(() => { const t = document.querySelector('.uniba-plan-text');"
                          " return t && t.textContent.includes('Running') && t.textContent; })()", timeout=10)
     assert "model call 4/39" in text, text
@@ -281,19 +329,24 @@ def test_real_run_reports_block_progress(session) -> None:
         pytest.skip("tests/tiny_infdit.py is not available")
     with _on_failure_screenshot(page, "real_run"):
         _open_template(page, "upscale_render_4x")
-        read = "app.graph._nodes.find(n => n.type === 'InfDiTUpscale')"
+        read = f"{NODES}.find(n => n.type === 'InfDiTUpscale')"
         page.wait_for(f"{read}?.__uniba?.plan?.lr_width === 256", timeout=60)
         page.evaluate(f"""(() => {{ const n = {read};
             for (const [name, value] of [['steps', 1], ['block_batch', '4'], ['scale', '2']]) {{
                 const w = n.widgets.find(w => w.name === name); const old = w.value; w.value = value;
                 n.onWidgetChanged?.(name, value, old, w); }}
-            const loader = app.graph._nodes.find(m => m.type === 'InfDiTLoader');
+            const loader = {NODES}.find(m => m.type === 'InfDiTLoader');
             loader.widgets.find(w => w.name === 'model_name').value = '{TINY_INFDIT}';
             window.__unibaSeen = [];
+            // what the readout itself follows: progress_state where the server sends it, else progress
+            const record = (value, max) => setTimeout(() => window.__unibaSeen.push({{value, max,
+                done: n.__uniba.progress?.doneBatches, call: n.__uniba.progress?.call}}), 0);
+            window.comfyAPI.api.api.addEventListener('progress_state', (e) => {{
+                const entry = e.detail?.nodes?.[String(n.id)];
+                if (entry) {{ window.__unibaStateSeen = true; record(entry.value, entry.max); }} }});
             window.comfyAPI.api.api.addEventListener('progress', (e) => {{
-                if (String(e.detail.node) !== String(n.id)) return;
-                setTimeout(() => window.__unibaSeen.push({{value: e.detail.value, max: e.detail.max,
-                    done: n.__uniba.progress?.doneBatches, call: n.__uniba.progress?.call}}), 0); }});
+                if (!window.__unibaStateSeen && String(e.detail.node) === String(n.id))
+                    record(e.detail.value, e.detail.max); }});
             window.__unibaFinished = false;
             window.comfyAPI.api.api.addEventListener('execution_success', () => {{ window.__unibaFinished = true; }});
             window.comfyAPI.api.api.addEventListener('execution_error', (e) => {{
@@ -313,7 +366,7 @@ def test_real_run_reports_block_progress(session) -> None:
         assert all(s["call"] <= calls for s in seen)
         done = page.evaluate(f"{read}.__uniba.progress.done.flat().every(Boolean)")
         assert done
-        page.wait_for("app.graph._nodes.find(n => n.type === 'SaveImage')?.imgs?.[0]?.naturalWidth === 512", 60)
+        page.wait_for(f"{NODES}.find(n => n.type === 'SaveImage')?.imgs?.[0]?.naturalWidth === 512", 60)
         _fit_view(page)
         page.screenshot(ARTIFACTS / "real_run_done.png")
         assert _our_errors(page) == []

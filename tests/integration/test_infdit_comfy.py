@@ -93,6 +93,17 @@ def test_2x_with_alpha_and_wavelet(infdit_host, run_prompt):
     assert out.shape == (1, 64, 64, 4)
 
 
-def test_too_small_image_fails_with_a_clear_message(infdit_host, run_prompt):
-    with pytest.raises(AssertionError, match="at least 32 px"):
-        run_prompt(_prompt(width=20, height=20, steps=1))
+def test_image_smaller_than_a_block_is_padded_and_cropped_back(infdit_host, run_prompt):
+    out = run_prompt(_prompt(width=20, height=20, steps=1)).outputs["3"][0][0]
+    assert out.shape == (1, 80, 80, 3)
+    assert (out.cpu() - _engine(infdit_host, steps=1, width=20, height=20)).abs().max().item() <= 1e-5
+
+
+def test_a_file_that_is_not_inf_dit_is_refused_by_name(infdit_host, run_prompt):
+    from uniba.checkpoint import save_safetensors
+
+    save_safetensors({"foo.weight": torch.zeros(2, 2)}, infdit_host.model_folder("infdit") / "not_infdit.safetensors")
+    prompt = _prompt(steps=1)
+    prompt["1"]["inputs"]["model_name"] = "not_infdit.safetensors"
+    with pytest.raises(AssertionError, match="not_infdit.safetensors: is not an Inf-DiT checkpoint"):
+        run_prompt(prompt)

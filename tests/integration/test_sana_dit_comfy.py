@@ -146,22 +146,22 @@ def test_sana_sampler_reuses_the_solver_from_unscaled_noise(sana_host, run_promp
         "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": SEED,
         "steps": 6, "cfg": 4.5, "solver": "flow_dpm_solver", "shift": 0.0, "denoise": 1.0}}
     import comfy.utils
-    from comfy.cli_args import LatentPreviewMethod, args
 
     progress = []
-    previous_hook, previous_method = comfy.utils.PROGRESS_BAR_HOOK, args.preview_method
+    previous_hook = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: progress.append(
         (value, total, preview is not None)))
-    args.preview_method = LatentPreviewMethod.Latent2RGB
     try:
-        result = run_prompt(_with_output(prompt, "5"))
+        result = run_prompt(_with_output(prompt, "5"), preview_method="latent2rgb")
     finally:
         comfy.utils.set_progress_bar_global_hook(previous_hook)
-        args.preview_method = previous_method
     samples = result.outputs["5"][0][0]["samples"]
     expected = _engine_reference(sana_host, 6, 4.5, noise_scale_sigma0=False)
     assert (samples - expected).abs().max().item() <= 1e-4
-    assert [v for v, _, _ in progress] == [1, 2, 3, 4, 5, 6] and all(t == 6 for _, t, _ in progress)
+    # one tick per solver step; newer hosts may drop ticks closer than 100 ms, never the first or the last
+    values = [v for v, _, _ in progress]
+    assert values[0] == 1 and values[-1] == 6 and values == sorted(set(values)), values
+    assert all(t == 6 for _, t, _ in progress)
     assert all(has_preview for _, _, has_preview in progress)  # latent-RGB previews of the 32-channel latent
 
 

@@ -4,7 +4,7 @@ import { test } from "node:test";
 
 import {
   batchOrder, batchesPerPass, batchesPerStep, blockBatchShape, estimateImageSize, formatBytes, formatPlan, gridLayout,
-  modelCalls, passCount, planQuery, progressState, traversalAxis,
+  modelCalls, passCount, planQuery, progressEntries, progressState, resolveNode, traversalAxis,
 } from "../../web/js/uniba_logic.js";
 
 // the shape of uniba.infdit.plan.UpscalePlan.to_dict() (a 384x256 input, 4x)
@@ -174,4 +174,49 @@ test("estimateImageSize walks the graph upstream", () => {
   assert.equal(estimateImageSize(fakeNode("SomethingElse")), null);
   assert.equal(estimateImageSize(null), null);
   assert.deepEqual(estimateImageSize(fakeNode("Reroute", {}, { "": latent })), [1024, 768]);
+});
+
+test("the planner's block_order and evaluations are used as sent, not re-derived", () => {
+  // a deliberately unusual order (bottom row first) that the traversal rule would never produce
+  const plan = { ...PLAN, grid_rows: 2, grid_cols: 3, block_batch: [1, 2], batches_per_step: 99,
+    block_order: [[1, 0, 1, 2], [1, 2, 1, 2], [0, 0, 1, 3]], evaluations: 7 };
+  assert.deepEqual(batchOrder(plan), [[[1, 0], [1, 1]], [[1, 2]], [[0, 0], [0, 1], [0, 2]]]);
+  assert.equal(batchesPerStep(plan), 3);
+  assert.equal(modelCalls(plan, 20), 7);
+  const twoPass = { ...plan, passes: [{ ...PASS_4X, batches_per_step: 5 }, { ...PASS_4X, batches_per_step: 3 }] };
+  assert.deepEqual(batchesPerPass(twoPass), [5, 3]);
+  assert.equal(modelCalls({ ...plan, evaluations: [5, 9] }, 20), 9); // one per pass: the drawn last pass
+  // a plan made for other steps than the widget now shows falls back to the step rule until it is refetched
+  assert.equal(modelCalls({ ...plan, steps: 20 }, 3), 5);
+  const state = progressState(plan, 1, 3 * 7, 20);
+  assert.deepEqual(state.done.map((row) => row.map(Number)), [[0, 0, 0], [1, 1, 0]]);
+  // an older route answer without them: the traversal rule
+  assert.equal(batchOrder({ grid_rows: 2, grid_cols: 2, block_batch: [1, 1], traversal: "row-major" }).length, 4);
+});
+
+test("progress_state entries and subgraph node paths resolve to graph nodes", () => {
+  const inner = { id: 5, getNodeById: () => null };
+  const sub = { getNodeById: (id) => (id === 5 ? inner : null) };
+  const outer = { id: 12, subgraph: sub };
+  const top = { id: 3 };
+  const graph = { getNodeById: (id) => ({ 12: outer, 3: top })[id] ?? null };
+  assert.equal(resolveNode(graph, "3"), top);
+  assert.equal(resolveNode(graph, 3), top);
+  assert.equal(resolveNode(graph, "12:5"), inner);
+  assert.equal(resolveNode(graph, "12:6"), null);
+  assert.equal(resolveNode(graph, "3:1"), null); // not a subgraph node
+  assert.equal(resolveNode(null, "3"), null);
+  const detail = { prompt_id: "p", nodes: {
+    "12:5": { value: 4, max: 10, state: "running", node_id: "12:5", display_node_id: "12:5", real_node_id: "5" },
+    7: { value: 1, max: 1, state: "finished", node_id: "7" },
+    bad: { value: "x", max: 2 },
+  } };
+  assert.deepEqual(progressEntries(detail).map((e) => [e.locator, e.value, e.max]), [["7", 1, 1], ["12:5", 4, 10]]);
+  assert.deepEqual(progressEntries(undefined), []);
+});
+
+test("planQuery sends the steps so the planner counts the model evaluations", () => {
+  const url = new URL(planQuery({ width: 64, height: 64, scale: "2", steps: 3 }), "http://x");
+  assert.equal(url.searchParams.get("steps"), "3");
+  assert.equal(new URL(planQuery({ width: 64, height: 64 }), "http://x").searchParams.get("steps"), null);
 });

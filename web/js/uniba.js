@@ -3,7 +3,8 @@
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 import {
-  INFDIT_LOADER, INFDIT_UPSCALE, batchOrder, estimateImageSize, formatPlan, gridLayout, planQuery, progressState,
+  INFDIT_LOADER, INFDIT_UPSCALE, batchOrder, estimateImageSize, formatPlan, gridLayout, planQuery, progressEntries,
+  progressState, resolveNode,
 } from "./uniba_logic.js";
 
 const EXTENSION = "uniba.InfDiT";
@@ -11,18 +12,65 @@ const WIDGET = "uniba_plan";
 const POLL_MS = 800;
 const ASSUMED_SIZE = [1024, 1024];
 
+// Types for `tsc --checkJs` (tests/test_web_types.py) against @comfyorg/comfyui-frontend-types: the frontend does
+// not export its node class by name, so it is taken from the extension hook that receives one.
+/** @typedef {import("@comfyorg/comfyui-frontend-types").ComfyExtension} ComfyExtension */
+/** @typedef {Parameters<NonNullable<ComfyExtension["nodeCreated"]>>[0]} LGraphNode */
+/**
+ * @typedef {object} Readout the plan readout's state on an InfDiTUpscale node
+ * @property {HTMLDivElement} root
+ * @property {HTMLPreElement} text
+ * @property {HTMLCanvasElement} canvas
+ * @property {unknown} widget
+ * @property {any} plan the route's answer (uniba.infdit.plan.UpscalePlan.to_dict() + request echo) or {error}
+ * @property {string | null | undefined} query
+ * @property {boolean} [assumed]
+ * @property {number} ticket
+ * @property {ReturnType<typeof progressState> | null} progress
+ */
+/** @typedef {import("@comfyorg/comfyui-frontend-types").DOMWidgetOptions<any>} DOMWidgetOptions */
+/** @typedef {import("@comfyorg/comfyui-frontend-types").DOMWidget<HTMLElement, any>} DOMWidget */
+/**
+ * What the app adds to every node at run time (not in the published LGraphNode type), and our readout state.
+ * @typedef {object} AppNodeAdditions
+ * @property {(name: string, type: string, element: HTMLElement, options?: DOMWidgetOptions) => DOMWidget} [addDOMWidget]
+ * @property {HTMLImageElement[] | undefined} [imgs] the node's image previews (LoadImage)
+ * @property {Readout} [__uniba]
+ * @property {ReturnType<typeof setInterval>} [__unibaTimer]
+ */
+/** @typedef {LGraphNode & AppNodeAdditions} ReadoutNode */
+
+/** Nodes that carry a readout (top level or inside subgraphs), for resetting them when a run starts. */
+/** @type {Set<ReadoutNode>} */
+const readouts = new Set();
+/** Set once the server sends progress_state (node ids inside subgraphs); the legacy progress event is ignored then. */
+let progressStateSeen = false;
+
+/**
+ * @param {LGraphNode | null | undefined} node
+ * @param {string} name
+ */
 const widgetValue = (node, name) => node?.widgets?.find((w) => w.name === name)?.value;
 
+/**
+ * The node feeding a named input, through the public slot API (`input.link` is deprecated in newer frontends).
+ * @param {LGraphNode} node
+ * @param {string} name input name; "" = the first input
+ * @returns {LGraphNode | null}
+ */
+function upstream(node, name) {
+  const slot = name === "" ? 0 : (node.inputs ?? []).findIndex((i) => i.name === name);
+  return slot >= 0 && node.isInputConnected(slot) ? node.getInputNode(slot) : null;
+}
+
 // The graph as the pure size estimator sees it: a node's type, widgets and upstream nodes.
+/** @param {ReadoutNode} node */
 function adapt(node) {
   if (!node) return null;
   return {
     type: node.comfyClass ?? node.type,
     widget: (name) => widgetValue(node, name),
-    input: (name) => {
-      const slot = name === "" ? 0 : (node.inputs ?? []).findIndex((i) => i.name === name);
-      return slot >= 0 && node.inputs?.[slot]?.link != null ? adapt(node.getInputNode(slot)) : null;
-    },
+    input: (name) => adapt(upstream(node, name)),
     imageSize: () => {
       const img = node.imgs?.[0];
       return img?.naturalWidth ? [img.naturalWidth, img.naturalHeight] : null;
@@ -30,13 +78,11 @@ function adapt(node) {
   };
 }
 
+/** @param {ReadoutNode} node */
 function currentQuery(node) {
-  const slot = (node.inputs ?? []).findIndex((i) => i.name === "image");
-  const source = slot >= 0 && node.inputs[slot].link != null ? node.getInputNode(slot) : null;
-  const known = estimateImageSize(adapt(source));
+  const known = estimateImageSize(adapt(upstream(node, "image")));
   const [width, height] = known ?? ASSUMED_SIZE;
-  const modelSlot = (node.inputs ?? []).findIndex((i) => i.name === "model");
-  const loader = modelSlot >= 0 && node.inputs[modelSlot].link != null ? node.getInputNode(modelSlot) : null;
+  const loader = upstream(node, "model");
   const fromLoader = (loader?.comfyClass ?? loader?.type) === INFDIT_LOADER;
   return {
     assumed: !known,
@@ -45,12 +91,14 @@ function currentQuery(node) {
       dtype: fromLoader ? widgetValue(loader, "dtype") : undefined,
       width, height,
       scale: widgetValue(node, "scale"),
+      steps: widgetValue(node, "steps"),
       block_batch: widgetValue(node, "block_batch"),
       offload_cache: widgetValue(node, "offload_cache"),
     }),
   };
 }
 
+/** @param {ReadoutNode} node */
 function draw(node) {
   const state = node.__uniba;
   if (!state) return;
@@ -86,6 +134,10 @@ function draw(node) {
   }
 }
 
+/**
+ * @param {ReadoutNode} node
+ * @param {boolean} [force]
+ */
 async function refresh(node, force = false) {
   const state = node.__uniba;
   if (!state) return;
@@ -112,6 +164,7 @@ async function refresh(node, force = false) {
   node.setDirtyCanvas?.(true, false);
 }
 
+/** @param {ReadoutNode} node */
 function attachReadout(node) {
   const root = document.createElement("div");
   root.className = "uniba-plan";
@@ -131,6 +184,7 @@ function attachReadout(node) {
   widget.serialize = false;
   widget.computeLayoutSize = () => ({ minHeight: 230, minWidth: 300 });
   node.__uniba = { root, text, canvas, widget, plan: null, query: undefined, ticket: 0, progress: null };
+  readouts.add(node);
   draw(node);
   refresh(node, true);
   node.__unibaTimer = setInterval(() => {
@@ -139,20 +193,38 @@ function attachReadout(node) {
   }, POLL_MS);
 }
 
-function onProgress(event) {
-  const { value, max, node: nodeId } = event.detail ?? {};
-  const node = app.graph?.getNodeById?.(Number(nodeId)) ?? app.graph?.getNodeById?.(nodeId);
+/**
+ * @param {string | number} locator
+ * @param {number} value
+ * @param {number} max
+ */
+function showProgress(locator, value, max) {
+  /** @type {ReadoutNode | null} */
+  const node = resolveNode(app.graph, locator);
   if (!node?.__uniba?.plan || node.__uniba.plan.error) return;
   node.__uniba.progress = progressState(node.__uniba.plan, value, max, Number(widgetValue(node, "steps")));
   draw(node);
 }
 
+/** Legacy per-node progress: top-level node ids only; superseded by progress_state where the server sends it. */
+/** @param {CustomEvent} event */
+function onProgress(event) {
+  if (progressStateSeen) return;
+  const { value, max, node } = event.detail ?? {};
+  showProgress(node, value, max);
+}
+
+/** progress_state: every running node, including nodes inside subgraphs ("12:5"). */
+/** @param {CustomEvent} event */
+function onProgressState(event) {
+  progressStateSeen = true;
+  for (const { locator, value, max } of progressEntries(event.detail)) showProgress(locator, value, max);
+}
+
 function onExecutionStart() {
-  for (const node of app.graph?._nodes ?? []) {
-    if (node.__uniba) {
-      node.__uniba.progress = null;
-      draw(node);
-    }
+  for (const node of readouts) {
+    node.__uniba.progress = null;
+    draw(node);
   }
 }
 
@@ -160,6 +232,7 @@ app.registerExtension({
   name: EXTENSION,
   async setup() {
     api.addEventListener("progress", onProgress);
+    api.addEventListener("progress_state", onProgressState);
     api.addEventListener("execution_start", onExecutionStart);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -179,12 +252,15 @@ app.registerExtension({
     const onConnectionsChange = nodeType.prototype.onConnectionsChange;
     nodeType.prototype.onConnectionsChange = function () {
       const result = onConnectionsChange?.apply(this, arguments);
-      if (this.__uniba) refresh(this);
+      const node = /** @type {ReadoutNode} */ (this);
+      if (node.__uniba) refresh(node);
       return result;
     };
     const onRemoved = nodeType.prototype.onRemoved;
     nodeType.prototype.onRemoved = function () {
-      clearInterval(this.__unibaTimer);
+      const node = /** @type {ReadoutNode} */ (this);
+      clearInterval(node.__unibaTimer);
+      readouts.delete(node);
       return onRemoved?.apply(this, arguments);
     };
   },

@@ -38,17 +38,32 @@ export function blockBatchShape(plan) {
 
 /** Number of block batches one diffusion step runs (ragged edges included). */
 export function batchesPerStep(plan) {
+  if (Array.isArray(plan?.block_order) && plan.block_order.length > 0) return plan.block_order.length;
   if (Number.isFinite(plan?.batches_per_step) && plan.batches_per_step > 0) return plan.batches_per_step;
   const [nh, nw] = blockBatchShape(plan);
   return Math.ceil(plan.grid_rows / nh) * Math.ceil(plan.grid_cols / nw);
 }
 
 /**
- * The block batches of one step in the order the engine runs them. Row traversal walks batch rows
- * top to bottom, left to right inside a row; column traversal walks batch columns left to right,
- * top to bottom inside a column. Each entry lists the [row, col] blocks of that batch.
+ * The block batches of one step in the order the engine runs them; each entry lists the [row, col] blocks of
+ * that batch. The planner sends the order itself (`block_order`: [row, col, rows, cols] rectangles in run order);
+ * answers from an older route without it fall back to the traversal rule: row traversal walks batch rows top to
+ * bottom, left to right inside a row; column traversal walks batch columns left to right.
  */
 export function batchOrder(plan) {
+  if (Array.isArray(plan?.block_order) && plan.block_order.length > 0) {
+    return plan.block_order.map(([row, col, rows, cols]) => {
+      const blocks = [];
+      for (let r = row; r < Math.min(plan.grid_rows, row + rows); r++) {
+        for (let c = col; c < Math.min(plan.grid_cols, col + cols); c++) blocks.push([r, c]);
+      }
+      return blocks;
+    });
+  }
+  return derivedBatchOrder(plan);
+}
+
+function derivedBatchOrder(plan) {
   const rows = plan.grid_rows;
   const cols = plan.grid_cols;
   const [nh, nw] = blockBatchShape(plan);
@@ -75,16 +90,29 @@ export function passCount(plan) {
   return Array.isArray(plan?.passes) ? Math.max(1, plan.passes.length) : Math.max(1, Number(plan?.passes) | 0);
 }
 
-/** Model calls per pass: Inf-DiT's Heun sampler evaluates twice per step except the last (39 for 20 steps). */
+/**
+ * Model calls per pass, as the planner counts them for the chosen sampler and steps (`evaluations`, a number or
+ * one per pass: the last pass is the one drawn). Older route answers: Inf-DiT's Heun sampler evaluates twice per
+ * step except the last (39 for 20 steps).
+ */
 export function modelCalls(plan, steps) {
+  const evaluations = Array.isArray(plan?.evaluations) ? plan.evaluations.at(-1) : plan?.evaluations;
+  const sameSteps = plan?.steps === undefined || !(Number(steps) > 0) || Number(plan.steps) === Number(steps);
+  if (Number.isFinite(evaluations) && evaluations > 0 && sameSteps) return evaluations;
   if (Number.isFinite(steps) && steps > 0) return Math.max(1, 2 * steps - 1);
   return Math.max(1, Number(plan?.steps_model_evals) || 1);
 }
 
-/** Block batches per model call of every pass; earlier passes are estimated from their canvas size. */
+/**
+ * Block batches per model call of every pass, as the planner lists them (`passes[i].batches_per_step`); answers
+ * from an older route without them: earlier passes estimated from their canvas size.
+ */
 export function batchesPerPass(plan) {
   const last = batchesPerStep(plan);
   if (!Array.isArray(plan?.passes) || plan.passes.length < 2) return new Array(passCount(plan)).fill(last);
+  if (plan.passes.every((p) => Number.isFinite(p?.batches_per_step) && p.batches_per_step > 0)) {
+    return plan.passes.map((p, i) => (i === plan.passes.length - 1 ? last : p.batches_per_step));
+  }
   const [nh, nw] = blockBatchShape(plan);
   const px = plan.block_px || BLOCK_PX;
   return plan.passes.map((p, i) => {
@@ -175,7 +203,7 @@ export function formatPlan(plan) {
 }
 
 /** The route's query string for a set of inputs; null while the input size is unknown. */
-export function planQuery({ model, dtype, width, height, scale, block_batch, offload_cache }) {
+export function planQuery({ model, dtype, width, height, scale, steps, block_batch, offload_cache }) {
   if (!(width > 0 && height > 0)) return null;
   const params = new URLSearchParams();
   if (model) params.set("model", model);
@@ -183,6 +211,7 @@ export function planQuery({ model, dtype, width, height, scale, block_batch, off
   params.set("width", String(Math.round(width)));
   params.set("height", String(Math.round(height)));
   params.set("scale", String(scale ?? "4"));
+  if (Number.isFinite(Number(steps)) && Number(steps) > 0) params.set("steps", String(Number(steps)));
   params.set("block_batch", String(block_batch ?? "auto"));
   params.set("offload_cache", String(offload_cache ?? "auto"));
   return `${PLAN_ROUTE}?${params.toString()}`;
@@ -248,4 +277,36 @@ export function estimateImageSize(node, depth = 0) {
 /** A short key of everything the plan depends on, to refetch only when it changes. */
 export function planKey(query) {
   return query ?? "";
+}
+
+/**
+ * The graph node a progress message is about. `progress_state` names nodes inside subgraphs by their path of
+ * node ids ("12:5": node 5 inside the subgraph of node 12); plain ids are top-level nodes. `graph` is anything
+ * with getNodeById(id); a subgraph node exposes its inner graph as `.subgraph`.
+ */
+export function resolveNode(graph, locator) {
+  if (!graph || locator === undefined || locator === null) return null;
+  let node = null;
+  let current = graph;
+  for (const part of String(locator).split(":")) {
+    if (!current?.getNodeById) return null;
+    node = current.getNodeById(Number(part)) ?? current.getNodeById(part) ?? null;
+    if (!node) return null;
+    current = node.subgraph;
+  }
+  return node;
+}
+
+/**
+ * The per-node progress entries of a `progress_state` message, as {locator, value, max}: `display_node_id` is
+ * the node the user sees (a node inside a subgraph), falling back to `node_id`.
+ */
+export function progressEntries(detail) {
+  const nodes = detail?.nodes ?? {};
+  return Object.entries(nodes).map(([key, entry]) => ({
+    locator: entry?.display_node_id ?? entry?.node_id ?? key,
+    value: Number(entry?.value),
+    max: Number(entry?.max),
+    state: entry?.state,
+  })).filter((e) => Number.isFinite(e.value) && Number.isFinite(e.max));
 }
