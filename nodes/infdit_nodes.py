@@ -1,12 +1,9 @@
 """Inf-DiT nodes: load a checkpoint from ``models/infdit/``; upscale an IMAGE block-wise (UniBA).
 
-Thin: the engine (:mod:`uniba.infdit`) does the work; ComfyUI is reached only through :mod:`.host`.
+Thin: the engine (:mod:`uniba.infdit`) does the work; ComfyUI is reached only through :mod:`.comfy.host`.
 """
 
 from __future__ import annotations
-
-import math
-from types import SimpleNamespace
 
 import torch
 
@@ -23,72 +20,6 @@ BLOCK_BATCHES = ["auto"] + [str(n) for n in range(1, 17)]
 OFFLOAD = ["auto", "on", "off"]
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 COLOR_MATCH = ["none", "wavelet"]
-
-
-class _EdmModelSampling:
-    """ComfyUI's ``model_sampling`` facts for Inf-DiT's EDM denoiser (sigma in, x0 out, sigma_data 0.5).
-
-    Some ComfyUI samplers read them (half-log-SNR = -log sigma for non-flow models, noise scaling).
-    """
-
-    sigma_min, sigma_max, sigma_data = SIGMA_MIN, SIGMA_MAX, 0.5
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return 0.25 * sigma.log()
-
-    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
-        return (4 * timestep).exp()
-
-    def percent_to_sigma(self, percent: float) -> float:
-        if percent <= 0.0:
-            return 999999999.9
-        if percent >= 1.0:
-            return 0.0
-        log_min, log_max = math.log(self.sigma_min), math.log(self.sigma_max)
-        return math.exp(log_max - percent * (log_max - log_min))
-
-    def noise_scaling(self, sigma, noise, latent_image, max_denoise: bool = False):
-        return latent_image + noise * sigma
-
-    def inverse_noise_scaling(self, sigma, latent):
-        return latent
-
-
-class _KDiffusionModel:
-    """The denoiser as ComfyUI's samplers see a model: callable, with ``model_sampling`` where they look."""
-
-    def __init__(self, denoiser) -> None:
-        self.denoiser = denoiser
-        sampling = _EdmModelSampling()
-        patcher = SimpleNamespace(get_model_object=lambda name: sampling if name == "model_sampling" else None)
-        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling), model_patcher=patcher,
-                                           model_sampling=sampling)
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
-        return self.denoiser(x, sigma, **extra_args)
-
-
-class comfy_sampler:  # noqa: N801 - used like a function
-    """A ComfyUI SAMPLER (``KSAMPLER``: ``sampler_function`` + ``extra_options``) as a k-diffusion function.
-
-    Read through plain attributes, so nothing here imports ComfyUI; ``__wrapped__`` exposes the
-    function's signature (whether it takes a ``noise_sampler``) to the engine.
-    """
-
-    def __init__(self, sampler) -> None:
-        function = getattr(sampler, "sampler_function", None)
-        if function is None:
-            if not callable(sampler):
-                raise ValueError(f"the sampler input must be a ComfyUI SAMPLER (KSamplerSelect), got "
-                                 f"{type(sampler).__name__}")
-            function = sampler
-        self.function = function
-        self.options = dict(getattr(sampler, "extra_options", None) or {})
-        self.__wrapped__ = function
-
-    def __call__(self, model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
-        return self.function(_KDiffusionModel(model), x, sigmas, extra_args=extra_args, callback=callback,
-                             disable=disable, **{**self.options, **kwargs})
 
 
 class InfDiTLoader:
@@ -157,7 +88,10 @@ class InfDiTUpscale:
                 sampler=None, sigmas: torch.Tensor | None = None, unique_id: str | None = None):
         module = model.model
         device = host.torch_device()
-        sampler_fn, schedule = resolve_sampling(None if sampler is None else comfy_sampler(sampler), sigmas, int(steps))
+        if sampler is not None:  # a ComfyUI SAMPLER, unwrapped by the adapter into a k-diffusion function
+            sampler = host.k_diffusion_sampler(sampler, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                                               sigma_data=module.config.sigma_data)
+        sampler_fn, schedule = resolve_sampling(sampler, sigmas, int(steps))
         lr_h, lr_w = int(image.shape[1]), int(image.shape[2])
         # the one plan of this run: the progress total, the memory request and the batches all come from it
         plan = plan_upscale(module.config, lr_h, lr_w, int(scale), host.free_memory(device), block_batch=block_batch,

@@ -9,8 +9,10 @@ the budget, ``UNIBA_MODELS_DIR`` as the model folder).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -358,3 +360,75 @@ def add_route(method: str, path: str, handler: Callable[..., Any]) -> bool:
         return False
     getattr(routes, method.lower())(path)(handler)
     return True
+
+
+# --------------------------------------------------------------------------- samplers
+
+class _EdmModelSampling:
+    """ComfyUI's ``model_sampling`` facts for an EDM denoiser (sigma in, denoised image out).
+
+    Some ComfyUI samplers read them: half-log-SNR is -log sigma for anything that is not a flow
+    model (``CONST``), noise scaling adds ``sigma * noise``.
+    """
+
+    def __init__(self, sigma_min: float, sigma_max: float, sigma_data: float) -> None:
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 0.25 * sigma.log()
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (4 * timestep).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        log_min, log_max = math.log(self.sigma_min), math.log(self.sigma_max)
+        return math.exp(log_max - percent * (log_max - log_min))
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise: bool = False):
+        return latent_image + noise * sigma
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return latent
+
+
+class _KDiffusionModel:
+    """A denoiser as ComfyUI's samplers see a model: callable, with ``model_sampling`` where they look
+    (``model.inner_model.inner_model.model_sampling`` and the patcher's ``get_model_object``)."""
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], sampling: _EdmModelSampling) -> None:
+        self.denoiser = denoiser
+        patcher = SimpleNamespace(get_model_object=lambda name: sampling if name == "model_sampling" else None)
+        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling), model_patcher=patcher,
+                                           model_sampling=sampling)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
+        return self.denoiser(x, sigma, **extra_args)
+
+
+class k_diffusion_sampler:  # noqa: N801 - used like a function
+    """A ComfyUI SAMPLER (``KSAMPLER``: ``sampler_function`` + ``extra_options``) as a plain k-diffusion
+    sampler ``sample(model, x, sigmas, extra_args, callback, disable)`` for an EDM denoiser.
+
+    Read through the KSAMPLER's plain attributes; ``__wrapped__`` exposes the function's signature
+    (whether it takes a ``noise_sampler``) to the engine, which then passes its seeded CPU noise.
+    """
+
+    def __init__(self, sampler: Any, *, sigma_min: float, sigma_max: float, sigma_data: float) -> None:
+        function = getattr(sampler, "sampler_function", None)
+        if function is None:
+            if not callable(sampler):
+                raise ValueError(f"the sampler input must be a ComfyUI SAMPLER (KSamplerSelect), got "
+                                 f"{type(sampler).__name__}")
+            function = sampler
+        self.function = function
+        self.options = dict(getattr(sampler, "extra_options", None) or {})
+        self.sampling = _EdmModelSampling(sigma_min, sigma_max, sigma_data)
+        self.__wrapped__ = function
+
+    def __call__(self, model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        return self.function(_KDiffusionModel(model, self.sampling), x, sigmas, extra_args=extra_args,
+                             callback=callback, disable=disable, **{**self.options, **kwargs})
