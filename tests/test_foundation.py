@@ -106,6 +106,106 @@ def test_the_guard_passes_what_is_allowed(tmp_path) -> None:
     assert host_references(good) == []
 
 
+_PACK_MODULE = re.compile(r"(uniba|nodes)(\.\w+)*")
+_TICKED = re.compile(r"`([^`]+)`")
+
+
+def _import_rules() -> dict[str, set[str]]:
+    """ARCHITECTURE.md's "What each folder may import" table: ``{area: allowed areas}``."""
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    section = text.split("## What each folder may import", 1)[1].split("\n## ", 1)[0]
+    rules: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`"):
+            areas = _TICKED.findall(cells[0])
+            for area in areas:  # the areas of one row may also import one another
+                rules[area] = set(_TICKED.findall(cells[1])) | set(areas)
+    return rules
+
+
+def _area(module: str, file_areas: set[str]) -> str | None:
+    """The area of a dotted module name: ``uniba``, ``uniba/<family>``, ``uniba/<entry>.py``, ``nodes``..."""
+    parts = module.split(".")
+    if _is_host_module(module):
+        return "ComfyUI"
+    if parts[0] == "uniba":
+        if len(parts) > 1 and (REPO / "uniba" / parts[1]).is_dir():
+            return f"uniba/{parts[1]}"
+        if len(parts) > 1 and f"uniba/{parts[1]}.py" in file_areas:
+            return f"uniba/{parts[1]}.py"
+        return "uniba"
+    if parts[0] == "nodes":
+        return "nodes/comfy" if len(parts) > 1 and parts[1] == "comfy" else "nodes"
+    return None
+
+
+def import_graph(file_areas: set[str]) -> dict[str, set[str]]:
+    """``{area: areas it imports}`` from every import statement and every string naming a module."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted([*(REPO / "uniba").rglob("*.py"), *(REPO / "nodes").rglob("*.py")]):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = parts[:-1]
+        src = _area(module, file_areas)
+        if f"uniba/{path.name}" in file_areas and package == ["uniba"]:
+            src = f"uniba/{path.name}"
+        targets = []
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[:len(package) - node.level + 1]
+                    stem = ".".join(base + ([node.module] if node.module else []))
+                    targets += [stem] if node.module else [f"{stem}.{a.name}" for a in node.names]
+                else:
+                    targets.append(node.module)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if _PACK_MODULE.fullmatch(node.value) or (_MODULE_NAME.fullmatch(node.value)
+                                                         and _is_host_module(node.value)):
+                    targets.append(node.value)
+        for target in targets:
+            dst = _area(target, file_areas)
+            if dst is not None and dst != src:
+                graph.setdefault(src, set()).add(dst)
+    return graph
+
+
+def test_architecture_import_rules_match_the_import_graph() -> None:
+    rules = _import_rules()
+    file_areas = {a for a in rules if a.endswith(".py")}
+    families = {f"uniba/{p.name}" for p in (REPO / "uniba").iterdir() if (p / "__init__.py").is_file()}
+    assert {"uniba", "uniba/*", "nodes", "nodes/comfy"} <= set(rules) and families
+    for area in rules:  # the table names real code
+        assert area == "uniba/*" or area in families | {"uniba", "nodes", "nodes/comfy"} \
+            or (REPO / area).is_file(), area
+
+    def allowed(src: str, dst: str) -> bool:
+        own = rules.get(src, rules["uniba/*"] if src in families else set())
+        return dst in own or (dst in families and "uniba/*" in own)
+
+    graph = import_graph(file_areas)
+    assert graph["nodes"] >= {"nodes/comfy", "uniba"} and "ComfyUI" in graph["nodes/comfy"]  # the graph is real
+    violations = sorted(f"{src} -> {dst}" for src, dsts in graph.items() for dst in dsts if not allowed(src, dst))
+    assert violations == []
+
+
+def test_the_import_graph_catches_a_forbidden_edge(tmp_path, monkeypatch) -> None:
+    """An engine family importing the adapter is found (the check is not vacuous)."""
+    fake_repo = tmp_path / "repo"
+    for folder in ("uniba/infdit", "nodes/comfy"):
+        (fake_repo / folder).mkdir(parents=True)
+        (fake_repo / folder / "__init__.py").write_text("")
+    (fake_repo / "uniba" / "__init__.py").write_text("")
+    loader = fake_repo / "uniba" / "infdit" / "loader.py"
+    loader.write_text("from ...nodes.comfy import host\nfrom .. import memory\n")
+    (fake_repo / "nodes" / "__init__.py").write_text("X = 'uniba.infdit.loader'\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", fake_repo)
+    graph = import_graph(set())
+    assert graph == {"uniba/infdit": {"nodes/comfy", "uniba"}, "nodes": {"uniba/infdit"}}
+
+
 def test_node_files_are_declarations_and_calls() -> None:
     sizes = {p.name: len(p.read_text().splitlines()) for p in (REPO / "nodes").glob("*.py")}
     assert sizes and max(sizes.values()) <= 200, sizes  # well under 250: the work lives in the engine/adapter

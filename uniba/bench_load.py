@@ -224,6 +224,23 @@ def run_child(kind: str, path: Path, dtype: str | None, forward_out: str | None 
     return {"kind": kind, "path": str(path), "error": " | ".join(tail) or f"exit code {proc.returncode}"}
 
 
+def run_comfy_child(path: Path, dtype: str | None, threads: int = 2) -> dict[str, Any]:
+    """The Sana DiT Loader node inside a booted ComfyUI (``COMFYUI_DIR``; ``COMFYUI_PYTHON`` runs it)."""
+    script = Path(__file__).resolve().parents[1] / "tests" / "integration" / "bench_comfy_load.py"
+    if not script.is_file():
+        return {"kind": "sana (ComfyUI)", "path": str(path),
+                "error": "the ComfyUI path needs a checkout of the pack (tests/integration/bench_comfy_load.py)"}
+    spec = {"path": str(path), "dtype": dtype or "auto", "threads": threads}
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([python, str(script), json.dumps(spec)], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"kind": "sana (ComfyUI)", "path": str(path), "error": " | ".join(tail) or f"exit {proc.returncode}"}
+
+
 def discover(folder: Path) -> list[tuple[str, Path]]:
     found = [(kind, folder / rel) for kind, rel in KNOWN_FILES if (folder / rel).exists()]
     if not found:
@@ -277,21 +294,28 @@ def run(argv: list[str] | None = None) -> int:
               f"{'ready s':>7s} {'peak GiB':>8s} {'peak/model':>10s}")
     print(header)
     failures = 0
-    for kind, path in targets:
-        for dtype in dtypes:
-            result = run_child(kind, path, None if dtype == "stored" else dtype, threads=args.threads)
-            name = str(path.relative_to(args.paths[0])) if args.paths[0] in path.parents else str(path)
-            if "error" in result:
-                print(f"{name[-52:]:52s} ERROR {result['error']}")
-                failures += 1
-                continue
-            ratio = result["peak_bytes"] / max(result["model_bytes"], 1)
-            verdict = "" if ratio <= RATIO_LIMIT else "  over"
-            failures += bool(verdict)
-            print(f"{name[-52:]:52s} {_format_of(path):18s} {_gib(_file_bytes(path)):>8s} {result['dtype']:>6s} "
-                  f"{_gib(result['model_bytes']):>9s} {result['load_s']:7.1f} {result['ready_s']:7.1f} "
-                  f"{_gib(result['peak_bytes']):>8s} "
-                  f"{ratio:10.2f}{verdict}", flush=True)
+    runs = [(kind, path, dtype, False) for kind, path in targets for dtype in dtypes]
+    if os.environ.get("COMFYUI_DIR"):
+        runs += [(kind, path, dtype, True) for kind, path, dtype, _ in runs if kind == "sana"]
+    else:
+        print("(COMFYUI_DIR is not set: the ComfyUI loader path for Sana is skipped)")
+    for kind, path, dtype, via_comfy in runs:
+        wanted = None if dtype == "stored" else dtype
+        result = (run_comfy_child(path, wanted, args.threads) if via_comfy
+                  else run_child(kind, path, wanted, threads=args.threads))
+        name = str(path.relative_to(args.paths[0])) if args.paths[0] in path.parents else str(path)
+        name = ("ComfyUI: " if via_comfy else "") + name[-(43 if via_comfy else 52):]
+        if "error" in result:
+            print(f"{name[-52:]:52s} ERROR {result['error']}")
+            failures += 1
+            continue
+        ratio = result["peak_bytes"] / max(result["model_bytes"], 1)
+        verdict = "" if ratio <= RATIO_LIMIT else "  over"
+        failures += bool(verdict)
+        print(f"{name[-52:]:52s} {_format_of(path):18s} {_gib(_file_bytes(path)):>8s} {result['dtype']:>6s} "
+              f"{_gib(result['model_bytes']):>9s} {result['load_s']:7.1f} {result['ready_s']:7.1f} "
+              f"{_gib(result['peak_bytes']):>8s} "
+              f"{ratio:10.2f}{verdict}", flush=True)
     if args.forward:
         failures += _forward_table(targets, args.threads)
     return 1 if failures else 0

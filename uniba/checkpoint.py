@@ -361,7 +361,6 @@ def unwrap_state_dict(obj: object, path: str | os.PathLike | None = None) -> Sta
 
 def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read any supported checkpoint file into a flat ``{key: tensor}`` dict, safely."""
-    from .guards import check_state_dict_finite
 
     path = Path(path)
     if stat.S_ISDIR(check_file(path, allow_dir=True).st_mode):
@@ -374,18 +373,35 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
     else:
         raise CheckpointError(path, f"has the unsupported extension '{suffix}'.",
                               f"Use one of {', '.join(SUPPORTED_SUFFIXES)}.")
-    # cheap per tensor (a bounded temporary per chunk) and names the tensor; a NaN weight would
-    # otherwise give black images with no message
+    _check_finite(state, path)
+    return state
+
+
+def _check_finite(state: StateDict, path: Path) -> None:
+    """NaN/inf check per tensor (a NaN weight would otherwise give black images with no message).
+
+    The check touches every page of the memory-mapped file; each tensor's pages are unmapped right after
+    (:func:`release_pages`; the data stays in the page cache), so reading never holds the whole file.
+    """
+    from .guards import check_state_dict_finite
+
     mappings = checkpoint_mappings()
     for key, value in state.items():
-        check_state_dict_finite({key: value}, path)
-        release_pages([value], mappings)  # the check touched every page: unmap them (they stay in the page cache)
-    return state
+        try:
+            check_state_dict_finite({key: value}, path)
+        except CheckpointError as exc:
+            if value.dtype != torch.float16:
+                raise
+            # An fp16 copy of a bf16 release: values past fp16's 65504 became inf when it was converted.
+            raise CheckpointError(None, f"{exc} It is stored in fp16, which cannot hold this model's range (an fp16 "
+                                        "copy of a bf16 release overflows).",
+                                  "Use the original bf16 or an fp32 file; the loader's dtype option then "
+                                  "converts it as needed.") from None
+        release_pages([value], mappings)
 
 
 def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read a diffusers-style folder: ``*.safetensors.index.json`` shards, or a single safetensors file."""
-    from .guards import check_state_dict_finite
 
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
@@ -406,13 +422,13 @@ def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = 
                 raise CheckpointError(folder, f"is missing the shard '{shard}' named in {indexes[0].name}.",
                                       "Download every shard of the model into the same folder.")
             shard_state = read_safetensors(shard_path, device)
-            check_state_dict_finite(shard_state, shard_path)
+            _check_finite(shard_state, shard_path)
             state.update(shard_state)
         return state
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
         state = read_safetensors(files[0], device)
-        check_state_dict_finite(state, files[0])
+        _check_finite(state, files[0])
         return state
     raise CheckpointError(folder, f"holds {len(files)} safetensors files and no *.safetensors.index.json.",
                           "Point at one file, or at a folder with one model (diffusers layout).")

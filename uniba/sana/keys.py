@@ -19,8 +19,9 @@ from ..checkpoint import matches_any
 # table (recomputed for the actual latent), the train-time null caption, Sprint's log-variance head.
 ORIGINAL_IGNORE = ("pos_embed", "y_embedder.y_embedding", "logvar_linear.*")
 
-# Prefixes that wrappers put in front of the DiT keys (ComfyUI checkpoints, EMA trainers).
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "transformer.")
+# Prefixes that wrappers put in front of the DiT keys (ComfyUI checkpoints, EMA trainers, "net." of packs
+# that save the wrapped network).
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "transformer.", "net.")
 BLOCK_PREFIXES = ("blocks.", "transformer_blocks.")  # a prefix applies when the DiT blocks are under it
 
 ORIGINAL_MARKERS = ("blocks.0.cross_attn.q_linear.weight", "t_block.1.weight")
