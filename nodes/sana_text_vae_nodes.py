@@ -120,11 +120,11 @@ class SanaVAELoader:
     RETURN_TYPES = ("VAE",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Loads the Sana DC-AE (32x, 32 channels) as a ComfyUI VAE. Use 'Sana VAE Decode' for tiled "
-                   "4K decoding within your memory.")
+    DESCRIPTION = ("Loads the Sana DC-AE (32x, 32 channels) as a ComfyUI VAE. VAE Decode, VAE Decode (Tiled) and "
+                   "'Sana VAE Decode' all give the same exact image within your memory, 4K included.")
 
     def load(self, vae_name: str, dtype: str) -> tuple[Any]:
-        from uniba.sana.dcae import load_dcae
+        from uniba.dcae.loader import load_dcae
 
         path = host.model_path("vae", vae_name)
         device = host.vae_device()
@@ -139,14 +139,16 @@ class SanaVAEDecode:
             "vae": ("VAE",),
             "samples": ("LATENT",),
             "tile_size": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 32,
-                                  "tooltip": "Tile edge in pixels; 0 = automatic (tiled from 2048 px up, 1024 px "
-                                             "tiles, smaller when memory is short)"}),
+                                  "tooltip": "Largest tile edge in pixels; 0 = as large as the free memory allows. "
+                                             "Speed and memory only: the image is the same at every tile size"}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "DC-AE decode with blended 1024 px tiles from 2048 px up; retries smaller tiles when out of memory."
+    DESCRIPTION = ("Exact tiled DC-AE decode: the same image as a one-pass decode at any tile size and free memory "
+                   "(attention sums over the whole image, convolutions with exact halos); retries smaller tiles "
+                   "when out of memory.")
 
     def decode(self, vae: Any, samples: dict, tile_size: int, unique_id: str | None = None) -> tuple[torch.Tensor]:
         return (comfy_sana.decode_images(vae, samples["samples"], tile_size, node_id=unique_id),)
@@ -160,7 +162,7 @@ class SanaVAEEncode:
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "DC-AE encode (unscaled latent), tiled like the decoder for large images."
+    DESCRIPTION = "DC-AE encode (unscaled latent), exact-tiled like the decoder for large images."
 
     def encode(self, vae: Any, image: torch.Tensor, unique_id: str | None = None) -> tuple[dict]:
         return ({"samples": comfy_sana.encode_images(vae, image, node_id=unique_id)},)

@@ -345,13 +345,9 @@ def make_gemma_single(out: Path, seed: int) -> dict[str, object]:
 
 def make_dcae(out: Path, seed: int) -> dict[str, object]:
     """``mit-han-lab/dc-ae-f32c32-sana-1.1`` ``model.safetensors`` (efficientvit keys), renamed as the README says."""
-    try:
-        from uniba.dcae import keys as dcae_keys
-        from uniba.dcae.config import DCAEConfig
-        from uniba.dcae.model import DCAE
-    except ImportError:  # before the DC-AE move to uniba/dcae/
-        from uniba.sana import dcae_keys
-        from uniba.sana.dcae import DCAE, DCAEConfig
+    from uniba.dcae import keys as dcae_keys
+    from uniba.dcae.config import DCAEConfig
+    from uniba.dcae.model import DCAE
 
     config = DCAEConfig.sana_f32c32()
     shapes = _meta_shapes(lambda: DCAE(config))

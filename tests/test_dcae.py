@@ -7,8 +7,10 @@ import torch
 from tiny_sana_te_vae import TINY_DCAE, tiny_dcae_state_dict, write_tiny_dcae
 
 from uniba.checkpoint import CheckpointError, save_safetensors
-from uniba.sana import dcae_keys
-from uniba.sana.dcae import DCAE, DCAEConfig, config_from_state_dict, load_dcae
+from uniba.dcae import keys as dcae_keys
+from uniba.dcae.config import DCAEConfig
+from uniba.dcae.loader import load_dcae
+from uniba.dcae.model import DCAE
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -82,7 +84,7 @@ def test_real_f32c32_config_on_meta_device() -> None:
     assert "decoder.stages.1.op_list.0.main.conv.conv.bias" in original  # diffusers' detection key
     assert "encoder.project_in.conv.bias" in original  # ... of the sana variant
     assert "encoder.stages.0.op_list.2.main.conv.weight" in original
-    assert config_from_state_dict(dcae_keys.original_to_diffusers(original)) == DCAEConfig.sana_f32c32()
+    assert DCAEConfig.from_shapes(dcae_keys.original_to_diffusers(original)) == DCAEConfig.sana_f32c32()
 
 
 def test_prefixed_and_dtype(tmp_path) -> None:

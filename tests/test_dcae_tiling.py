@@ -1,17 +1,23 @@
-"""Tiled DC-AE decode/encode: the policy, exact blending, OOM retry, progress and Cancel between tiles."""
+"""Exact tiled DC-AE decode/encode: equal to one pass at every tile size, budget and out-of-memory retry."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 import torch
-import torch.nn.functional as F
 from tiny_sana_te_vae import tiny_dcae_state_dict
 
-from uniba.memory import GIB
-from uniba.sana import tiling
-from uniba.sana.dcae import RES_BLOCK, VIT_BLOCK, DCAEConfig, load_dcae
+from uniba.dcae import tiling
+from uniba.dcae.config import RES_BLOCK, VIT_BLOCK, DCAEConfig
+from uniba.dcae.loader import load_dcae
+from uniba.dcae.model import DCAE, EfficientViTBlock, ResBlock, UpBlock
+from uniba.memory import GIB, MIB, OutOfMemoryAtMinimum
 
-# A 4x DC-AE (3 stages) so tiles are cheap on a busy 2-core machine; the tiler is the same code for 32x.
+EXACT = 1e-5  # fp32: max |tiled - one pass| allowed, relative to the output's range (images: [-1, 1])
+
+# A 4x DC-AE (3 stages: ResBlock, EfficientViT, EfficientViT) so tiles are cheap; same tiler code as for 32x.
 _BLOCKS = (RES_BLOCK, VIT_BLOCK, VIT_BLOCK)
 SMALL = DCAEConfig(latent_channels=8, head_dim=8,
                    encoder_widths=(8, 16, 32), encoder_depths=(1, 1, 1), encoder_blocks=_BLOCKS,
@@ -20,94 +26,172 @@ SMALL = DCAEConfig(latent_channels=8, head_dim=8,
                    decoder_scales=((), (5,), (5,)))
 
 
-@pytest.fixture(scope="module")
-def dcae():
-    return load_dcae(tiny_dcae_state_dict(SMALL))
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Hundreds of tiny tiles: a second torch thread only adds contention on a busy machine."""
 
 
 @pytest.fixture(scope="module")
 def dcae32():
+    """The f32c32 structure (6 stages, 32x, 32 latent channels) with tiny widths and random weights."""
     return load_dcae(tiny_dcae_state_dict())
 
 
-def test_tile_starts_cover_and_align_to_the_end() -> None:
-    assert tiling.tile_starts(10, 32, 4) == [0]
-    assert tiling.tile_starts(128, 32, 4) == [0, 28, 56, 84, 96]
-    for length, tile, overlap in ((64, 32, 4), (100, 32, 4), (33, 32, 4), (37, 8, 1)):
-        starts = tiling.tile_starts(length, tile, overlap)
-        assert starts[-1] + tile == length
-        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+@pytest.fixture(scope="module")
+def dcae4():
+    return load_dcae(tiny_dcae_state_dict(SMALL))
 
 
-def test_policy_untiled_below_2048_tiled_1024_above() -> None:
-    plan = dict(cell_px=32, bytes_per_pixel=1000.0, batch=1)
-    assert tiling.plan_tile(32, 32, **plan) == 32  # 1024 px: one pass
-    assert tiling.plan_tile(48, 40, **plan) == 48  # 1536 px: one pass
-    assert tiling.plan_tile(64, 64, **plan) == 32  # 2048 px: 1024-px tiles
-    assert tiling.plan_tile(128, 96, **plan, budget_bytes=100 * GIB) == 32  # lots of memory: still 1024
-    # a small budget shrinks the tile to what fits: 512 px = 262144 px * 1000 B
-    assert tiling.plan_tile(128, 128, **plan, budget_bytes=262144 * 1000) == 16
-    # below 2048 px but not enough memory for one pass: tiled too
-    assert tiling.plan_tile(48, 48, **plan, budget_bytes=262144 * 1000) == 16
-    # never below the minimum tile, even when nothing fits (the OOM retry has the last word)
-    assert tiling.plan_tile(128, 128, **plan, budget_bytes=1) == tiling.MIN_TILE_CELLS
-    assert tiling.plan_tile(128, 128, **plan, tile_size=512) == 16  # the node's override
-    assert tiling.plan_tile(8, 8, **plan, tile_size=4096) == 8
+def _latent(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def test_blending_is_a_partition_of_unity() -> None:
-    """With a tile-independent function the blended result equals the direct one exactly."""
-    x = torch.randn(2, 4, 13, 21)
-
-    def up(t: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(t, scale_factor=4, mode="nearest") * 3.0
-
-    for tile in (4, 5, 8, 13):
-        out = tiling.tiled_apply(x, up, tile=tile, scale_in=1, scale_out=4)
-        assert torch.allclose(out, up(x), atol=1e-6)
-    image = torch.randn(1, 3, 64, 96)
-
-    def down(t: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(t, 8)
-
-    out = tiling.tiled_apply(image, down, tile=4, scale_in=8, scale_out=1)
-    assert torch.allclose(out, down(image), atol=1e-6)
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference in units of the reference's range (random-weight latents reach |z| ~ 10)."""
+    assert a.shape == b.shape
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
 
 
-def test_tiled_decode_matches_untiled_when_one_tile_covers_it(dcae32) -> None:
-    latent = torch.randn(1, 32, 2, 3)
+def _real_on_meta() -> DCAE:
+    with torch.device("meta"):
+        return DCAE(DCAEConfig.sana_f32c32())
+
+
+def test_global_and_local_steps_of_the_real_config() -> None:
+    """Attention blocks run as two sweeps at 1/32..1/8; everything from 1/8 to pixels is one fused local step."""
+    model = _real_on_meta()
+    steps = tiling.decoder_steps(model)
+    assert [s.name for s in steps][:2] == ["conv_in", "stage5.0"] and steps[-1].name == "tail"
+    attention = [s for s in steps if s.attention is not None]
+    assert len(attention) == 9 and {s.halo for s in attention} == {3}  # 5x5 multi-scale (2) + GLUMB 3x3 (1)
+    assert {s.cell_px for s in attention} == {32, 16, 8}  # the lowest resolution with attention is 1/8
+    tail = steps[-1]
+    assert (tail.up, tail.halo, tail.cell_px) == (8, 7, 8)  # 7 cells of the 1/8 grid = 56 px
+    assert all(s.halo == 1 for s in steps if isinstance(s.run, UpBlock))
+    encoder = tiling.encoder_steps(model)
+    assert (encoder[0].name, encoder[0].down, encoder[0].halo) == ("head", 8, 5)  # 36 px receptive radius
+    assert sum(s.attention is not None for s in encoder) == 9
+    # the widest whole activation: the 512-channel 1/8-resolution stage, at 4096 px 512 x 512 x 512 values
+    plan = tiling.plan_pass(steps, (1, 32, 128, 128), torch.float32)
+    assert plan.stored_bytes == 2 * 512 * 512 * 512 * 4
+
+
+def test_halos_are_the_receptive_radius() -> None:
+    assert tiling._tail_halo([UpBlock(16, 8, "interpolate")]) == 1
+    assert tiling._tail_halo([UpBlock(16, 8, "pixel_shuffle")]) == 1
+    assert tiling._tail_halo([ResBlock(4), ResBlock(4)]) == 4
+    assert tiling._tail_halo([UpBlock(8, 4, "interpolate"), ResBlock(4)]) == 2  # ceil((2 + 1) / 2)
+    assert EfficientViTBlock(8, 8, (5,)).attn.context_radius == 2
+
+
+@pytest.mark.parametrize(("shape", "tiles"), [((1, 32, 5, 7), (8, 40, 64, 128, 10_000)), ((2, 32, 3, 2), (16, 48)),
+                                             ((1, 32, 1, 4), (32, 72))])
+def test_decode_equals_one_pass_at_any_tile_size(dcae32, shape, tiles) -> None:
+    """Odd, non-square sizes that no tile size divides; tiles from 8 px (one cell of the 1/8 grid) up."""
+    latent = _latent(shape)
     full = dcae32.decode_full(latent)
-    assert torch.equal(dcae32.decode(latent), full)
-    assert torch.equal(dcae32.decode(latent, tile_size=3 * 32), full)
+    for tile in tiles:
+        assert _diff(dcae32.decode(latent, tile_size=tile), full) <= EXACT, f"tile {tile}px"
 
 
-def test_tiled_vs_untiled_difference_is_measured_and_shrinks_with_tile_size(dcae) -> None:
-    """Global attention makes tiling approximate (random weights exaggerate it): bigger tiles, closer result."""
-    latent = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(3))
-    full = dcae.decode_full(latent)
-    diffs = {}
-    for cells in (5, 6):
-        tiled = dcae.decode(latent, tile_size=cells * 4)
-        assert tiled.shape == full.shape
-        diffs[cells] = (tiled - full).abs().mean().item()
-        cosine = F.cosine_similarity(tiled.flatten(), full.flatten(), dim=0).item()
-        print(f"tiny 4x DC-AE 32 px, {cells * 4}-px tiles: mean |tiled - untiled| {diffs[cells]:.4f}, "
-              f"max {(tiled - full).abs().max():.4f}, cosine {cosine:.3f}")
-        assert cosine > 0.7
-    assert 0 < diffs[6] < diffs[5]
+@pytest.mark.parametrize(("size", "tiles"), [((160, 224), (8, 40, 96)), ((96, 288), (32, 10_000))])
+def test_encode_equals_one_pass_at_any_tile_size(dcae32, size, tiles) -> None:
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    full = dcae32.encode_full(image)
+    for tile in tiles:
+        assert _diff(dcae32.encode(image, tile_size=tile), full) <= EXACT, f"tile {tile}px"
 
 
-def test_tiled_encode_shape_and_closeness(dcae) -> None:
-    image = torch.rand(1, 3, 32, 24) * 2 - 1
-    full = dcae.encode_full(image)
-    tiled = dcae.encode(image, tile_size=16)
-    assert tiled.shape == full.shape == (1, 8, 8, 6)
-    cosine = F.cosine_similarity(tiled.flatten(), full.flatten(), dim=0).item()
-    print(f"tiny 4x DC-AE encode 32x24 px, 16-px tiles: cosine to untiled {cosine:.3f}")
-    assert cosine > 0.5
+def test_small_4x_model_odd_sizes(dcae4) -> None:
+    latent = _latent((2, 8, 13, 9), seed=3)
+    full = dcae4.decode_full(latent)
+    for tile in (4, 12, 28):
+        assert _diff(dcae4.decode(latent, tile_size=tile), full) <= EXACT, f"tile {tile}px"
+    image = torch.rand(1, 3, 36, 52, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    full = dcae4.encode_full(image)
+    for tile in (8, 20):
+        assert _diff(dcae4.encode(image, tile_size=tile), full) <= EXACT, f"tile {tile}px"
 
 
-def test_progress_per_tile_and_cancel_between_tiles(dcae) -> None:
+def test_every_halo_is_needed(dcae32) -> None:
+    """One cell less halo on any step that has one breaks exactness: the halos are the receptive radius."""
+    latent = _latent((1, 32, 3, 4), seed=4)  # 12 cells at 1/32: above head_dim, so attention is linear there too
+    full = dcae32.decode_full(latent)
+    steps = tiling.decoder_steps(dcae32)
+    for i, step in enumerate(steps):
+        if step.halo == 0:
+            continue
+        short = list(steps)
+        short[i] = dataclasses.replace(step, halo=step.halo - 1)
+        got = tiling.run_pass(dcae32, latent, short, full=dcae32.decode_full, tile_size=16, budget_bytes=None,
+                              progress=None, output_device=None, is_oom=lambda e: False, preview=None, what="test")
+        assert _diff(got, full) > 1e-3, step.name
+    image = torch.rand(1, 3, 96, 128) * 2 - 1
+    full = dcae32.encode_full(image)
+    steps = tiling.encoder_steps(dcae32)
+    for i, step in enumerate(steps):
+        short = list(steps)
+        short[i] = dataclasses.replace(step, halo=step.halo - 1)
+        got = tiling.run_pass(dcae32, image, short, full=dcae32.encode_full, tile_size=16, budget_bytes=None,
+                              progress=None, output_device=None, is_oom=lambda e: False, preview=None, what="test")
+        assert _diff(got, full) > 1e-4, step.name
+
+
+def test_any_budget_gives_the_same_image(dcae32) -> None:
+    latent = _latent((1, 32, 4, 3), seed=5)
+    full = dcae32.decode_full(latent)
+    steps = tiling.decoder_steps(dcae32)
+    previous = None
+    for budget in (1, 64 * 1024, 512 * 1024, 4 * MIB, 64 * MIB, GIB):
+        plan = tiling.plan_pass(steps, tuple(latent.shape), torch.float32, budget_bytes=budget)
+        if previous is not None:
+            assert all(a >= b for a, b in zip(plan.tiles, previous.tiles)), "more memory never means smaller tiles"
+        previous = plan
+        assert _diff(dcae32.decode(latent, budget_bytes=budget), full) <= EXACT, f"budget {budget}"
+    assert tiling.plan_pass(steps, tuple(latent.shape), torch.float32, budget_bytes=1).tiles[-1] == 1
+    assert tiling.plan_pass(steps, tuple(latent.shape), torch.float32, budget_bytes=GIB).single_pass
+
+
+class _FakeOOM:
+    """Forward pre-hooks that fail like a full device when a block's input has more than ``limit`` values
+    (persistently, or only the first ``times`` times)."""
+
+    def __init__(self, model: DCAE, limit: int, times: int | None = None) -> None:
+        self.limit, self.times, self.raised = limit, times, 0
+        self.handles = [m.register_forward_pre_hook(self.check) for m in model.modules()
+                        if isinstance(m, (ResBlock, UpBlock, EfficientViTBlock))]
+
+    def check(self, module, args) -> None:
+        if args[0].numel() > self.limit and (self.times is None or self.raised < self.times):
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 36.00 GiB")
+
+    def __enter__(self) -> _FakeOOM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def test_out_of_memory_retries_give_the_same_image(dcae32, caplog) -> None:
+    latent = _latent((1, 32, 3, 4), seed=6)
+    full = dcae32.decode_full(latent)
+    for limit, times in ((60_000, None), (30_000, None), (0, 1), (0, 2)):
+        with _FakeOOM(dcae32, limit, times) as fake:
+            got = dcae32.decode(latent)
+        assert fake.raised > 0
+        assert _diff(got, full) <= EXACT, (limit, times)
+    assert "ran out of memory" in caplog.text
+    with _FakeOOM(dcae32, 0), pytest.raises(OutOfMemoryAtMinimum, match="even at the smallest size"):
+        dcae32.decode(latent)
+    image = torch.rand(1, 3, 96, 160) * 2 - 1
+    with _FakeOOM(dcae32, 100_000) as fake:
+        got = dcae32.encode(image)
+    assert fake.raised > 0 and _diff(got, dcae32.encode_full(image)) <= EXACT
+
+
+def test_progress_per_tile_and_cancel_between_tiles(dcae32) -> None:
     calls = []
 
     def progress(done, total=None, preview=None):
@@ -115,9 +199,11 @@ def test_progress_per_tile_and_cancel_between_tiles(dcae) -> None:
         if preview is not None:
             assert preview.min() >= 0 and preview.max() <= 1
 
-    latent = torch.randn(1, 8, 6, 6)
-    dcae.decode(latent, tile_size=16, progress=progress)
-    assert calls[0] == (0, 4) and calls[-1] == (4, 4) and len(calls) == 5
+    latent = _latent((1, 32, 4, 4))
+    dcae32.decode(latent, tile_size=64, progress=progress)
+    dones = [d for d, _ in calls]
+    assert dones == list(range(len(calls))) and calls[-1][0] == calls[-1][1] > 10
+    assert all(t == calls[-1][1] for _, t in calls)
 
     class Cancelled(Exception):
         pass
@@ -130,40 +216,42 @@ def test_progress_per_tile_and_cancel_between_tiles(dcae) -> None:
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        dcae.decode(latent, tile_size=16, progress=cancel_after_two)
+        dcae32.decode(latent, tile_size=64, progress=cancel_after_two)
     assert seen == [0, 1, 2]
 
 
-def test_out_of_memory_retries_with_smaller_tiles(dcae, monkeypatch, caplog) -> None:
-    latent = torch.randn(1, 8, 8, 8)
-    sizes = []
-    real = dcae.decode_full
-
-    def fragile(z):
-        sizes.append(z.shape[-1])
-        if z.shape[-1] > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 36.00 GiB")
-        return real(z)
-
-    monkeypatch.setattr(dcae, "decode_full", fragile)
-    want = tiling.tiled_apply(latent, real, tile=4, scale_in=1, scale_out=4)
-    got = dcae.decode(latent)  # tries one pass, then the minimum tile of 4 cells
-    assert sizes[0] == 8 and sizes[-1] == 4
-    assert torch.equal(got, want)
-    assert "DC-AE decode ran out of memory at 8; retrying at 4" in caplog.text
-
-    def always(z):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(dcae, "decode_full", always)
-    with pytest.raises(RuntimeError, match="even at the smallest size"):
-        dcae.decode(latent)
+def test_single_pass_when_it_fits(dcae32) -> None:
+    latent = _latent((1, 32, 2, 3))
+    full = dcae32.decode_full(latent)
+    assert torch.equal(dcae32.decode(latent), full)
+    assert torch.equal(dcae32.decode(latent, tile_size=96), full)
 
 
-def test_memory_estimate_grows_with_width_and_halves_for_bf16() -> None:
-    fp32 = tiling.activation_bytes_per_pixel((128, 256, 512), torch.float32)
-    bf16 = tiling.activation_bytes_per_pixel((128, 256, 512), torch.bfloat16)
-    assert fp32 == (5 * 128 + 256) * 4
-    assert bf16 < fp32
-    # the real config at 4096 px untiled in fp32: tens of GB, as measured (sana.md §2.3)
-    assert fp32 * 4096**2 > 20 * GIB
+def test_plan_for_4096_and_8192_px_of_the_real_config() -> None:
+    """Planned memory of a 4096 px decode (no budget given: 768 px tiles) and under budgets."""
+    steps = tiling.decoder_steps(_real_on_meta())
+    weights_fp32 = 159.2e6 * 4  # the decoder's parameters
+    for dtype, limit in ((torch.bfloat16, 4e9), (torch.float32, 6e9)):
+        size = torch.empty((), dtype=dtype).element_size()
+        plan = tiling.plan_pass(steps, (1, 32, 128, 128), dtype)
+        assert plan.estimated_peak_bytes + weights_fp32 * size / 4 < limit, plan.to_dict()
+        budgeted = tiling.plan_pass(steps, (1, 32, 128, 128), dtype, budget_bytes=int(2 * GIB))
+        assert budgeted.estimated_peak_bytes <= 2 * GIB
+    # 8192 px in bf16 on a 3 GiB budget: the whole 1/8 activations (2 x 1 GiB) go to the output device
+    huge = tiling.plan_pass(steps, (1, 32, 256, 256), torch.bfloat16, budget_bytes=int(3 * GIB))
+    assert huge.estimated_peak_bytes <= 3 * GIB and not huge.store_on_compute
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("UNIBA_SLOW"), reason="real f32c32 at 1024 px takes minutes: UNIBA_SLOW=1")
+def test_real_f32c32_decode_1024px_exact() -> None:
+    """The released decoder's shapes with random weights, fp32 on the CPU: tiled == one pass at 1024 px."""
+    from uniba.dcae.bench import random_real_decoder
+
+    model = random_real_decoder(seed=0)
+    latent = _latent((1, 32, 32, 32), seed=7)
+    full = model.decode_full(latent)
+    for tile in (256, 512):
+        got = model.decode(latent, tile_size=tile)
+        print(f"real f32c32 1024 px, {tile}-px tiles: max |tiled - one pass| {_diff(got, full):.2e}")
+        assert _diff(got, full) <= EXACT

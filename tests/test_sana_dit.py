@@ -11,8 +11,8 @@ from tiny_sana import TINY, tiny_sana_state_dict, to_original_format, write_tiny
 from uniba.checkpoint import CheckpointError, save_safetensors
 from uniba.sana import SanaConfig, SanaDiT, load_sana
 from uniba.sana import keys as sana_keys
-from uniba.sana.config import RELEASES, diffusers_config_dict
-from uniba.sana.loader import expected_shapes, infer_config, read_sana_checkpoint
+from uniba.sana.config import RELEASES, diffusers_config_dict, infer_config
+from uniba.sana.loader import expected_shapes, read_sana_checkpoint
 from uniba.sana.model import sincos_position_embedding
 
 diffusers = pytest.importorskip("diffusers")

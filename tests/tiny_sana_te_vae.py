@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from uniba.checkpoint import save_safetensors
-from uniba.sana import dcae_keys
-from uniba.sana.dcae import DCAE, RES_BLOCK, VIT_BLOCK, DCAEConfig
+from uniba.dcae import keys as dcae_keys
+from uniba.dcae.config import RES_BLOCK, VIT_BLOCK, DCAEConfig
+from uniba.dcae.model import DCAE
 from uniba.sana.text_encoder import CHI_TEXT, CONFIG_METADATA_KEY
 
 TINY_GEMMA_CONFIG = dict(

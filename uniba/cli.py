@@ -20,7 +20,7 @@ BENCHMARKS = {
     "infdit": ("uniba.infdit.bench", "Inf-DiT block-wise vs whole-canvas memory and time; presets; bf16"),
     "infdit-solvers": ("uniba.infdit.bench_solvers", "Inf-DiT samplers: distance to 200 Heun steps vs evaluations"),
     "sana": ("uniba.sana.bench", "Sana linear vs softmax attention scaling; Flow-DPM-Solver vs Flow-Euler"),
-    "dcae": ("uniba.sana.bench_dcae", "DC-AE tiled vs untiled decode memory and time"),
+    "dcae": ("uniba.dcae.bench", "DC-AE exact-tiled vs untiled decode: time, memory, max difference"),
     "load": ("uniba.bench_load", "load time and peak RSS per released checkpoint; --forward: bf16 vs fp32 smoke"),
     "hidiffusion": ("uniba.hidiffusion.bench", "MSW-MSA vs global self-attention at SD1.5's top level"),
 }

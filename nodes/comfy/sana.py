@@ -6,8 +6,9 @@
   layer classes and wraps the result). Stock KSampler, SamplerCustom, previews and ModelSamplingSD3
   work on it.
 * VAE: ``comfy.sd.VAE`` cannot detect a DC-AE from its keys, but represents one once its model and
-  ratios are set, so a subclass holds our DC-AE; stock VAEDecode/VAEEncode then run our tiling policy
-  (:func:`decode_images`, :func:`encode_images`), VAEDecodeTiled/VAEEncodeTiled ComfyUI's.
+  ratios are set, so a subclass holds our DC-AE. Its ``decode``/``decode_tiled``/``encode``/``encode_tiled``
+  all run the engine's exact tiler (:func:`decode_images`, :func:`encode_images`; ComfyUI's own blended
+  tiling never runs on it), so VAE Decode, VAE Decode (Tiled) and Sana VAE Decode give the same image.
 * SAMPLER and the one-node sampler: the engine's k-diffusion-shaped samplers through ``KSAMPLER`` and
   ``sample_custom``.
 
@@ -22,11 +23,11 @@ from typing import Any
 
 import torch
 
+from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 from uniba.guards import check_context_mask, check_finite, check_sana_conditioning, check_sana_latent
 from uniba.sana.config import LATENT_CHANNELS, LATENT_SCALE, SanaConfig
 from uniba.sana.loader import SanaCheckpoint, build_sana
 from uniba.sana.sampling import start_noise
-from uniba.sana.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 
 from . import host
 
@@ -157,7 +158,7 @@ def sample(model: Any, latent: dict[str, Any], *, sample_fn: Callable[..., torch
 # --------------------------------------------------------------------------- VAE
 
 class SanaVAE:
-    """Headless stand-in for the ComfyUI VAE: the DC-AE and its (headless) patcher."""
+    """Headless stand-in for the ComfyUI VAE: the DC-AE and its (headless) patcher, the same four entry points."""
 
     def __init__(self, dcae: Any, patcher: Any) -> None:
         self.dcae = dcae
@@ -166,8 +167,25 @@ class SanaVAE:
     def decode(self, samples: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
         return decode_images(self, samples)
 
+    def decode_tiled(self, samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
+                     overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None
+                     ) -> torch.Tensor:
+        return decode_images(self, samples, stock_tile_px(tile_x, tile_y, self.dcae.spatial_ratio))
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return encode_images(self, pixels)
+
+    def encode_tiled(self, pixels: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
+                     overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None
+                     ) -> torch.Tensor:
+        return encode_images(self, pixels, stock_tile_px(tile_x, tile_y, 1))
+
+
+def stock_tile_px(tile_x: int | None, tile_y: int | None, cell_px: int) -> int:
+    """The tile edge in pixels asked for by ComfyUI's VAE Decode/Encode (Tiled) (``tile_x`` in latent cells for
+    decoding, pixels for encoding); 0 = automatic. Our tiling is exact, so it only caps the tile (speed/memory)
+    and the stock node's overlap is not needed."""
+    return max(tile_x or 0, tile_y or 0) * cell_px
 
 
 def _dcae_of(vae: Any) -> Any:
@@ -188,7 +206,11 @@ def _prepare_model(vae: Any, out_pixels: int, batch: int) -> tuple[Any, int]:
 
 
 def decode_images(vae: Any, samples: torch.Tensor, tile_size: int = 0, node_id: str | None = None) -> torch.Tensor:
-    """LATENT samples (unscaled) -> IMAGE (B, H, W, 3) in [0, 1] under the tiling policy."""
+    """LATENT samples (unscaled) -> IMAGE (B, H, W, 3) in [0, 1], the exact tiled decode.
+
+    ``tile_size`` (px, 0 = as large as the free memory allows) only changes speed and memory; progress
+    per tile, Cancel between tiles (the progress callback raises).
+    """
     dcae = _dcae_of(vae)
     check_sana_latent(samples, "samples", channels=getattr(getattr(dcae, "config", None), "latent_channels", 32))
     ratio = dcae.spatial_ratio
@@ -214,7 +236,8 @@ def _crop_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def encode_images(vae: Any, pixels: torch.Tensor, tile_size: int = 0, node_id: str | None = None) -> torch.Tensor:
-    """IMAGE (B, H, W, C) in [0, 1] -> unscaled latents, center-cropped to multiples of 32 like ComfyUI's VAEs."""
+    """IMAGE (B, H, W, C) in [0, 1] -> unscaled latents, center-cropped to multiples of 32 like ComfyUI's VAEs;
+    exact at any ``tile_size`` like :func:`decode_images`."""
     dcae = _dcae_of(vae)
     check_finite(pixels, "image (VAE encode input)")
     pixels = _crop_to_multiple(pixels[..., :3], dcae.spatial_ratio)
@@ -231,7 +254,7 @@ def encode_images(vae: Any, pixels: torch.Tensor, tile_size: int = 0, node_id: s
 if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
 
     class SanaDCAEVAE(comfy.sd.VAE):
-        """ComfyUI VAE around our DC-AE: stock VAE nodes work; VAEDecode/VAEEncode use our tiling policy."""
+        """ComfyUI VAE around our DC-AE: every stock VAE node runs our exact tiler, never ComfyUI's blended one."""
 
         def __init__(self, dcae: Any) -> None:
             try:
@@ -271,8 +294,18 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         def decode(self, samples_in: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
             return decode_images(self, samples_in)
 
+        def decode_tiled(self, samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
+                         overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None
+                         ) -> torch.Tensor:
+            return decode_images(self, samples, stock_tile_px(tile_x, tile_y, self.dcae.spatial_ratio))
+
         def encode(self, pixel_samples: torch.Tensor) -> torch.Tensor:
             return encode_images(self, pixel_samples)
+
+        def encode_tiled(self, pixel_samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
+                         overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None
+                         ) -> torch.Tensor:
+            return encode_images(self, pixel_samples, stock_tile_px(tile_x, tile_y, 1))
 
         def get_sd(self) -> dict:
             return self.dcae.state_dict()

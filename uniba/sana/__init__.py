@@ -20,8 +20,8 @@ _EXPORTS = {
     # text encoder and autoencoder (issue: Sana text encoder and DC-AE)
     "encode_prompt": ".text_encoder",
     "load_text_encoder": ".text_encoder",
-    "DCAE": ".dcae",
-    "load_dcae": ".dcae",
+    "DCAE": "uniba.dcae.model",
+    "load_dcae": "uniba.dcae.loader",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,9 +9,17 @@ buffer holds it; diffusers files need their ``config.json`` or the file name).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..checkpoint import CheckpointError
+from ..guards import validate_config
 from ..metadata import config_from_json, config_to_json
 
 # Cross-attention heads of the released widths (SANA registry: SanaMS_600M_* 16 heads, 1600M/4800M 20 heads).
@@ -212,3 +220,59 @@ def pe_from_buffer(pos_embed: Any, hidden_size: int) -> dict[str, Any]:
     if base >= 128:
         hints["flow_shift"] = SHIFT_4K
     return hints
+
+
+_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.scale_shift_table\Z")
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None = None,
+                 path: str | os.PathLike | None = None) -> SanaConfig:
+    """Hyper-parameters from tensor shapes (our keys), completed by ``hints`` (config.json, file name...).
+
+    The shapes give depth, widths, channels and the norms; the hints what they cannot tell.
+    """
+    hints = dict(hints or {})
+    try:
+        patch = state_dict["patch_embed.proj.weight"]
+        hidden, in_channels, p = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[2])
+        depth = 1 + max(int(m[1]) for k in state_dict if (m := _BLOCK.match(k)))
+        ffn_hidden = int(state_dict["transformer_blocks.0.ff.conv_point.weight"].shape[1])
+        caption_channels = int(state_dict["caption_projection.linear_1.weight"].shape[1])
+        out_channels = int(state_dict["proj_out.weight"].shape[0]) // (p * p)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(path, f"is missing a tensor needed to read the Sana DiT configuration ({exc}).",
+                              "The file is incomplete or not a supported Sana release.") from None
+    mlp_ratio = ffn_hidden / hidden
+    if int(hidden * mlp_ratio) != ffn_hidden:
+        mlp_ratio = round(mlp_ratio, 6)
+    cross_heads = hints.pop("cross_heads", None)  # 0 from damaged metadata is refused below, not replaced
+    if cross_heads is None:
+        cross_heads = CROSS_HEADS_BY_WIDTH.get(hidden)
+    if cross_heads is None:
+        raise CheckpointError(path, f"has hidden size {hidden}, which no Sana release uses, so its cross-attention "
+                                    "head count is unknown.", _sidecar_fix(path))
+    fields_known = {f.name for f in fields(SanaConfig)}
+    derived = {
+        "hidden_size": hidden, "depth": depth, "cross_heads": cross_heads, "mlp_ratio": mlp_ratio,
+        "in_channels": in_channels, "out_channels": out_channels, "patch_size": p,
+        "caption_channels": caption_channels,
+        "qk_norm": "transformer_blocks.0.attn1.norm_q.weight" in state_dict,
+        "cross_norm": "transformer_blocks.0.attn2.norm_q.weight" in state_dict,
+    }
+    for shape_fact in ("hidden_size", "depth", "qk_norm", "cross_norm"):
+        hints.pop(shape_fact, None)  # the tensors are the truth
+    derived.update({k: v for k, v in hints.items() if k in fields_known})
+    return validate_config(SanaConfig(**derived), path, "its configuration (from the weights, metadata and config "
+                                                        "files)")
+
+
+def _sidecar_fix(path: str | os.PathLike | None) -> str:
+    """Which file states the missing config: ``<name>.json`` beside the model (a folder's own config.json)."""
+    if path is None:
+        return "Pass cross_heads= (num_cross_attention_heads of the model's diffusers config)."
+    path = Path(path)
+    if path.is_dir():
+        return (f"Put the model's diffusers config.json (with num_cross_attention_heads) into {path}.")
+    return (f"Save the model's diffusers transformer config (with num_cross_attention_heads) as "
+            f"'{path.with_suffix('.json').name}' beside it, in {path.parent}. A config.json in that folder "
+            "would also be read, but for every model file there.")

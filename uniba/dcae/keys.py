@@ -8,12 +8,15 @@ stores attention as one ``qkv`` 1x1 conv whose rows diffusers splits into ``to_q
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 
 import torch
 
-from .. import checkpoint
+from uniba import checkpoint
+
+from .config import FAMILY
 
 _PREFIXES = ("first_stage_model.", "vae.", "model.", "module.")
 
@@ -58,6 +61,20 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
             and "encoder.conv_out.weight" in state_dict:
         return "diffusers"
     return None
+
+
+def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """Accept either layout (efficientvit or diffusers, optionally prefixed) and return diffusers keys."""
+    stripped = strip_prefix(state_dict)
+    layout = detect_layout(stripped)
+    if layout == "original":
+        return original_to_diffusers(stripped)
+    if layout == "diffusers":
+        return stripped
+    raise checkpoint.wrong_family_error(path, FAMILY, state_dict.keys(),
+                             "Choose the Sana DC-AE file (mit-han-lab/dc-ae-f32c32-sana-1.x, "
+                             "model.safetensors or the -diffusers diffusion_pytorch_model.safetensors) in models/vae/.")
 
 
 def original_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

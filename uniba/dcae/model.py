@@ -1,7 +1,7 @@
 """DC-AE f32c32: the deep-compression autoencoder of Sana (arXiv 2410.10733), torch only.
 
 One canonical layout: the parameter names of diffusers' ``AutoencoderDC``; checkpoints in the
-original efficientvit layout are converted on load (:mod:`uniba.sana.dcae_keys`). Every
+original efficientvit layout are converted on load (:mod:`uniba.dcae.keys`). Every
 hyper-parameter is read from tensor shapes, so sana-1.0 and sana-1.1 (same shapes, better
 decoder) and reduced test configs load through the same code.
 
@@ -17,68 +17,16 @@ Numerics follow efficientvit (the reference the Sana checkpoints were trained wi
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniba.checkpoint import CheckpointError, load_model, read_state_dict, wrong_family_error
 from uniba.memory import is_out_of_memory
 from uniba.progress import ProgressFn
 
-from . import dcae_keys
-
-SCALING_FACTOR = 0.41407
-RES_BLOCK = "ResBlock"
-VIT_BLOCK = "EfficientViTBlock"
-FAMILY = "Sana DC-AE (f32c32)"
-
-
-@dataclass(frozen=True)
-class DCAEConfig:
-    """Shape of a DC-AE; :meth:`sana_f32c32` is the released Sana autoencoder."""
-
-    in_channels: int = 3
-    latent_channels: int = 32
-    head_dim: int = 32
-    encoder_widths: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
-    encoder_depths: tuple[int, ...] = (2, 2, 2, 3, 3, 3)
-    encoder_blocks: tuple[str, ...] = (RES_BLOCK,) * 3 + (VIT_BLOCK,) * 3
-    encoder_scales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))
-    decoder_widths: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
-    decoder_depths: tuple[int, ...] = (3, 3, 3, 3, 3, 3)
-    decoder_blocks: tuple[str, ...] = (RES_BLOCK,) * 3 + (VIT_BLOCK,) * 3
-    decoder_scales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))
-    downsample: str = "conv"  # "conv" (3x3 stride 2) or "pixel_unshuffle"
-    upsample: str = "interpolate"  # "interpolate" (nearest x2 + 3x3) or "pixel_shuffle"
-    scaling_factor: float = field(default=SCALING_FACTOR, compare=False)
-
-    @classmethod
-    def sana_f32c32(cls) -> DCAEConfig:
-        return cls()
-
-    @property
-    def spatial_ratio(self) -> int:
-        return 2 ** (len(self.decoder_widths) - 1)
-
-    def diffusers_kwargs(self) -> dict:
-        """The same shape as keyword arguments of diffusers' ``AutoencoderDC`` (tests use it as the oracle)."""
-        return dict(
-            in_channels=self.in_channels, latent_channels=self.latent_channels, attention_head_dim=self.head_dim,
-            encoder_block_types=self.encoder_blocks, decoder_block_types=self.decoder_blocks,
-            encoder_block_out_channels=self.encoder_widths, decoder_block_out_channels=self.decoder_widths,
-            encoder_layers_per_block=self.encoder_depths, decoder_layers_per_block=self.decoder_depths,
-            encoder_qkv_multiscales=self.encoder_scales, decoder_qkv_multiscales=self.decoder_scales,
-            upsample_block_type=self.upsample, downsample_block_type=self.downsample,
-            decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=self.scaling_factor,
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+from .config import RES_BLOCK, VIT_BLOCK, DCAEConfig
 
 # --------------------------------------------------------------------------- layers
 
@@ -138,6 +86,36 @@ def relu_linear_attention(qkv: torch.Tensor, head_dim: int, eps: float = 1e-15) 
     return out.to(dtype)
 
 
+def linear_attention_sums(qkv: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The global part of ReLU linear attention: ``[V; 1] @ phi(K)^T`` per head, in fp32.
+
+    ``qkv`` is (B, groups, 3*head_dim, N) for any subset of the N pixels; the result (B, groups,
+    head_dim + 1, head_dim) holds the sums of ``phi(k) v^T`` and (last row) of ``phi(k)`` over those
+    pixels, so the sums of disjoint pixel sets add up to the sums over their union: this is what lets
+    a tiled pass attend over the whole image exactly.
+    """
+    _, k, v = qkv.float().split(head_dim, dim=2)
+    v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)
+    return torch.matmul(v, F.relu(k).transpose(-1, -2))
+
+
+def apply_linear_attention(qkv: torch.Tensor, sums: torch.Tensor, head_dim: int, eps: float = 1e-15) -> torch.Tensor:
+    """ReLU linear attention of the queries in ``qkv`` against precomputed :func:`linear_attention_sums`.
+
+    The dtype rules of :func:`relu_linear_attention`: fp16 runs in fp32; bf16 rounds the sums to
+    bf16 (as its first bf16 matmul would), multiplies in bf16 and divides in fp32.
+    """
+    dtype = qkv.dtype
+    if dtype == torch.float16:
+        qkv = qkv.float()
+    q = F.relu(qkv[:, :, :head_dim])
+    out = torch.matmul(sums.to(q.dtype), q)
+    if out.dtype == torch.bfloat16:
+        out = out.float()
+    out = out[:, :, :-1] / (out[:, :, -1:] + eps)
+    return out.to(dtype)
+
+
 def relu_quadratic_attention(qkv: torch.Tensor, head_dim: int, eps: float = 1e-15) -> torch.Tensor:
     """ReLU attention with an explicit N x N map; efficientvit uses it when N <= head_dim."""
     q, k, v = qkv.split(head_dim, dim=2)
@@ -163,14 +141,27 @@ class LiteMLA(nn.Module):
         self.to_out = nn.Linear(channels * (1 + len(scales)), channels, bias=False)
         self.norm_out = RMSNorm2d(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def context_radius(self) -> int:
+        """How far (pixels) the q/k/v of one pixel reach: the largest multiscale kernel's half-width."""
+        return max((proj.proj_in.kernel_size[0] // 2 for proj in self.to_qkv_multiscale), default=0)
+
+    def multiscale_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, groups, 3*head_dim, H, W): q/k/v of every head, the multi-scale ones included."""
         b, _, h, w = x.shape
         # q/k/v rows concatenated back into the original per-head-interleaved qkv conv
         weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
         qkv = F.conv2d(x, weight[:, :, None, None])
         qkv = torch.cat([qkv] + [proj(qkv) for proj in self.to_qkv_multiscale], dim=1)
-        qkv = qkv.reshape(b, -1, 3 * self.head_dim, h * w)
-        if h * w > self.head_dim:
+        return qkv.reshape(b, -1, 3 * self.head_dim, h, w)
+
+    def forward(self, x: torch.Tensor, sums: torch.Tensor | None = None) -> torch.Tensor:
+        """``sums``: the :func:`linear_attention_sums` of the whole image when ``x`` is one tile of it."""
+        b, _, h, w = x.shape
+        qkv = self.multiscale_qkv(x).flatten(3)
+        if sums is not None:
+            out = apply_linear_attention(qkv, sums, self.head_dim)
+        elif h * w > self.head_dim:
             out = relu_linear_attention(qkv, self.head_dim)
         else:
             out = relu_quadratic_attention(qkv, self.head_dim)
@@ -196,13 +187,15 @@ class GLUMBConv(nn.Module):
 
 
 class EfficientViTBlock(nn.Module):
+    """Global context (:class:`LiteMLA`) then local mixing (:class:`GLUMBConv`)."""
+
     def __init__(self, channels: int, head_dim: int, scales: tuple[int, ...]) -> None:
         super().__init__()
         self.attn = LiteMLA(channels, head_dim, scales)
         self.conv_out = GLUMBConv(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.attn(x))
+    def forward(self, x: torch.Tensor, sums: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv_out(self.attn(x, sums))
 
 
 class DownBlock(nn.Module):
@@ -300,8 +293,8 @@ class Decoder(nn.Module):
 class DCAE(nn.Module):
     """Sana's DC-AE: ``encode`` images in [-1, 1] (NCHW) to unscaled latents, ``decode`` them back.
 
-    ``decode`` tiles large outputs (from 2048 px up, 1024-px tiles with blended overlaps; see
-    :mod:`uniba.sana.tiling`) and retries with smaller tiles when the device runs out of memory.
+    ``decode`` and ``encode`` run tile by tile when the image does not fit in one pass, with a
+    result equal to the one-pass ``decode_full`` / ``encode_full`` (see :mod:`uniba.dcae.tiling`).
     """
 
     def __init__(self, config: DCAEConfig | None = None) -> None:
@@ -344,125 +337,35 @@ class DCAE(nn.Module):
     def encode(self, image: torch.Tensor, tile_size: int | None = None, *, budget_bytes: int | None = None,
                progress: ProgressFn | None = None, output_device: torch.device | str | None = None,
                is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W) -> unscaled latents (B, C, H/32, W/32); tiled like :meth:`decode`."""
-        from .tiling import run_tiled
+        """Images in [-1, 1] (B, 3, H, W) -> unscaled latents (B, C, H/32, W/32), fp32.
+
+        Exact at any tile size (see :meth:`decode`).
+        """
+        from .tiling import encode_exact
 
         self._check_image(image)
-        return run_tiled(self, image, "encode", tile_size=tile_size, budget_bytes=budget_bytes,
-                         progress=progress, output_device=output_device, is_oom=is_oom)
+        return encode_exact(self, image, tile_size=tile_size, budget_bytes=budget_bytes, progress=progress,
+                            output_device=output_device, is_oom=is_oom)
 
     def decode(self, latent: torch.Tensor, tile_size: int | None = None, *, budget_bytes: int | None = None,
                progress: ProgressFn | None = None, output_device: torch.device | str | None = None,
                is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
-        """Unscaled latents (B, C, h, w) -> images in about [-1, 1] (B, 3, 32h, 32w).
+        """Unscaled latents (B, C, h, w) -> images in about [-1, 1] (B, 3, 32h, 32w), fp32.
 
-        ``tile_size`` (output pixels): ``None`` = automatic (untiled below 2048 px if it fits
-        ``budget_bytes``, else the largest tile up to 1024 px that fits); a number forces tiles
-        of that size (a tile as large as the image means one pass).
+        The result equals :meth:`decode_full` (to fp32 rounding) whatever ``tile_size`` (the largest
+        tile edge in output pixels; ``None`` = as large as ``budget_bytes`` allows, 768 px without a
+        budget) and whatever memory is free: both only change the speed and the peak memory.
         """
-        from .tiling import run_tiled
+        from .tiling import decode_exact
 
         if latent.ndim != 4 or latent.shape[1] != self.config.latent_channels:
             raise ValueError(f"DC-AE decode expects latents (B, {self.config.latent_channels}, h, w), "
                              f"got {tuple(latent.shape)}")
-        return run_tiled(self, latent, "decode", tile_size=tile_size, budget_bytes=budget_bytes,
-                         progress=progress, output_device=output_device, is_oom=is_oom)
+        return decode_exact(self, latent, tile_size=tile_size, budget_bytes=budget_bytes, progress=progress,
+                            output_device=output_device, is_oom=is_oom)
 
     def _check_image(self, image: torch.Tensor) -> None:
         r = self.spatial_ratio
         if image.ndim != 4 or image.shape[1] != self.config.in_channels or image.shape[2] % r or image.shape[3] % r:
             raise ValueError(f"DC-AE encode expects images (B, {self.config.in_channels}, H, W) with H and W "
                              f"multiples of {r}, got {tuple(image.shape)}")
-
-
-# --------------------------------------------------------------------------- loading
-
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None
-                           ) -> DCAEConfig:
-    """Read every hyper-parameter of a diffusers-layout DC-AE state dict from its shapes."""
-
-    def stage_layout(prefix: str) -> tuple[list[int], list[int], list[str], list[tuple[int, ...]]]:
-        widths, depths, kinds, scales = [], [], [], []
-        stage = 0
-        while any(k.startswith(f"{prefix}.{stage}.") for k in state_dict):
-            j, depth, kind, width, stage_scales = 0, 0, RES_BLOCK, 0, ()
-            while any(k.startswith(f"{prefix}.{stage}.{j}.") for k in state_dict):
-                base = f"{prefix}.{stage}.{j}"
-                if f"{base}.conv1.weight" in state_dict:
-                    kind, width, depth = RES_BLOCK, state_dict[f"{base}.conv1.weight"].shape[0], depth + 1
-                elif f"{base}.attn.to_q.weight" in state_dict:
-                    kind, width, depth = VIT_BLOCK, state_dict[f"{base}.attn.to_q.weight"].shape[0], depth + 1
-                    m, found = 0, []
-                    while f"{base}.attn.to_qkv_multiscale.{m}.proj_in.weight" in state_dict:
-                        found.append(int(state_dict[f"{base}.attn.to_qkv_multiscale.{m}.proj_in.weight"].shape[-1]))
-                        m += 1
-                    stage_scales = tuple(found)
-                j += 1
-            if depth == 0:
-                raise CheckpointError(path, f"has no blocks in {prefix}.{stage}: only DC-AE layouts whose every "
-                                            "stage has blocks (the Sana f32c32 autoencoder) are supported.",
-                                      "Use the Sana DC-AE (dc-ae-f32c32-sana-1.0 or 1.1).")
-            widths.append(int(width))
-            depths.append(depth)
-            kinds.append(kind)
-            scales.append(stage_scales)
-            stage += 1
-        return widths, depths, kinds, scales
-
-    try:
-        enc = stage_layout("encoder.down_blocks")
-        dec = stage_layout("decoder.up_blocks")
-        latent_channels = int(state_dict["encoder.conv_out.weight"].shape[0])
-        in_channels = int(state_dict["encoder.conv_in.weight"].shape[1])
-        head_dim = 32
-        for k, v in state_dict.items():
-            if k.endswith("to_qkv_multiscale.0.proj_out.weight"):
-                head_dim = int(v.shape[1])  # grouped 1x1 conv: in-channels per group = head dim
-                break
-        down = state_dict.get(f"encoder.down_blocks.0.{enc[1][0]}.conv.weight")
-        up = state_dict.get("decoder.up_blocks.0.0.conv.weight")
-    except KeyError as exc:
-        raise CheckpointError(path, f"lacks the DC-AE tensor {exc}.", "The file is incomplete: download it again.") \
-            from None
-    if not enc[0] or not dec[0] or down is None or up is None:
-        raise CheckpointError(path, "does not have the DC-AE encoder/decoder stages.",
-                              "Use the Sana DC-AE (dc-ae-f32c32-sana-1.x).")
-    return DCAEConfig(
-        in_channels=in_channels, latent_channels=latent_channels, head_dim=head_dim,
-        encoder_widths=tuple(enc[0]), encoder_depths=tuple(enc[1]), encoder_blocks=tuple(enc[2]),
-        encoder_scales=tuple(enc[3]),
-        decoder_widths=tuple(dec[0]), decoder_depths=tuple(dec[1]), decoder_blocks=tuple(dec[2]),
-        decoder_scales=tuple(dec[3]),
-        downsample="conv" if down.shape[0] == enc[0][1] else "pixel_unshuffle",
-        upsample="interpolate" if up.shape[0] == dec[0][0] else "pixel_shuffle",
-    )
-
-
-def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None
-                            ) -> dict[str, torch.Tensor]:
-    """Accept either layout (efficientvit or diffusers, optionally prefixed) and return diffusers keys."""
-    stripped = dcae_keys.strip_prefix(state_dict)
-    layout = dcae_keys.detect_layout(stripped)
-    if layout == "original":
-        return dcae_keys.original_to_diffusers(stripped)
-    if layout == "diffusers":
-        return stripped
-    raise wrong_family_error(path, FAMILY, state_dict.keys(),
-                             "Choose the Sana DC-AE file (mit-han-lab/dc-ae-f32c32-sana-1.x, "
-                             "model.safetensors or the -diffusers diffusion_pytorch_model.safetensors) in models/vae/.")
-
-
-def load_dcae(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-              device: torch.device | str = "cpu") -> DCAE:
-    """Load a DC-AE from a file, a diffusers folder or a state dict, strictly, in either key layout."""
-    path = None
-    if isinstance(path_or_state_dict, Mapping):
-        raw = dict(path_or_state_dict)
-    else:
-        path = os.fspath(path_or_state_dict)
-        if os.path.isdir(path) and os.path.isdir(os.path.join(path, "vae")):
-            path = os.path.join(path, "vae")
-        raw = read_state_dict(path)
-    state = to_diffusers_state_dict(raw, path)
-    config = config_from_state_dict(state, path)
-    return load_model(lambda: DCAE(config), state, path=path, family=FAMILY, dtype=dtype, device=device)
