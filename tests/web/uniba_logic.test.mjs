@@ -127,6 +127,11 @@ test("formatPlan reports grid, batch, passes, peak and fit", () => {
   assert.match(text, /Peak ≈ 9\.5 GiB/);
   assert.match(text, /Fits: 11\.0 GiB free/);
 
+  // weights already resident: a peak above "free" is explained, not a bare "fits"
+  const resident = formatPlan({ ...PLAN, weights_resident: true, free_bytes: 8 * 2 ** 30 });
+  assert.equal(resident.fits, true);
+  assert.match(resident.lines.join("\n"), /Fits: the work \(.+\) fits in 8\.0 GiB free; the weights are already loaded/);
+
   const tooBig = formatPlan({ ...PLAN, fits: false, free_bytes: 4 * 2 ** 30, offload_cache: true,
     passes: [PASS_4X, PASS_4X], rope_wraps: true });
   assert.equal(tooBig.status, "too-big");

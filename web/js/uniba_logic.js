@@ -177,6 +177,18 @@ export function gridLayout(plan, boxWidth, boxHeight, gap = 1) {
   return { x, y, width, height, cell, cells };
 }
 
+/** The verdict line. When the free figure was taken with the weights already loaded, the peak counts
+ *  weights that are not part of "free", so a peak above it can still fit: say so instead of a bare "fits". */
+function fitLine(plan) {
+  const free = formatBytes(plan.free_bytes);
+  if (!plan.fits) return `Does not fit: ${free} free — lower block_batch or turn offload_cache on`;
+  if (plan.weights_resident && plan.peak_bytes > plan.free_bytes) {
+    const work = formatBytes(Math.max(0, plan.peak_bytes - plan.weights_bytes));
+    return `Fits: the work (${work}) fits in ${free} free; the weights are already loaded`;
+  }
+  return `Fits: ${free} free`;
+}
+
 /** The lines of the plan readout shown under InfDiTUpscale's widgets. */
 export function formatPlan(plan) {
   if (!plan) return { lines: ["Inf-DiT plan: waiting for the input size"], fits: null, status: "unknown" };
@@ -191,9 +203,7 @@ export function formatPlan(plan) {
     `Blocks ${plan.grid_cols}×${plan.grid_rows} of ${blockPx} px, ${axis === "columns" ? "column" : "row"} by ${axis === "columns" ? "column" : "row"}`,
     `Block batch ${nw}×${nh} (${batchesPerStep(plan)} per model call), KV cache ${plan.offload_cache ? "offloaded" : "on GPU"}`,
     `Peak ≈ ${formatBytes(plan.peak_bytes)} (weights ${formatBytes(plan.weights_bytes)}, cache ${formatBytes(plan.cache_bytes)})`,
-    plan.fits
-      ? `Fits: ${formatBytes(plan.free_bytes)} free`
-      : `Does not fit: ${formatBytes(plan.free_bytes)} free — lower block_batch or turn offload_cache on`,
+    fitLine(plan),
   ];
   if (plan.rope_wraps) lines.push("Beyond the trained size: positions wrap, expect repeated structure");
   if (typeof plan.model === "string" && plan.model.startsWith("release (")) {
