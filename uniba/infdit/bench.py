@@ -45,6 +45,17 @@ def _config():
     return InfDiTConfig(**BENCH_CONFIG)
 
 
+def random_model(config, gen: torch.Generator):
+    """The benchmarks' random Inf-DiT: weights scaled by fan-in so activations stay O(1) through the layers."""
+    from .model import InfDiT
+
+    model = InfDiT(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+    return model
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -55,15 +66,12 @@ def _status(field: str) -> int:
 
 def _child(side: int, mode: str, block_batch: int, threads: int) -> dict:
     """Runs in the subprocess: one denoiser call, returns peak bytes above the resident baseline and seconds."""
-    from .model import InfDiT, upsample_lr
+    from .model import upsample_lr
 
     torch.set_num_threads(threads)
     config = _config()
     gen = torch.Generator().manual_seed(0)
-    model = InfDiT(config).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+    model = random_model(config, gen)
     lr = torch.rand(1, 3, side // 4, side // 4, generator=gen) * 2 - 1
     noise = torch.randn(1, 3, side, side, generator=gen)
     emb = torch.nn.functional.normalize(torch.randn(1, config.vector_dim, generator=gen), dim=-1)

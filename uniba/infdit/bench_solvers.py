@@ -44,15 +44,11 @@ def _golden_problem():
 
 
 def _mid_problem(side: int):
-    from .bench import _config
-    from .model import InfDiT
+    from .bench import _config, random_model
 
     config = _config()
     gen = torch.Generator().manual_seed(0)
-    model = InfDiT(config).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+    model = random_model(config, gen)
     lr = torch.rand(1, 3, side // config.native_scale, side // config.native_scale, generator=gen) * 2 - 1
     vector = torch.nn.functional.normalize(torch.randn(1, config.vector_dim, generator=gen), dim=-1)
     noise = torch.randn(1, 3, side, side, generator=gen)
