@@ -59,8 +59,17 @@ def host_references(path: Path) -> list[str]:
     return found
 
 
+# Folders that hold no project code: hidden ones (.git, any .venv*, caches) and installed packages.
+NOT_PROJECT = {"node_modules", "site-packages", "__pycache__"}
+
+
+def _is_project_file(path: Path) -> bool:
+    parts = path.relative_to(REPO).parts[:-1]
+    return not any(part.startswith(".") or part in NOT_PROJECT for part in parts)
+
+
 def _guarded_files() -> list[Path]:
-    return [p for p in REPO.rglob("*.py") if ".git" not in p.parts and ".venv" not in p.parts
+    return [p for p in REPO.rglob("*.py") if _is_project_file(p)
             and not any(p == e or e in p.parents for e in GUARD_EXEMPT)]
 
 
