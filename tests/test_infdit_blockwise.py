@@ -1,4 +1,4 @@
-"""UniBA block-wise inference equals the whole-canvas computation (infdit.md §2.4, issue item 4, 7)."""
+"""UniBA block-wise inference equals the whole-canvas computation (docs/SOURCES.md, Inf-DiT §2.4, issue item 4, 7)."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def test_mask_is_per_batch_element() -> None:
 
 PARAMS_M = {"Sana_600M_1024px": 591.7, "Sana_1600M_1024px": 1604.5, "SANA1.5_4.8B_1024px": 4721.8}
 
-# one block of the original layout, from SANA's SanaMSBlock (sana.md §5.2)
+# one block of the original layout, from SANA's SanaMSBlock (docs/SOURCES.md, Sana §5.2)
 ORIGINAL_BLOCK0 = {
     "blocks.0.scale_shift_table", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias",
     "blocks.0.cross_attn.q_linear.weight", "blocks.0.cross_attn.q_linear.bias", "blocks.0.cross_attn.kv_linear.weight",

@@ -116,7 +116,7 @@ def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype) -> Any:
         return host.wrap_model(build_sana(checkpoint, dtype))
     supported = [torch.bfloat16, torch.float16, torch.float32]
     if checkpoint.stored_dtype == torch.bfloat16:
-        supported.remove(torch.float16)  # bf16 releases overflow in fp16 (sana.md §8.5)
+        supported.remove(torch.float16)  # bf16 releases overflow in fp16 (docs/SOURCES.md, Sana §8.5)
     manual_cast = comfy.model_management.unet_manual_cast(dtype, host.torch_device(), supported)
     model_config = SanaModelConfig(checkpoint.config)
     model_config.set_inference_dtype(dtype, manual_cast)

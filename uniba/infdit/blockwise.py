@@ -1,4 +1,4 @@
-"""UniBA block-wise inference: block batches in dependency order with a KV cache (infdit.md §2.4).
+"""UniBA block-wise inference: block batches in dependency order with a KV cache (docs/SOURCES.md, Inf-DiT §2.4).
 
 Each denoiser call walks the block grid in batches of ``n_h x n_w`` blocks, top-left to
 bottom-right, along the shorter side (row-major when the image is at most as wide as it is tall,

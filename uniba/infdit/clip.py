@@ -1,4 +1,4 @@
-"""The CLIP ViT-L/14 visual tower that gives Inf-DiT its global semantic vector (infdit.md §1.5).
+"""The CLIP ViT-L/14 visual tower that gives Inf-DiT its global semantic vector (docs/SOURCES.md, Inf-DiT §1.5).
 
 Module names follow open_clip's ``VisionTransformer`` (``conv1``, ``transformer.resblocks.N``...), so
 the checkpoint's ``image_encoder.model.visual.*`` tensors load by a prefix change. ViT-L-14 in

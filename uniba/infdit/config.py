@@ -1,6 +1,6 @@
 """Inf-DiT hyper-parameters: the config dataclass, the released configuration, shape inference.
 
-Every size of the network can be read from a checkpoint's tensor shapes (infdit.md §4.1):
+Every size of the network can be read from a checkpoint's tensor shapes (docs/SOURCES.md, Inf-DiT §4.1):
 width and depth from the qkv weights, heads and head size from ``re_pos_embed``, the block size
 from ``lr_query_position_embedding``, the LR window from ``lr_key_position_embedding`` (which also
 fixes the native scale), the RoPE table size from the ``rope.freqs_cos`` buffer. A converted file

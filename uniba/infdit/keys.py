@@ -1,4 +1,4 @@
-"""Key names: the released SAT/DeepSpeed checkpoint <-> this package's modules (infdit.md §4.1, §7.1).
+"""Key names: the released SAT/DeepSpeed checkpoint <-> this package's modules (docs/SOURCES.md, Inf-DiT §4.1, §7.1).
 
 Kept apart from the model so the model's attribute names stay readable. ``IGNORED`` lists, with
 the reason, every tensor of a release file that is deliberately not loaded.

@@ -1,4 +1,4 @@
-"""The Inf-DiT network (infdit.md §1), computed on block batches.
+"""The Inf-DiT network (docs/SOURCES.md, Inf-DiT §1), computed on block batches.
 
 A forward pass works on an ``n_h x n_w`` rectangle of 128-px blocks (the whole canvas is just the
 largest rectangle). Per layer, the rectangle's queries attend to the keys of each block itself and
@@ -151,7 +151,10 @@ class Block(nn.Module):
 
 
 class LRCrossAttention(nn.Module):
-    """Layer-0 attention of each HR block to the 3x3 neighbourhood of LR blocks around it (infdit.md §1.4)."""
+    """Layer-0 attention of each HR block to the 3x3 neighbourhood of LR blocks around it.
+
+    See docs/SOURCES.md, Inf-DiT §1.4.
+    """
 
     def __init__(self, c: InfDiTConfig) -> None:
         super().__init__()

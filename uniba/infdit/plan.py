@@ -1,4 +1,4 @@
-"""Memory estimates and the block-batch planner (infdit.md §2.5, §7.3), expressed from the config.
+"""Memory estimates and the block-batch planner (docs/SOURCES.md, Inf-DiT §2.5, §7.3), expressed from the config.
 
 Every figure is a formula of the config, so the same planner holds for the release and for tiny
 test models. For one denoiser call on an output of ``grid_h x grid_w`` blocks:

@@ -1,6 +1,6 @@
 """The public upscaler: any input size, 2x/4x/8x/16x, alpha, batches, block-wise sampling.
 
-Per pass (infdit.md §3): reflect-pad the input (right/bottom) to whole blocks, bicubic-upsample it
+Per pass (docs/SOURCES.md, Inf-DiT §3): reflect-pad the input (right/bottom) to whole blocks, bicubic-upsample it
 for the concatenated channels, embed it with CLIP, start from ``x_T = up(LR) + sigmas[0] * noise``
 (noise from a CPU generator seeded by ``seed``, so results do not depend on the device or on the
 block batch), run the sampler (default: the reference's 20 EDM Heun steps) whose every denoiser

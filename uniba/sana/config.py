@@ -25,7 +25,7 @@ from ..metadata import config_from_json, config_to_json
 # Cross-attention heads of the released widths (SANA registry: SanaMS_600M_* 16 heads, 1600M/4800M 20 heads).
 CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
 
-# Flow shift of the scheduler each release was trained/evaluated with (sana.md §3.2).
+# Flow shift of the scheduler each release was trained/evaluated with (docs/SOURCES.md, Sana §3.2).
 DEFAULT_SHIFT = 3.0
 SHIFT_4K = 6.0
 
@@ -122,7 +122,7 @@ def _release(**kw: Any) -> SanaConfig:
     return SanaConfig(**kw)
 
 
-# The released checkpoints (sana.md §1.6/§1.7). Keys are the release names used on Hugging Face.
+# The released checkpoints (docs/SOURCES.md, Sana §1.6/§1.7). Keys are the release names used on Hugging Face.
 RELEASES: dict[str, SanaConfig] = {
     "Sana_600M_512px": _release(hidden_size=1152, depth=28, cross_heads=16, pe_base_size=16),
     "Sana_600M_1024px": _release(hidden_size=1152, depth=28, cross_heads=16),

@@ -1,7 +1,7 @@
 """Key names of Sana DiT checkpoints: original SANA <-> diffusers (= ours).
 
 The model uses diffusers' parameter names as its one layout. Original ``.pth`` releases are
-converted on load (sana.md §5.2): plain renames plus two splits, the self-attention ``qkv``
+converted on load (docs/SOURCES.md, Sana §5.2): plain renames plus two splits, the self-attention ``qkv``
 (rows are [q; k; v]) and the cross-attention ``kv_linear`` (rows are [k; v], weight and bias).
 """
 

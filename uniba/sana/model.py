@@ -1,6 +1,6 @@
 """The Sana linear DiT (arXiv 2410.10629), exactly as the released SanaMS checkpoints compute it.
 
-Per block (sana.md §1.1), with the adaLN-single vector ``t0`` shared by all blocks::
+Per block (docs/SOURCES.md, Sana §1.1), with the adaLN-single vector ``t0`` shared by all blocks::
 
     x = x + gate_msa * LinearAttention(LN(x) * (1 + scale_msa) + shift_msa)
     x = x + CrossAttention(x, caption, mask)              # no pre-norm, no gate

@@ -2,7 +2,7 @@
 
 Runs transformers' ``Gemma2Model`` (eager attention, so the attention-logit soft-capping of 50
 is applied) and takes the last hidden state after the final RMSNorm, as SANA's
-``get_tokenizer_and_text_encoder(...).get_decoder()`` does. Quirks reproduced (sana.md §4):
+``get_tokenizer_and_text_encoder(...).get_decoder()`` does. Quirks reproduced (docs/SOURCES.md, Sana §4):
 
 * the CHI lines joined by newlines and prepended to the prompt; ``max_length_all = n_chi + 300 - 2``
   ("magic number 2: [bos], [_]"), right padding, truncation, BOS added;
