@@ -157,28 +157,35 @@ def sample(model: Any, latent: dict[str, Any], *, sample_fn: Callable[..., torch
 
 # --------------------------------------------------------------------------- VAE
 
-class SanaVAE:
-    """Headless stand-in for the ComfyUI VAE: the DC-AE and its (headless) patcher, the same four entry points."""
+class ExactTilingEntryPoints:
+    """The four VAE entry points every stock node calls, all routed to the exact DC-AE tiler. Shared by the
+    headless stand-in and the ComfyUI ``VAE`` subclass (listed first there, so these override ComfyUI's)."""
 
-    def __init__(self, dcae: Any, patcher: Any) -> None:
-        self.dcae = dcae
-        self.patcher = patcher
+    dcae: Any
 
-    def decode(self, samples: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
-        return decode_images(self, samples)
+    def decode(self, samples_in: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
+        return decode_images(self, samples_in)
 
     def decode_tiled(self, samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
                      overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None
                      ) -> torch.Tensor:
         return decode_images(self, samples, stock_tile_px(tile_x, tile_y, self.dcae.spatial_ratio))
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return encode_images(self, pixels)
+    def encode(self, pixel_samples: torch.Tensor) -> torch.Tensor:
+        return encode_images(self, pixel_samples)
 
-    def encode_tiled(self, pixels: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
+    def encode_tiled(self, pixel_samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
                      overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None
                      ) -> torch.Tensor:
-        return encode_images(self, pixels, stock_tile_px(tile_x, tile_y, 1))
+        return encode_images(self, pixel_samples, stock_tile_px(tile_x, tile_y, 1))
+
+
+class SanaVAE(ExactTilingEntryPoints):
+    """Headless stand-in for the ComfyUI VAE: the DC-AE and its (headless) patcher, the same four entry points."""
+
+    def __init__(self, dcae: Any, patcher: Any) -> None:
+        self.dcae = dcae
+        self.patcher = patcher
 
 
 def stock_tile_px(tile_x: int | None, tile_y: int | None, cell_px: int) -> int:
@@ -253,7 +260,7 @@ def encode_images(vae: Any, pixels: torch.Tensor, tile_size: int = 0, node_id: s
 
 if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
 
-    class SanaDCAEVAE(comfy.sd.VAE):
+    class SanaDCAEVAE(ExactTilingEntryPoints, comfy.sd.VAE):
         """ComfyUI VAE around our DC-AE: every stock VAE node runs our exact tiler, never ComfyUI's blended one."""
 
         def __init__(self, dcae: Any) -> None:
@@ -290,22 +297,6 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             self.output_device = host.intermediate_device()
             self.patcher = host.wrap_model(dcae, host.vae_device(), host.vae_offload_device())
             self.device = self.patcher.load_device
-
-        def decode(self, samples_in: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
-            return decode_images(self, samples_in)
-
-        def decode_tiled(self, samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
-                         overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None
-                         ) -> torch.Tensor:
-            return decode_images(self, samples, stock_tile_px(tile_x, tile_y, self.dcae.spatial_ratio))
-
-        def encode(self, pixel_samples: torch.Tensor) -> torch.Tensor:
-            return encode_images(self, pixel_samples)
-
-        def encode_tiled(self, pixel_samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
-                         overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None
-                         ) -> torch.Tensor:
-            return encode_images(self, pixel_samples, stock_tile_px(tile_x, tile_y, 1))
 
         def get_sd(self) -> dict:
             return self.dcae.state_dict()
