@@ -212,6 +212,34 @@ def test_strip_prefix_all_keys_or_marked_subtree() -> None:
     assert strip_prefix({"model.x": t}, ("model.",), marker=lambda k: k.startswith("blocks.")) == {"model.x": t}
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_stored_dtype_of_a_zip_pickle_counts_every_tensor(tmp_path: Path, protocol: int) -> None:
+    """The Inf-DiT ``.pt`` release is bf16: ``auto`` must know that before loading, or an fp16-only card
+    gets fp16 for it. The first storage type is a GLOBAL, later ones come from the pickle memo."""
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    module = {"first": torch.zeros(2)} | {f"w{i}": torch.zeros(3, dtype=torch.bfloat16) for i in range(3)}
+    torch.save({"module": module, "torch_rng_state": torch.zeros(8, dtype=torch.uint8), "iteration": 3}, path,
+               pickle_protocol=protocol)
+    assert stored_dtype(path) is torch.bfloat16
+    torch.save({"a": torch.zeros(1, dtype=torch.float16), "b": torch.zeros(1), "c": torch.zeros(1)}, path,
+               pickle_protocol=protocol)
+    assert stored_dtype(path) is torch.float32
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.zeros(1, dtype=torch.bfloat16)}, legacy, _use_new_zipfile_serialization=False)
+    assert stored_dtype(legacy) is None  # not a zip: its loader reads it, and auto stays conservative
+
+
+def test_stored_dtype_of_a_hostile_pickle_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(1, dtype=torch.float16), "x": _Payload(marker)}, path)
+    assert stored_dtype(path) is torch.float16
+    not_a_pickle = tmp_path / "junk.pt"
+    not_a_pickle.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    assert stored_dtype(not_a_pickle) is None
+    assert not marker.exists()
+
+
 def test_safetensors_header_and_stored_dtype(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     save_file({"a": torch.zeros(2, 3, dtype=torch.bfloat16), "b": torch.zeros(4, dtype=torch.bfloat16),
@@ -222,7 +250,7 @@ def test_safetensors_header_and_stored_dtype(tmp_path: Path) -> None:
     assert stored_dtype(path) is torch.bfloat16  # the majority of floating-point tensors
     assert stored_dtype({"w": torch.zeros(1, dtype=torch.float16)}) is torch.float16
     assert stored_dtype({"i": torch.zeros(1, dtype=torch.int64)}) is None
-    assert stored_dtype(tmp_path / "m.pt") is None  # a pickle cannot tell without loading
+    assert stored_dtype(tmp_path / "m.pt") is None  # a missing file tells nothing (its loader reports it)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\xff" * 8)
     assert stored_dtype(broken) is None

@@ -90,3 +90,25 @@ def test_released_file_pages_read_back_unchanged(files: dict[str, Path]) -> None
     before = {k: v.clone() for k, v in state.items()}
     release_pages(state.values())
     assert all(torch.equal(state[k], before[k]) for k in state)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float16"), reason="needs fp16")
+def test_forward_smoke_fails_loudly_on_inf(tmp_path: Path) -> None:
+    """``bench load --forward``: a model that overflows fp16 fails the run and names the dtype; bf16 passes."""
+    from tests.tiny_sana_te_vae import tiny_dcae_state_dict
+    from uniba.checkpoint import save_safetensors
+
+    # Large conv weights: every layer multiplies activations by ~100, past fp16's 65504 within a few layers,
+    # while bf16 (fp32's exponent range) stays finite. The weights themselves are finite in both.
+    state = {k: (v * 300 if k.endswith("conv.weight") or "conv1" in k or "conv2" in k else v)
+             for k, v in tiny_dcae_state_dict().items()}
+    path = tmp_path / "dcae_loud.safetensors"
+    save_safetensors(state, path)
+    out = subprocess.run([sys.executable, "-m", "uniba", "bench", "load", str(path), "--kind", "dcae", "--forward",
+                          "--forward-dtypes", "bf16,fp16", "--threads", "1"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert any(" fp16 NaN/inf in the output: FAILED" in line for line in lines), out.stdout
+    bf16 = [line for line in lines if " bf16 " in line and line.rstrip().endswith("yes")]
+    assert len(bf16) == 1, out.stdout

@@ -6,10 +6,10 @@ is the peak *above* the imported baseline while the loader runs. It is compared 
 loaded (parameters and buffers of the model as built): a loader that keeps a second full copy, or converts
 through fp32, shows a ratio near 2 or more; the target is <= 1.25 for safetensors and zip pickles.
 
-``--forward`` also runs one small forward per model in bf16 and in fp32 (Inf-DiT: one block batch of a
+``--forward`` also runs one small forward per model in fp32 and in bf16 (Inf-DiT: one block batch of a
 256 px output; Sana: a 16x16 latent; DC-AE: a 256 px decode; Gemma-2: one prompt) and prints max abs and
-relative L2 of bf16 against fp32. Any NaN/inf fails the run. Files come from ``tests/make_release_size.py``
-(random weights, release shapes) or are real downloads.
+relative L2 of bf16 against fp32; ``--forward-dtypes bf16,fp16`` adds fp16. Any NaN/inf fails the run.
+Files come from ``tests/make_release_size.py`` (random weights, release shapes) or are real downloads.
 """
 
 from __future__ import annotations
@@ -268,6 +268,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated kinds to run (infdit, sana, dcae, gemma)")
     parser.add_argument("--forward", action="store_true",
                         help="also run one forward per model in bf16 and fp32 and compare (fresh process each)")
+    parser.add_argument("--forward-dtypes", default="bf16",
+                        help="comma-separated half dtypes the forward smoke compares with fp32 (bf16, fp16)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -275,6 +277,9 @@ def run(argv: list[str] | None = None) -> int:
     bad = [d for d in dtypes if d != "stored" and d not in DTYPES]
     if bad:
         parser.error(f"--dtype {','.join(bad)}: choose from stored, {', '.join(DTYPES)}")
+    halves = [d.strip() for d in args.forward_dtypes.split(",") if d.strip()]
+    if not halves or set(halves) - {"bf16", "fp16"}:
+        parser.error(f"--forward-dtypes {args.forward_dtypes}: choose from bf16, fp16")
     only = {k.strip() for k in args.only.split(",") if k.strip()}
     if only - set(KINDS):
         parser.error(f"--only {','.join(sorted(only - set(KINDS)))}: choose from {', '.join(KINDS)}")
@@ -317,37 +322,40 @@ def run(argv: list[str] | None = None) -> int:
               f"{_gib(result['peak_bytes']):>8s} "
               f"{ratio:10.2f}{verdict}", flush=True)
     if args.forward:
-        failures += _forward_table(targets, args.threads)
+        failures += _forward_table(targets, args.threads, halves)
     return 1 if failures else 0
 
 
-def _forward_table(targets: list[tuple[str, Path]], threads: int) -> int:
-    print("\nforward smoke, bf16 against fp32 (same weights; fresh process each; inputs seeded on the CPU)")
-    print(f"{'file':52s} {'bf16 s':>7s} {'fp32 s':>7s} {'max abs':>9s} {'rel L2':>9s}  finite")
+def _forward_table(targets: list[tuple[str, Path]], threads: int, halves: list[str]) -> int:
+    print(f"\nforward smoke, {' and '.join(halves)} against fp32 (same weights; fresh process each; inputs seeded "
+          "on the CPU)")
+    print(f"{'file':52s} {'dtype':>5s} {'half s':>7s} {'fp32 s':>7s} {'max abs':>9s} {'rel L2':>9s}  finite")
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for i, (kind, path) in enumerate(targets):
             outs: dict[str, torch.Tensor] = {}
             times: dict[str, float] = {}
-            ok = True
-            for dtype in ("bf16", "fp32"):
+            for dtype in ["fp32"] + halves:
                 out_file = os.path.join(tmp, f"{i}_{dtype}.pt")
                 result = run_child(kind, path, dtype, forward_out=out_file, threads=threads)
                 if "error" in result:
-                    print(f"{str(path)[-52:]:52s} {dtype} ERROR {result['error']}")
-                    ok = False
-                    break
+                    print(f"{str(path)[-52:]:52s} {dtype:>5s} ERROR {result['error']}", flush=True)
+                    failures += 1
+                    if dtype == "fp32":
+                        break
+                    continue
                 times[dtype] = result["forward_s"]
                 outs[dtype] = torch.load(out_file, weights_only=True)
-                ok &= result["finite"]
-            if not ok or len(outs) < 2:
-                failures += 1
-                if len(outs) == 2:
-                    print(f"{str(path)[-52:]:52s} NaN/inf in the output: FAILED")
-                continue
-            max_abs, rel = _compare(outs["bf16"], outs["fp32"])
-            print(f"{str(path)[-52:]:52s} {times['bf16']:7.1f} {times['fp32']:7.1f} {max_abs:9.3g} {rel:9.3g}  yes",
-                  flush=True)
+                if not result["finite"]:
+                    print(f"{str(path)[-52:]:52s} {dtype:>5s} NaN/inf in the output: FAILED", flush=True)
+                    failures += 1
+                    outs.pop(dtype)
+                    continue
+                if dtype == "fp32":
+                    continue
+                max_abs, rel = _compare(outs[dtype], outs["fp32"])
+                print(f"{str(path)[-52:]:52s} {dtype:>5s} {times[dtype]:7.1f} {times['fp32']:7.1f} {max_abs:9.3g} "
+                      f"{rel:9.3g}  yes", flush=True)
     return failures
 
 

@@ -272,12 +272,15 @@ def header_shapes(header: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 def stored_dtype(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> torch.dtype | None:
     """The dtype most floating-point tensors of a checkpoint are stored in (releases use one).
 
-    A state dict is read from its tensors; a path from its safetensors header only. ``None`` when
-    nothing tells: no floating-point tensors, a pickle (which must be loaded to tell), or an unreadable
-    file (its loader reports that with a proper message).
+    A state dict is read from its tensors; a safetensors path from its header only; a zip pickle
+    (``torch.save``'s format, the Inf-DiT and Sana releases) from the storage types its ``data.pkl`` names,
+    read as opcodes without unpickling anything. ``None`` when nothing tells: no floating-point tensors, a
+    legacy (non-zip) pickle, or an unreadable file (its loader reports that with a proper message).
     """
     if isinstance(source, Mapping):
         dtypes = [v.dtype for v in source.values() if v.is_floating_point()]
+    elif os.fspath(source).lower().endswith(PICKLE_SUFFIXES):
+        dtypes = _zip_pickle_storage_dtypes(Path(source))
     else:
         if not os.fspath(source).lower().endswith(SAFETENSORS_SUFFIXES):
             return None
@@ -289,6 +292,60 @@ def stored_dtype(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> torc
                   if key != "__metadata__" and isinstance(entry, Mapping)]
         dtypes = [d for d in dtypes if d is not None and d.is_floating_point]
     return Counter(dtypes).most_common(1)[0][0] if dtypes else None
+
+
+_STORAGE_DTYPES = {"torch BFloat16Storage": torch.bfloat16, "torch HalfStorage": torch.float16,
+                   "torch FloatStorage": torch.float32, "torch DoubleStorage": torch.float64}
+_MAX_DATA_PKL_BYTES = 256 * 2**20  # a release's data.pkl is a few hundred KB: the tensors live beside it
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                         "BINSTRING", "STRING"})
+
+
+def _zip_pickle_storage_dtypes(path: Path) -> list[torch.dtype]:
+    """One dtype per storage reference in a ``torch.save`` zip's ``data.pkl``, from its opcodes alone.
+
+    ``torch.save`` names each tensor's storage type (``torch.BFloat16Storage``...) in the persistent id
+    it writes; the first mention is a GLOBAL (or STACK_GLOBAL) that later mentions fetch from the memo.
+    Walking the opcodes with ``pickletools`` and following the memo counts them without building any
+    object, so this is safe on any file. Returns ``[]`` for anything else (or anything unreadable).
+    """
+    import pickletools
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(names) != 1 or archive.getinfo(names[0]).file_size > _MAX_DATA_PKL_BYTES:
+                return []
+            data = archive.read(names[0])
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return []
+    memo: dict[int, str] = {}
+    recent: list[str] = []  # the last values pushed: STACK_GLOBAL takes its module and name from them
+    found: list[torch.dtype] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            name = opcode.name
+            value: str | None = None
+            if name in _STRING_OPS:
+                value = str(arg)
+            elif name == "GLOBAL":
+                value = "global:" + str(arg)
+            elif name == "STACK_GLOBAL" and len(recent) >= 2:
+                value = f"global:{recent[-2]} {recent[-1]}"
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                value = memo.get(int(arg), "")
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[int(arg)] = recent[-1] if recent else ""
+                continue
+            elif name == "MEMOIZE":
+                memo[len(memo)] = recent[-1] if recent else ""
+                continue
+            recent = (recent + [value or ""])[-2:]
+            if value and value.startswith("global:") and value[7:] in _STORAGE_DTYPES:
+                found.append(_STORAGE_DTYPES[value[7:]])
+    except (ValueError, EOFError):  # a broken pickle: its loader says what is wrong
+        return []
+    return found
 
 
 def _unsupported_global(message: str) -> str:

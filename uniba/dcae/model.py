@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniba.conv import Conv2d, conv2d
 from uniba.memory import is_out_of_memory
 from uniba.progress import ProgressFn
 
@@ -50,8 +51,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.conv1 = Conv2d(channels, channels, 3, 1, 1)
+        self.conv2 = Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.norm = RMSNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,9 +64,9 @@ class MultiscaleProjection(nn.Module):
 
     def __init__(self, channels: int, heads: int, kernel_size: int) -> None:
         super().__init__()
-        self.proj_in = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+        self.proj_in = Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
                                  bias=False)
-        self.proj_out = nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False)
+        self.proj_out = Conv2d(channels, channels, 1, groups=3 * heads, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_out(self.proj_in(x))
@@ -151,7 +152,7 @@ class LiteMLA(nn.Module):
         b, _, h, w = x.shape
         # q/k/v rows concatenated back into the original per-head-interleaved qkv conv
         weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        qkv = F.conv2d(x, weight[:, :, None, None])
+        qkv = conv2d(x, weight[:, :, None, None])
         qkv = torch.cat([qkv] + [proj(qkv) for proj in self.to_qkv_multiscale], dim=1)
         return qkv.reshape(b, -1, 3 * self.head_dim, h, w)
 
@@ -165,7 +166,7 @@ class LiteMLA(nn.Module):
             out = relu_linear_attention(qkv, self.head_dim)
         else:
             out = relu_quadratic_attention(qkv, self.head_dim)
-        out = F.conv2d(out.reshape(b, -1, h, w), self.to_out.weight[:, :, None, None])
+        out = conv2d(out.reshape(b, -1, h, w), self.to_out.weight[:, :, None, None])
         return x + self.norm_out(out)
 
 
@@ -175,9 +176,9 @@ class GLUMBConv(nn.Module):
     def __init__(self, channels: int, expand: int = 4) -> None:
         super().__init__()
         hidden = channels * expand
-        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
-        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)
-        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.conv_inverted = Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)
+        self.conv_point = Conv2d(hidden, channels, 1, bias=False)
         self.norm = RMSNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +207,7 @@ class DownBlock(nn.Module):
         self.unshuffle = kind == "pixel_unshuffle"
         self.group = in_channels * 4 // out_channels
         conv_out = out_channels // 4 if self.unshuffle else out_channels
-        self.conv = nn.Conv2d(in_channels, conv_out, 3, 1 if self.unshuffle else 2, 1)
+        self.conv = Conv2d(in_channels, conv_out, 3, 1 if self.unshuffle else 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -223,7 +224,7 @@ class UpBlock(nn.Module):
         super().__init__()
         self.interpolate = kind == "interpolate"
         self.repeats = out_channels * 4 // in_channels
-        self.conv = nn.Conv2d(in_channels, out_channels if self.interpolate else out_channels * 4, 3, 1, 1)
+        self.conv = Conv2d(in_channels, out_channels if self.interpolate else out_channels * 4, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpolate:
@@ -246,7 +247,7 @@ class Encoder(nn.Module):
     def __init__(self, config: DCAEConfig) -> None:
         super().__init__()
         widths = config.encoder_widths
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, 1, 1)
+        self.conv_in = Conv2d(config.in_channels, widths[0], 3, 1, 1)
         stages = []
         for i, (width, depth) in enumerate(zip(widths, config.encoder_depths)):
             layers = [_block(config.encoder_blocks[i], width, config.head_dim, config.encoder_scales[i])
@@ -255,7 +256,7 @@ class Encoder(nn.Module):
                 layers.append(DownBlock(width, widths[i + 1], config.downsample))
             stages.append(nn.Sequential(*layers))
         self.down_blocks = nn.ModuleList(stages)
-        self.conv_out = nn.Conv2d(widths[-1], config.latent_channels, 3, 1, 1)
+        self.conv_out = Conv2d(widths[-1], config.latent_channels, 3, 1, 1)
         self.out_group = widths[-1] // config.latent_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +270,7 @@ class Decoder(nn.Module):
     def __init__(self, config: DCAEConfig) -> None:
         super().__init__()
         widths = config.decoder_widths
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, 1, 1)
+        self.conv_in = Conv2d(config.latent_channels, widths[-1], 3, 1, 1)
         self.in_repeats = widths[-1] // config.latent_channels
         stages = []
         for i, (width, depth) in enumerate(zip(widths, config.decoder_depths)):
@@ -279,7 +280,7 @@ class Decoder(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.up_blocks = nn.ModuleList(stages)
         self.norm_out = RMSNorm2d(widths[0])
-        self.conv_out = nn.Conv2d(widths[0], config.in_channels, 3, 1, 1)
+        self.conv_out = Conv2d(widths[0], config.in_channels, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z) + z.repeat_interleave(self.in_repeats, dim=1)

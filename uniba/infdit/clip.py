@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniba.conv import Conv2d
+
 from .config import ClipVisionConfig
 
 # OpenAI CLIP normalisation used by the reference's preprocessing.
@@ -78,7 +80,7 @@ class ClipVisionTower(nn.Module):
         super().__init__()
         self.config = config
         w = config.width
-        self.conv1 = nn.Conv2d(3, w, config.patch_size, config.patch_size, bias=False)
+        self.conv1 = Conv2d(3, w, config.patch_size, config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(w))
         self.positional_embedding = nn.Parameter(torch.zeros(config.grid**2 + 1, w))
         self.ln_pre = nn.LayerNorm(w)

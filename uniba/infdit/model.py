@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniba.conv import Conv2d
+
 from .clip import ClipVisionTower
 from .config import InfDiTConfig
 
@@ -158,7 +160,7 @@ class LRCrossAttention(nn.Module):
 
     def __init__(self, c: InfDiTConfig) -> None:
         super().__init__()
-        self.proj_lr = nn.Conv2d(3, c.hidden_size, c.lr_patch_size, c.lr_patch_size)
+        self.proj_lr = Conv2d(3, c.hidden_size, c.lr_patch_size, c.lr_patch_size)
         self.query = nn.Linear(c.hidden_size, c.hidden_size)
         self.key_value = nn.Linear(c.hidden_size, 2 * c.hidden_size)
         self.proj = nn.Linear(c.hidden_size, c.hidden_size)
@@ -183,7 +185,7 @@ class InfDiT(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.patch_embed = nn.Conv2d(c.in_channels, c.hidden_size, c.patch_size, c.patch_size)
+        self.patch_embed = Conv2d(c.in_channels, c.hidden_size, c.patch_size, c.patch_size)
         self.t_embed = nn.Sequential(nn.Linear(c.time_channels, c.hidden_size), nn.SiLU(),
                                      nn.Linear(c.hidden_size, c.hidden_size))
         self.clip_embed = nn.Sequential(nn.Linear(c.vector_dim, c.hidden_size), nn.SiLU(),

@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniba import conv
+
 from .config import SanaConfig
+
+
+class _DefaultOps:
+    """Layer classes when no host supplies its own: torch's, with convolutions kept fast on CPUs in bf16."""
+
+    Linear = nn.Linear
+    Conv2d = conv.Conv2d
 
 __all__ = ["SanaConfig", "SanaDiT", "sincos_position_embedding", "timestep_embedding"]
 
@@ -240,7 +249,7 @@ class SanaDiT(nn.Module):
     def __init__(self, config: SanaConfig, operations: Any = None, device: Any = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        ops = operations or nn
+        ops = operations or _DefaultOps
         factory = {"device": device, "dtype": dtype}
         c = config.hidden_size
         self.config = config
