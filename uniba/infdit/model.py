@@ -242,9 +242,17 @@ class InfDiT(nn.Module):
         lrb = c.lr_block_tokens
         tokens = x.proj_lr(lr.to(device=self.device, dtype=self.dtype))
         tokens = F.pad(tokens, (lrb,) * 4)
-        k, v = x.key_value(tokens.permute(0, 2, 3, 1)).chunk(2, dim=-1)  # (B, rows, cols, C) each
-        k = x.k_norm(k.unflatten(-1, (c.num_heads, c.head_dim)))
-        v = v.unflatten(-1, (c.num_heads, c.head_dim))
+        tokens = tokens.permute(0, 2, 3, 1)  # (B, rows, cols, C)
+        # K and V from the two halves of ``key_value`` one after the other: chunking one (..., 2C) output
+        # would keep all of it alive for as long as the V view lives, 1.5x the maps for the whole sampling.
+        weight, bias = x.key_value.weight, x.key_value.bias
+
+        def half(rows: slice) -> torch.Tensor:
+            return F.linear(tokens, weight[rows], None if bias is None else bias[rows]).unflatten(
+                -1, (c.num_heads, c.head_dim))
+
+        k = x.k_norm(half(slice(0, c.hidden_size)))
+        v = half(slice(c.hidden_size, 2 * c.hidden_size))
         if storage is not None:
             k, v = k.to(storage), v.to(storage)
         return LRCondition(k_map=k, v_map=v, clip_vector=self.clip_vector(clip_embedding))
