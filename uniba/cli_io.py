@@ -24,6 +24,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,37 +45,30 @@ class CliError(ValueError):
 
 # --------------------------------------------------------------------------- argparse types
 
+def _number(text: str, cast: type, noun: str, ok: Callable[[Any], bool], rule: str) -> Any:
+    """Parse ``text`` with ``cast`` and check it, as argparse types report: one sentence, no traceback."""
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+    if not ok(value):  # nan fails every comparison, so it is refused here too
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _number(text, int, "a whole number", lambda v: v >= 1, "at least 1")
 
 
 def seed_int(text: str) -> int:
     """argparse type: a seed, 0 to 2**64 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {value}")
-    return value
+    return _number(text, int, "a whole number", lambda v: 0 <= v < 2**64, "between 0 and 2**64 - 1")
 
 
 def unit_float(text: str) -> float:
     """argparse type: a finite number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+    return _number(text, float, "a number", lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
 
 
 def memory_size(text: str) -> int:
