@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..memory import is_out_of_memory, retry_on_oom
-from .model import BlockRect, InfDiT, upsample_lr
+from .model import BlockRect, InfDiT, LRCondition, upsample_lr
 
 BatchCallback = Callable[[BlockRect, torch.Tensor], None]
 
@@ -88,6 +88,60 @@ class BlockKVCache:
 
     def clear(self) -> None:
         self.blocks.clear()
+
+
+class LRLineCache:
+    """The LR cross-attention K/V maps, projected one padded LR block line at a time as batches read them.
+
+    A line is one padded LR block row across the grid's columns (row-major traversal) or one column
+    across its rows (column-major). A batch reads the lines of its blocks and the one on each side.
+    ``keep=True`` keeps every line once projected, for the whole sampling (each is projected once per
+    image); ``keep=False`` drops the lines before the first unfinished block's after every batch, so
+    only a strip of ``n + 2`` lines is alive and each evaluation projects the map again: 1/512 of a
+    release block's compute, instead of maps that grow with the area (22 GiB in bf16 at 16384 px).
+    The lines are projected in one shape whatever the batch, so every batch size, rank and setting
+    reads the same numbers.
+    """
+
+    def __init__(self, model: InfDiT, lr: torch.Tensor, grid: tuple[int, int], traversal: str, keep: bool) -> None:
+        self.model, self.lr, self.grid, self.keep = model, lr, grid, keep
+        self.rows = traversal == ROW_MAJOR
+        self.lines: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.projected = 0
+        self.peak_lines = 0
+
+    def _line(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self.lines:
+            across = (0, (self.grid[1] if self.rows else self.grid[0]) + 2)
+            span = (index, index + 1)
+            self.lines[index] = self.model.lr_kv(self.lr, *((span, across) if self.rows else (across, span)))
+            self.projected += 1
+            self.peak_lines = max(self.peak_lines, len(self.lines))
+        return self.lines[index]
+
+    def windows(self, rect: BlockRect) -> tuple[torch.Tensor, torch.Tensor]:
+        lrb = self.model.config.lr_block_tokens
+        lo, hi = (rect.row0, rect.row1) if self.rows else (rect.col0, rect.col1)
+        a, b = (rect.col0, rect.col1) if self.rows else (rect.row0, rect.row1)
+        lines = [self._line(i) for i in range(lo, hi + 2)]
+        axis, other = (1, 2) if self.rows else (2, 1)
+        out = []
+        for which in (0, 1):
+            t = torch.cat([line[which] for line in lines], dim=axis)
+            out.append(self.model.lr_unfold(t.narrow(other, a * lrb, (b - a + 2) * lrb)))
+        return out[0], out[1]
+
+    def evict(self, done: list[list[bool]]) -> None:
+        """Drop the lines no unfinished block reads (nothing when every line is kept)."""
+        if self.keep:
+            return
+        cells = done if self.rows else [list(col) for col in zip(*done)]
+        first = next((i for i, line in enumerate(cells) if not all(line)), len(cells))
+        for index in [i for i in self.lines if i < first]:
+            del self.lines[index]
+
+    def clear(self) -> None:
+        self.lines.clear()
 
 
 class _BatchKV:
@@ -166,8 +220,9 @@ class BlockwiseDenoiser:
 
     The one orchestration of the network: the sampler in :func:`uniba.infdit.upscale`, the
     whole-canvas :meth:`InfDiT.denoise`, the tests and the benchmarks all call it. Built once per
-    image (pass): everything that does not depend on sigma (the concatenated LR channels, the LR
-    cross-attention K/V, the CLIP vector) is computed here, once, and reused by every evaluation.
+    image (pass): what does not depend on sigma (the concatenated LR channels, the CLIP vector) is
+    computed here, once; the LR cross-attention K/V maps are projected line by line as batches read
+    them and kept for every evaluation (``keep_lr_maps``) or only as a strip (:class:`LRLineCache`).
     Per evaluation only the adaLN modulations are computed (once, not per batch); per batch the
     RoPE tables (once, shared by every layer).
 
@@ -176,6 +231,9 @@ class BlockwiseDenoiser:
     ``block_batch``: n, (n_h, n_w) or None (the whole canvas in one batch). ``on_batch(rect,
     denoised_rect)`` runs after every finished batch (progress, preview, Cancel). ``stats``, when
     given, receives the traversal, the batch rectangles and the peak number of cached blocks.
+    ``state_device``: where ``x``, the result and the concatenated LR live (default: the model's
+    device; the host when the sampler's canvases do not fit the device): each batch's pixels visit
+    the model's device and its result comes back.
     Extra keyword arguments of a call (``seed``, ``model_options``: what ComfyUI's samplers pass
     in ``extra_args``) are accepted and ignored.
     """
@@ -186,7 +244,8 @@ class BlockwiseDenoiser:
                  offload_cache: bool = False, on_batch: BatchCallback | None = None,
                  is_oom: Callable[[BaseException], bool] = is_out_of_memory,
                  on_oom: Callable[[], None] | None = None, position_offset: tuple[int, int] = (0, 0),
-                 stats: dict | None = None) -> None:
+                 stats: dict | None = None, keep_lr_maps: bool = True,
+                 state_device: torch.device | None = None) -> None:
         c = model.config
         if canvas is None:
             canvas = (lr.shape[-2] * c.native_scale, lr.shape[-1] * c.native_scale)
@@ -206,11 +265,12 @@ class BlockwiseDenoiser:
         self.block_batch = resolve_block_batch(block_batch, *self.grid)
         self.offload_cache, self.on_batch, self.is_oom, self.on_oom = offload_cache, on_batch, is_oom, on_oom
         self.position_offset, self.stats = position_offset, stats
-        device = model.device
-        self.concat_lr = (upsample_lr(lr, height, width) if concat_lr is None else concat_lr).to(device)
-        storage = torch.device("cpu") if offload_cache else None
+        self.state_device = model.device if state_device is None else torch.device(state_device)
+        self.concat_lr = (upsample_lr(lr, height, width) if concat_lr is None else concat_lr).to(self.state_device)
+        self.lr_lines = LRLineCache(model, lr.to(device=model.device, dtype=model.dtype), self.grid, traversal,
+                                    keep_lr_maps)
         with torch.no_grad():
-            self.cond = model.condition(lr, clip_embedding, storage=storage)
+            self.cond = LRCondition(windows=self.lr_lines.windows, clip_vector=model.clip_vector(clip_embedding))
 
     def batches_per_evaluation(self) -> int:
         return len(batch_order(*self.grid, self.block_batch, self.traversal))
@@ -267,7 +327,8 @@ class BlockwiseDenoiser:
             view = _BatchKV(cache, rect, keep, c.num_layers)
             where = region(rect)
             pixels = torch.cat([x[where].float(), self.concat_lr[where].float()], dim=1) * c_in
-            result = model.forward_blocks(pixels, self.cond, step, rect, view, self.position_offset)
+            result = model.forward_blocks(pixels.to(model.device), self.cond, step, rect, view, self.position_offset)
+            result = result.to(out.device)
             current[0] = unit
             return rect, result, view
 
@@ -289,13 +350,17 @@ class BlockwiseDenoiser:
                 cache.blocks.update(view.pending)
                 cache.peak_blocks = max(cache.peak_blocks, len(cache.blocks))
                 cache.evict(done)
+                self.lr_lines.evict(done)
                 remaining -= rect.n_h * rect.n_w
                 if self.stats is not None:
                     self.stats.setdefault("rects", []).append(rect)
                     self.stats["traversal"] = self.traversal
                     self.stats["peak_cached_blocks"] = cache.peak_blocks
+                    self.stats["peak_lr_lines"] = self.lr_lines.peak_lines
                 if self.on_batch is not None:
                     self.on_batch(rect, out[where])
         finally:
             cache.clear()
+            if not self.lr_lines.keep:
+                self.lr_lines.clear()
         return out
