@@ -247,7 +247,8 @@ class InfDiT(nn.Module):
 
         return LRCondition(windows=windows, clip_vector=self.clip_vector(clip_embedding))
 
-    def lr_kv(self, lr: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def lr_kv(self, lr: torch.Tensor, rows: tuple[int, int],
+              cols: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K (normalised) and V of the LR tokens of padded LR blocks ``rows x cols``.
 
         The LR map is zero-padded by one LR block on every side *after* ``proj_lr``, as the reference's
@@ -261,7 +262,8 @@ class InfDiT(nn.Module):
         lrb, px = c.lr_block_tokens, c.lr_block_tokens * c.lr_patch_size
         grid = (lr.shape[-2] // px, lr.shape[-1] // px)
         # padded block p is real block p - 1; only the real ones are projected, the rest is zero tokens
-        (r0, r1), (c0, c1) = [(max(lo - 1, 0), max(min(hi - 1, n), lo - 1, 0)) for (lo, hi), n in zip((rows, cols), grid)]
+        (r0, r1), (c0, c1) = [(max(lo - 1, 0), max(min(hi - 1, n), lo - 1, 0))
+                              for (lo, hi), n in zip((rows, cols), grid, strict=True)]
         pixels = lr[..., r0 * px:r1 * px, c0 * px:c1 * px]
         if pixels.numel():
             tokens = x.proj_lr(pixels.to(device=self.device, dtype=self.dtype))
