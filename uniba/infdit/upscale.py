@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..guards import check_finite, finite_denoiser
@@ -25,6 +27,7 @@ from ..progress import ProgressFn
 from .blockwise import BatchCallback, BlockwiseDenoiser
 from .model import BlockRect, InfDiT, upsample_lr
 from .plan import UpscalePlan, min_input_side, parse_block_batch, passes_for_scale, plan_upscale
+from .ranks import ACROSS, gather_bands, plan_ranks, sample_band
 from .sampling import DEFAULT_STEPS, Sampler, count_evaluations, get_sigmas_karras, run_sampler, sample_heun_edm
 
 log = logging.getLogger(__name__)
@@ -110,7 +113,8 @@ def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | 
                                  is_oom=is_oom)
     x = denoiser.concat_lr.float() + sigmas[0] * noise.float()
     # a step that produces NaN/inf stops here, named, instead of ending as a black image
-    return run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed)
+    return run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed,
+                       block_px=model.config.block_px)
 
 
 def _preview_pool(height: int, width: int, block_px: int) -> int:
@@ -221,7 +225,8 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
             block_batch: str | int | tuple[int, int] | None = "auto", offload_cache: str | bool = "auto",
             progress: ProgressFn | None = None, color_match: str = "none", free_bytes: int | None = None,
             is_oom: Callable[[BaseException], bool] = is_out_of_memory, plan: UpscalePlan | None = None,
-            sampler: Sampler | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+            sampler: Sampler | None = None, sigmas: torch.Tensor | None = None, group: Any = None,
+            split: str = ACROSS, band_sizes: list[int] | None = None) -> torch.Tensor:
     """Upscale ``lr`` (B, 3 or 4, h, w) in [-1, 1] by ``scale`` (2, 4, 8, 16) to (B, C, h*scale, w*scale).
 
     The result is not clipped (like the reference's ``sample()``): clip it to [-1, 1] when saving.
@@ -238,6 +243,10 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
     every block batch; raising from it cancels (the cache is freed). ``color_match``: ``"none"``
     (reference) or ``"wavelet"`` (keep the input's low frequencies). Inputs smaller than one block
     are padded and cropped back with a :class:`SmallInputWarning`.
+    ``group``: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD`` under
+    torchrun): every rank of it calls ``upscale`` with the same arguments, each samples one band of
+    every pass (:mod:`uniba.infdit.ranks`; ``split`` and ``band_sizes`` choose the bands) and every
+    rank returns the whole image, equal to the one-process result.
     """
     lr = _check_input(lr)
     if color_match not in ("none", "wavelet"):
@@ -261,8 +270,14 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
                             evaluations=evaluations)
     _check_plan(plan, lr, int(scale), config, evaluations)
     _warn_about_sizes(plan, config, lr.shape[-2:])
+    total = plan.total_batches
+    if group is not None:
+        ranks_plan = plan_ranks(plan, config, dist.get_world_size(group), split=split, sizes=band_sizes,
+                                dtype=model.dtype)
+        total = ranks_plan.batches(dist.get_rank(group), tuple(tuple(p["block_batch"]) for p in plan.passes),
+                                   [p["traversal"] for p in plan.passes])
 
-    ticker = _Progress(progress, lr.shape[0] * plan.total_batches, config.block_px)
+    ticker = _Progress(progress, lr.shape[0] * total, config.block_px)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     results = []
     for index in range(lr.shape[0]):
@@ -283,10 +298,19 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
             else:
                 eps = torch.randn((1, 3, *canvas), generator=generator, dtype=torch.float32)
             ticker.start_pass(concat_lr)
-            out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
-                                noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
-                                seed=_noise_seed(seed, index, pass_index), block_batch=tuple(p["block_batch"]),
-                                offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom)
+            if group is None:
+                out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
+                                    noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
+                                    seed=_noise_seed(seed, index, pass_index), block_batch=tuple(p["block_batch"]),
+                                    offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom)
+            else:
+                split = ranks_plan.passes[pass_index]
+                band = sample_band(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
+                                   noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
+                                   seed=_noise_seed(seed, index, pass_index), bands=list(split.bands),
+                                   axis=split.axis, group=group, block_batch=tuple(p["block_batch"]),
+                                   offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom)
+                out = gather_bands(band, list(split.bands), config.block_px, canvas, 1, group, device)
             out = out[:, :, :p["out_height"], :p["out_width"]]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)
