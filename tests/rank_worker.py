@@ -1,7 +1,8 @@
-"""One rank of tests/test_infdit_ranks.py, started by torchrun: each case upscaled across the ranks and, on
+"""One rank of tests/test_infdit_ranks.py: each case upscaled across 2 ranks (a subgroup) or all 3 and, on
 rank 0, in one process too; rank 0 writes the differences (and what it measured) as JSON.
 
-Usage: python -m torch.distributed.run --standalone --nproc-per-node N tests/rank_worker.py OUT.json CASES.json
+Started the way torchrun starts ranks (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment):
+python -m torch.distributed.run --standalone --nproc-per-node 3 tests/rank_worker.py OUT.json CASES.json
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = load_tiny_infdit(TINY, seed=3)
+    groups = {world: dist.group.WORLD, 2: dist.new_group([0, 1])}
     results = []
     for case in json.loads(Path(cases_path).read_text()):
+        group = groups[case["world"]]
+        if rank >= case["world"]:
+            continue
         g = torch.Generator().manual_seed(case.get("image_seed", 0))
         lr = torch.rand(1, 3, *case["lr"], generator=g) * 2 - 1
         kwargs = dict(scale=case.get("scale", 4), seed=11, sampler=sampler(case["sampler"]),
@@ -58,7 +63,7 @@ def main() -> None:
                       offload_cache="on" if case.get("offload") else "off")
         sizes = oom_above_one_block(model) if case.get("oom_rank") == rank else None
         try:
-            across = upscale(model, lr, group=dist.group.WORLD, split=case.get("split", "across"),
+            across = upscale(model, lr, group=group, split=case.get("split", "across"),
                              band_sizes=case.get("band_sizes"), **kwargs)
         finally:
             if sizes is not None:
@@ -69,8 +74,8 @@ def main() -> None:
                             "mean_abs": single.abs().mean().item(), "shape": list(across.shape)})
         if case.get("oom_rank") is not None:
             # the injected rank: batches of 2 x 2 failed and were halved down to one block
-            gathered = [None] * world
-            dist.all_gather_object(gathered, sorted(set(sizes)) if sizes is not None else None)
+            gathered = [None] * case["world"]
+            dist.all_gather_object(gathered, sorted(set(sizes)) if sizes is not None else None, group=group)
             if rank == 0:
                 results[-1]["oom_sizes"] = gathered[case["oom_rank"]]
     # bytes moved: one pass sampled by hand, against what the planner says

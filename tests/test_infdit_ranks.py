@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-5
 
 # (LR height, width): the tiny model's blocks are 32 px at 4x, so 24 x 16 is 3 x 2 blocks (row-major)
-CASES_2 = [
+CASES = [dict(case, world=2) for case in [
     {"sampler": "heun", "lr": [24, 16]},
     {"sampler": "euler", "lr": [16, 40], "block_batch": 2},  # 2 x 5 blocks, column-major: bands of block rows
     {"sampler": "euler_ancestral", "lr": [40, 24], "band_sizes": [2, 1], "block_batch": 2},
@@ -33,43 +34,75 @@ CASES_2 = [
     {"sampler": "unipc", "lr": [24, 24], "block_batch": 3},
     {"sampler": "unipc_bh1", "lr": [20, 12], "steps": 2},  # padded input
     {"sampler": "euler", "lr": [8, 12], "scale": 8, "steps": 2},  # two passes: 4x then 2x
-    {"sampler": "heun", "lr": [24, 24], "block_batch": 2, "oom_rank": 0, "steps": 2},
-]
-CASES_3 = [
+    {"sampler": "heun", "lr": [24, 24], "block_batch": 2, "oom_rank": 0, "steps": 2,
+     "oom_expect": [1, 4]},  # rank 0's 2 x 2 batches fail and run as single blocks
+]] + [dict(case, world=3) for case in [
     {"sampler": "heun", "lr": [24, 24], "steps": 2},
     {"sampler": "euler_ancestral", "lr": [24, 40], "split": "along", "band_sizes": [2, 2, 1], "block_batch": 2},
     {"sampler": "dpmpp_3m_sde", "lr": [16, 16], "steps": 2},  # 2 x 2 blocks: the third rank has no band
-]
+    {"sampler": "euler", "lr": [24, 24], "steps": 2, "block_batch": 2, "oom_rank": 2,
+     "oom_expect": [1, 2]},  # rank 2's band is one column: its 2 x 1 batches fail
+]]
+WORLD = 3
 
 
-def _run_ranks(tmp_path: Path, world: int, cases: list[dict]) -> dict:
-    cases_file, out_file = tmp_path / f"cases{world}.json", tmp_path / f"out{world}.json"
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(tmp_path: Path, cases: list[dict]) -> dict:
+    """The worker on WORLD processes, started with the environment torchrun gives its workers."""
+    cases_file, out_file = tmp_path / "cases.json", tmp_path / "out.json"
     cases_file.write_text(json.dumps(cases))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           str(HERE / "rank_worker.py"), str(out_file), str(cases_file)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent), RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "rank_worker.py"), str(out_file), str(cases_file)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errors = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            if p.returncode:
+                errors.append(err[-3000:])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert not errors, "\n".join(errors)
     return json.loads(out_file.read_text())
 
 
-@pytest.mark.parametrize("world,cases", [(2, CASES_2), (3, CASES_3)], ids=["2 ranks", "3 ranks"])
-def test_one_image_across_ranks_equals_one_process(tmp_path, world, cases):
-    report = _run_ranks(tmp_path, world, cases)
-    assert len(report["results"]) == len(cases)
-    for r in report["results"]:
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return _run_ranks(tmp_path_factory.mktemp("ranks"), CASES)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_image_across_ranks_equals_one_process(report, world):
+    results = [r for r in report["results"] if r["case"]["world"] == world]
+    assert len(results) == len([c for c in CASES if c["world"] == world])
+    for r in results:
         assert r["mean_abs"] > 0.05, r  # a real image, not zeros
         assert r["max_abs"] <= TOLERANCE, r
-    oom = [r for r in report["results"] if "oom_sizes" in r]
+    oom = [r for r in results if "oom_sizes" in r]
+    assert oom
     for r in oom:
-        assert r["oom_sizes"] == [1, 4], r  # 2 x 2 batches failed on that rank and ran as single blocks
-    # bytes moved per evaluation: one block column's K/V of every layer per boundary, as planned
+        assert r["oom_sizes"] == r["case"]["oom_expect"], r
+
+
+def test_bytes_sent_per_evaluation_are_what_the_planner_says(report):
+    # one block column's K/V of every layer per boundary and evaluation
     per_eval = report["planned_boundary_bytes"]
     sent = [b[0] for b in report["bytes"]]
     received = [b[1] for b in report["bytes"]]
-    assert sent[:-1] == [b * report["evaluations"] for b in per_eval] and sent[-1] == 0
+    assert per_eval and sent[:-1] == [b * report["evaluations"] for b in per_eval] and sent[-1] == 0
     assert received[1:] == sent[:-1] and received[0] == 0
-    assert "rank 0" in report["describe"] and "speed-up" in report["describe"]
+    assert "rank 2" in report["describe"] and "speed-up" in report["describe"]
 
 
 def test_bands_cover_the_grid_in_order():
