@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from uniba.devices import DTYPE_CHOICES, choose_dtype
 from uniba.sana.checks import (
     check_sana_conditioning_input,
     check_sana_empty_latent,
@@ -40,7 +41,7 @@ class SanaDiTLoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "unet_name": (_diffusion_model_choices(), {"tooltip": "Sana transformer in models/diffusion_models/"}),
-            "weight_dtype": (["auto", "bf16", "fp16", "fp32"], {"default": "auto"}),
+            "weight_dtype": (list(DTYPE_CHOICES), {"default": "auto"}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -50,7 +51,8 @@ class SanaDiTLoader:
 
     def load(self, unet_name: str, weight_dtype: str) -> tuple[Any]:
         checkpoint = read_sana_checkpoint(host.model_path("diffusion_models", unet_name.rstrip("/")))
-        dtype = host.choose_dtype(weight_dtype, host.torch_device(), stored=checkpoint.stored_dtype)
+        device = host.torch_device()
+        dtype = choose_dtype(weight_dtype, device, host.dtype_support(device), stored=checkpoint.stored_dtype)
         return (comfy_sana.load_dit(checkpoint, dtype),)
 
 
