@@ -319,6 +319,10 @@ class Progress:
             self._tqdm.update(done - self._done)
         self._done = done
 
+    def check_cancel(self) -> None:
+        """Cancel point inside a unit of work (:func:`uniba.progress.check_cancel`): no bar update."""
+        check_interrupt()
+
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
