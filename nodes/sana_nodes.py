@@ -10,8 +10,13 @@ from typing import Any
 
 import torch
 
-from uniba.guards import check_sana_conditioning_input, check_sana_empty_latent, check_sana_latent, check_sana_sampling
-from uniba.sana.config import LATENT_DOWNSCALE, latent_shape, resolution_presets
+from uniba.sana.checks import (
+    check_sana_conditioning_input,
+    check_sana_empty_latent,
+    check_sana_latent,
+    check_sana_sampling,
+)
+from uniba.sana.config import DEFAULT_SHIFT, LATENT_DOWNSCALE, SHIFT_4K, resolution_presets
 from uniba.sana.loader import read_sana_checkpoint
 from uniba.sana.sampling import flow_sigmas, sample_flow_dpm_solver, sample_flow_euler
 
@@ -77,8 +82,8 @@ class SanaFlowSigmas:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "number of sampling steps"}),
-            "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
-                                "tooltip": "3.0 for 512/1024/2K and Sana 1.5, 6.0 for 4K"}),
+            "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step": 0.01,
+                                "tooltip": f"{DEFAULT_SHIFT} for 512/1024/2K and Sana 1.5, {SHIFT_4K} for 4K"}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 = text to image; below 1 keeps only the last part of the schedule "
                                              "(image to image)"}),
@@ -127,8 +132,8 @@ class SanaEmptyLatent:
             width, height = RESOLUTION_PRESETS[preset]
         device = host.intermediate_device()
         # refused with the figures before torch.zeros tries (16384 px x 4096 would ask for 137 GB)
-        check_sana_empty_latent(batch_size, width, height, host.free_memory(device))
-        return ({"samples": torch.zeros(latent_shape(width, height, batch_size), device=device)},)
+        shape = check_sana_empty_latent(batch_size, width, height, host.free_memory(device))
+        return ({"samples": torch.zeros(shape, device=device)},)
 
 
 class SanaSampler:
@@ -150,7 +155,8 @@ class SanaSampler:
             "solver": (list(SAMPLER_FUNCTIONS), {"default": "flow_dpm_solver",
                                                  "tooltip": "flow_dpm_solver (20 steps) or flow_euler (28 steps)"}),
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                                "tooltip": "0 = the model's shift (3.0, 6.0 for 4K, or ModelSamplingSD3's)"}),
+                                "tooltip": f"0 = the model's shift ({DEFAULT_SHIFT}, {SHIFT_4K} for 4K, or "
+                                           "ModelSamplingSD3's)"}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 = text to image; below 1 = image to image from latent_image"}),
         }}

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
-from uniba.guards import check_context_mask, check_finite, check_sana_conditioning, check_sana_latent
-from uniba.sana.config import LATENT_CHANNELS, LATENT_SCALE, SanaConfig
+from uniba.guards import check_finite
+from uniba.sana.checks import check_context_mask, check_sana_conditioning, check_sana_latent
+from uniba.sana.config import DEFAULT_SHIFT, LATENT_CHANNELS, LATENT_DOWNSCALE, LATENT_SCALE, SanaConfig
 from uniba.sana.loader import SanaCheckpoint, build_sana
 from uniba.sana.sampling import start_noise
 
@@ -63,7 +64,7 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         scale_factor = LATENT_SCALE
         # DC-AE f32c32: 32 px per latent cell. Hosts that honour it (0.28+) resize a stock EmptyLatentImage
         # (made for 8) before sampling, so KSampler gets the right latent size; older ones ignore it.
-        spacial_downscale_ratio = 32
+        spacial_downscale_ratio = LATENT_DOWNSCALE
 
         def __init__(self) -> None:
             self.latent_rgb_factors = [list(row) for row in LATENT_RGB_FACTORS]
@@ -73,7 +74,7 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         unet_config: dict[str, Any] = {}
         unet_extra_config: dict[str, Any] = {}
         latent_format = SanaLatentFormat
-        sampling_settings = {"shift": 3.0, "multiplier": 1000}
+        sampling_settings = {"shift": DEFAULT_SHIFT, "multiplier": 1000}
         supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
         # ComfyUI reserves dtype_size x 0.01 x this MiB per latent token (flash-attention hosts): 168 KB in fp32,
         # 84 KB in bf16. One forward of Sana 1600M measured on the CPU peaks at 118 KB per token in fp32 (600M:
@@ -137,7 +138,7 @@ def ksampler(sample_fn: Callable[..., torch.Tensor]) -> Any:
 
 def model_shift(model: Any) -> float:
     """The flow shift the MODEL samples with (the release's, or ModelSamplingSD3's)."""
-    return float(getattr(model.get_model_object("model_sampling"), "shift", 3.0))
+    return float(getattr(model.get_model_object("model_sampling"), "shift", DEFAULT_SHIFT))
 
 
 def sample(model: Any, latent: dict[str, Any], *, sample_fn: Callable[..., torch.Tensor], sigmas: torch.Tensor,
@@ -222,7 +223,8 @@ def decode_images(vae: Any, samples: torch.Tensor, tile_size: int = 0, node_id: 
     per tile, Cancel between tiles (the progress callback raises).
     """
     dcae = _dcae_of(vae)
-    check_sana_latent(samples, "samples", channels=getattr(getattr(dcae, "config", None), "latent_channels", 32))
+    check_sana_latent(samples, "samples",
+                      channels=getattr(getattr(dcae, "config", None), "latent_channels", LATENT_CHANNELS))
     ratio = dcae.spatial_ratio
     model, budget = _prepare_model(vae, samples.shape[-2] * samples.shape[-1] * ratio * ratio, samples.shape[0])
     progress = host.Progress(1, node_id=node_id, desc="DC-AE decode")

@@ -11,7 +11,7 @@ Numerics follow efficientvit (the reference the Sana checkpoints were trained wi
 * ReLU linear attention with the ones-padding trick (eps 1e-15); fp16 inputs are upcast to fp32,
   bf16 runs the two matmuls in bf16 and upcasts before the division; when ``H*W <= head_dim``
   the block falls back to ReLU *quadratic* attention.
-* Images are in [-1, 1]; latents are unscaled (``scaling_factor`` 0.41407 is applied by the
+* Images are in [-1, 1]; latents are unscaled (``config.SCALING_FACTOR`` is applied by the
   sampler's latent format, not here), as diffusers' ``AutoencoderDC`` returns them.
 """
 
