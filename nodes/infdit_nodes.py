@@ -39,6 +39,7 @@ class InfDiTLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Load Inf-DiT (4x pixel-space upscaler with Unidirectional Block Attention)."
+    SEARCH_ALIASES = ["UniBA", "Inf-DiT", "infdit", "upscale model", "load upscaler"]
 
     def load(self, model_name: str, dtype: str = "auto"):
         path = host.model_path(host.INFDIT_FOLDER, model_name)
@@ -54,14 +55,15 @@ class InfDiTUpscale:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("INFDIT_MODEL",),
-            "image": ("IMAGE",),
+            "model": ("INFDIT_MODEL", {"tooltip": "from Load Inf-DiT"}),
+            "image": ("IMAGE", {"tooltip": "the image to upscale (any size; a batch is upscaled image by image)"}),
             "scale": (SCALES, {"default": "4", "tooltip": "4x is native; 2x uses the reference's trick; "
                                                        "8x and 16x chain passes"}),
             "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
                               "tooltip": "EDM Heun steps (20 = the reference, 39 model calls); ignored when sigmas "
                                          "is connected"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "start noise (drawn on the CPU: the same image on every card)"}),
             "block_batch": (BLOCK_BATCHES, {"default": "auto", "tooltip": "n x n blocks of 128 px per forward; "
                                                                            "auto = largest that fits free memory"}),
             "offload_cache": (OFFLOAD, {"default": "auto", "tooltip": "keep the KV cache in host RAM"}),
@@ -83,6 +85,7 @@ class InfDiTUpscale:
     FUNCTION = "upscale"
     CATEGORY = CATEGORY
     DESCRIPTION = "Inf-DiT upscaling with UniBA block-wise inference; memory grows with the image side."
+    SEARCH_ALIASES = ["UniBA", "Inf-DiT", "upscale", "upscaler", "4x", "super resolution", "4K", "8K"]
 
     def upscale(self, model, image: torch.Tensor, scale: str = "4", steps: int = DEFAULT_STEPS, seed: int = 0,
                 block_batch: str = "auto", offload_cache: str = "auto", color_match: str = "none",
@@ -114,4 +117,4 @@ class InfDiTUpscale:
 
 
 NODE_CLASS_MAPPINGS = {"InfDiTLoader": InfDiTLoader, "InfDiTUpscale": InfDiTUpscale}
-NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTLoader": "Load Inf-DiT", "InfDiTUpscale": "Inf-DiT Upscale (UniBA)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTLoader": "Load Inf-DiT (UniBA)", "InfDiTUpscale": "Inf-DiT Upscale (UniBA)"}

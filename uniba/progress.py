@@ -4,6 +4,10 @@ Engine loops accept ``progress: ProgressFn | None`` and call ``progress(done, to
 after each unit of work (a block batch, a tile, a step). The callback may raise to cancel: inside
 ComfyUI it raises the interrupt exception when the user pressed Cancel, so the engine must keep
 its state consistent at every call (free caches in ``finally``).
+
+Inside a unit that runs long (the transformer layers of one block batch), the engine also calls
+:func:`check_cancel`: a callback with a ``check_cancel()`` method (the host's) raises there on
+Cancel without redrawing its progress bar; a plain function is only asked at its reports.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from tqdm.auto import tqdm
 
 class ProgressFn(Protocol):
     def __call__(self, done: int, total: int | None = None, preview: torch.Tensor | None = None) -> None: ...
+
+
+def check_cancel(progress: ProgressFn | None) -> None:
+    """A Cancel point between reports: calls ``progress.check_cancel()`` when the callback has one."""
+    check = getattr(progress, "check_cancel", None)
+    if check is not None:
+        check()
 
 
 def report(progress: ProgressFn | None, done: int, total: int, preview: torch.Tensor | None = None) -> None:

@@ -281,6 +281,10 @@ class Progress:
         elif self._terminal is not None:
             self._terminal(done, self.total)
 
+    def check_cancel(self) -> None:
+        """Cancel point inside a unit of work (:func:`uniba.progress.check_cancel`): no bar update."""
+        check_interrupt()
+
     def close(self) -> None:
         if self._terminal is not None:
             self._terminal.close()

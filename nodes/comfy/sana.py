@@ -124,6 +124,7 @@ def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype) -> Any:
     model_config = SanaModelConfig(checkpoint.config)
     model_config.set_inference_dtype(dtype, manual_cast)
     dit = build_sana(checkpoint, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast))
+    dit.between_blocks = host.check_interrupt  # hosts before 0.28 check Cancel only between sampler steps
     return host.wrap_model(SanaModel(model_config, dit))
 
 
