@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..guards import check_finite, finite_denoiser
 from ..memory import device_free_bytes, is_out_of_memory
-from ..progress import ProgressFn
+from ..progress import ProgressFn, check_cancel
 from .blockwise import BatchCallback, BlockwiseDenoiser
 from .model import BlockRect, InfDiT, upsample_lr
 from .plan import UpscalePlan, min_input_side, parse_block_batch, passes_for_scale, plan_upscale
@@ -96,7 +96,8 @@ def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | 
                   sampler: Sampler | None = None, sigmas: torch.Tensor | None = None, seed: int = 0,
                   block_batch: tuple[int, int] | int | None = None, offload_cache: bool = False,
                   on_batch: BatchCallback | None = None,
-                  is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
+                  is_oom: Callable[[BaseException], bool] = is_out_of_memory,
+                  between_layers: Callable[[], None] | None = None) -> torch.Tensor:
     """The reference's ``sample`` on a whole-block canvas: ``x_T = up(lr) + sigmas[0] * noise``, then the
     sampler (default EDM Heun on the reference's Karras schedule) over the block-wise denoiser (float32).
 
@@ -107,7 +108,7 @@ def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | 
     sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
     denoiser = BlockwiseDenoiser(model, lr, clip_embedding, canvas=tuple(noise.shape[-2:]), concat_lr=concat_lr,
                                  block_batch=block_batch, offload_cache=offload_cache, on_batch=on_batch,
-                                 is_oom=is_oom)
+                                 is_oom=is_oom, between_layers=between_layers)
     x = denoiser.concat_lr.float() + sigmas[0] * noise.float()
     # a step that produces NaN/inf stops here, named, instead of ending as a black image
     return run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed)
@@ -286,7 +287,8 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
             out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
                                 noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
                                 seed=_noise_seed(seed, index, pass_index), block_batch=tuple(p["block_batch"]),
-                                offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom)
+                                offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom,
+                                between_layers=lambda: check_cancel(progress))
             out = out[:, :, :p["out_height"], :p["out_width"]]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError
+from ..dcae.config import DCAEConfig
 from ..guards import validate_config
 from ..metadata import config_from_json, config_to_json
 
@@ -35,11 +36,14 @@ SPRINT_GUIDANCE = 4.5
 SPRINT_GUIDANCE_SCALE = 0.1
 
 
-# The latent Sana's DiT works in: the DC-AE f32c32's 32 channels at 1/32 of the image size, scaled
-# by the DC-AE's scaling factor before the DiT sees it.
-LATENT_CHANNELS = 32
-LATENT_DOWNSCALE = 32
-LATENT_SCALE = 0.41407
+# The latent Sana's DiT works in is the DC-AE f32c32's (its 32 channels at 1/32 of the image size, scaled by
+# its scaling factor before the DiT sees it); the DiT's patch size 1 keeps that grid as its tokens.
+_AUTOENCODER = DCAEConfig.sana_f32c32()
+LATENT_CHANNELS = _AUTOENCODER.latent_channels
+LATENT_DOWNSCALE = _AUTOENCODER.spatial_ratio
+LATENT_SCALE = _AUTOENCODER.scaling_factor
+# Width of the text conditioning: the hidden size of Gemma-2-2B, Sana's text encoder.
+CAPTION_CHANNELS = 2304
 
 # Sana's aspect-ratio bins as (width, height): ASPECT_RATIO_1024_BIN and _2048_BIN of PixArt/Sana, ordered
 # from wide to tall; the 4096 bin is the 2048 bin doubled.
@@ -85,10 +89,10 @@ class SanaConfig:
     linear_head_dim: int = 32
     cross_heads: int = 20
     mlp_ratio: float = 2.5
-    in_channels: int = 32
-    out_channels: int = 32
+    in_channels: int = LATENT_CHANNELS
+    out_channels: int = LATENT_CHANNELS
     patch_size: int = 1
-    caption_channels: int = 2304
+    caption_channels: int = CAPTION_CHANNELS
     qk_norm: bool = False
     cross_norm: bool = False
     use_pe: bool = False

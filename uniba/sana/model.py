@@ -14,6 +14,7 @@ checkpoints are converted by :mod:`uniba.sana.keys`. ``operations`` lets a host 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -277,6 +278,8 @@ class SanaDiT(nn.Module):
         self.config = config
         self.truncate_timestep = not config.guidance_embeds
         self.compute_dtype: torch.dtype | None = None  # set by hosts that keep weights in another dtype
+        # a host's Cancel check, run between transformer blocks (may raise): a 4K step is long on small cards
+        self.between_blocks: Callable[[], None] | None = None
         self.patch_embed = _PatchEmbed(ops, config, **factory)
         self.time_embed = (_TimestepGuidanceEmbedding if config.guidance_embeds else _AdaLNSingle)(ops, c, **factory)
         self.caption_projection = _Mlp2(ops, config.caption_channels, c, nn.GELU(approximate="tanh"), **factory)
@@ -355,7 +358,9 @@ class SanaDiT(nn.Module):
                 mask = mask.repeat(b // mask.shape[0], 1)
             bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
-        for block in self.transformer_blocks:
+        for index, block in enumerate(self.transformer_blocks):
+            if index and self.between_blocks is not None:
+                self.between_blocks()
             tokens = block(tokens, context, bias, t0, h, w)
 
         table = self.scale_shift_table.to(tokens.device, dtype)
