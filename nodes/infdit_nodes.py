@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from uniba.checkpoint import stored_dtype
+from uniba.devices import DTYPE_CHOICES, choose_dtype
 from uniba.guards import check_image
 from uniba.infdit import count_evaluations, load_infdit, plan_upscale, upscale
 from uniba.infdit.sampling import DEFAULT_STEPS, SIGMA_MAX, SIGMA_MIN
@@ -19,7 +20,7 @@ CATEGORY = "UniBA/Inf-DiT"
 SCALES = ["4", "2", "8", "16"]
 BLOCK_BATCHES = ["auto"] + [str(n) for n in range(1, 17)]
 OFFLOAD = ["auto", "on", "off"]
-DTYPES = ["auto", "bf16", "fp16", "fp32"]
+DTYPES = list(DTYPE_CHOICES)
 COLOR_MATCH = ["none", "wavelet"]
 
 
@@ -44,7 +45,7 @@ class InfDiTLoader:
     def load(self, model_name: str, dtype: str = "auto"):
         path = host.model_path(host.INFDIT_FOLDER, model_name)
         device = host.torch_device()
-        chosen = host.choose_dtype(dtype, device, stored=stored_dtype(path))
+        chosen = choose_dtype(dtype, device, host.dtype_support(device), stored=stored_dtype(path))
         model = load_infdit(path, dtype=chosen)
         return (host.wrap_model(model, device, host.offload_device()),)
 
