@@ -9,9 +9,10 @@ import torch
 
 from uniba.checkpoint import stored_dtype
 from uniba.devices import DTYPE_CHOICES, choose_dtype
+from uniba.guards import check_image
 from uniba.infdit import count_evaluations, load_infdit, plan_upscale, upscale
 from uniba.infdit.sampling import DEFAULT_STEPS, SIGMA_MAX, SIGMA_MIN
-from uniba.infdit.upscale import resolve_sampling
+from uniba.infdit.upscale import check_upscale_arguments, resolve_sampling
 
 from .comfy import host
 
@@ -90,6 +91,14 @@ class InfDiTUpscale:
     def upscale(self, model, image: torch.Tensor, scale: str = "4", steps: int = DEFAULT_STEPS, seed: int = 0,
                 block_batch: str = "auto", offload_cache: str = "auto", color_match: str = "none",
                 sampler=None, sigmas: torch.Tensor | None = None, unique_id: str | None = None):
+        image = check_image(image, "image", channels_last=True, value_range=(0.0, 1.0), channels=(3, 4))
+        scale, seed, steps = check_upscale_arguments(scale, seed, steps)
+        with host.engine_warnings(unique_id):  # e.g. a schedule that stops above 0: in the log and the browser
+            return self._upscale(model, image, scale, steps, seed, block_batch, offload_cache, color_match, sampler,
+                                 sigmas, unique_id)
+
+    def _upscale(self, model, image: torch.Tensor, scale: int, steps: int, seed: int, block_batch: str,
+                 offload_cache: str, color_match: str, sampler, sigmas: torch.Tensor | None, unique_id: str | None):
         module = model.model
         device = host.torch_device()
         if sampler is not None:  # a ComfyUI SAMPLER, unwrapped by the adapter into a k-diffusion function

@@ -92,7 +92,8 @@ def test_infdit_block_batch_stops_within_one_layer(one_thread) -> None:
 
 def test_host_progress_has_a_cancel_point() -> None:
     """The node's reporter offers the cancel point the engine calls inside a block batch."""
-    from nodes.comfy import host
+    from uniba_pack.nodes.comfy import host
+
     from uniba.progress import check_cancel
 
     calls = []
