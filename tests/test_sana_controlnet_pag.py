@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,8 @@ def _copy(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _reference_controlnet() -> torch.nn.Module:
-    kwargs = diffusers_config_dict(CONFIG)
-    for key in ("qk_norm", "out_channels"):
-        kwargs.pop(key)
+    accepted = inspect.signature(diffusers.SanaControlNetModel.__init__).parameters
+    kwargs = {k: v for k, v in diffusers_config_dict(CONFIG).items() if k in accepted and k != "out_channels"}
     kwargs["num_layers"] = CN_LAYERS
     return _randomize(diffusers.SanaControlNetModel(**kwargs), 7)
 
