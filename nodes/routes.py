@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from uniba.checkpoint import stored_dtype
+from uniba.devices import choose_dtype
 from uniba.infdit import InfDiTConfig, config_for_file, plan_upscale, release_config
 from uniba.infdit.sampling import DEFAULT_STEPS, Sampler, named_sampler
 
@@ -150,7 +151,7 @@ def plan_for_query(query: Mapping[str, str], free_bytes: Callable[[], int] = hos
     sampler = _sampler(query)
     config, stored, source = model_facts(query.get("model") or None)
     device = host.torch_device()
-    dtype = host.choose_dtype(dtype_name, device, stored=stored)
+    dtype = choose_dtype(dtype_name, device, host.dtype_support(device), stored=stored)
     try:
         # the same sampling rule and builder as InfDiTUpscale, so the readout predicts the node's plan
         sampling = infdit_nodes.sampling_for(config, sampler, None, steps)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..guards import check_choice
 from ..memory import Budget, format_bytes, largest_unit
 from .blockwise import ROW_MAJOR, batch_order, choose_traversal
 from .config import METADATA_KEY, InfDiTConfig, infer_config, release_config
@@ -338,6 +339,7 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
     reference's Heun, 20 steps = 39 evaluations), whose evaluation count sizes the progress.
     ``weights_resident``: the free figure was taken with the weights already loaded (the node).
     """
+    scale = check_choice(scale, SCALES, "scale")
     if isinstance(lr_height, bool) or isinstance(lr_width, bool) or min(int(lr_height), int(lr_width)) < 1:
         raise ValueError(f"the input is {lr_width}x{lr_height} px: it has no pixels")
     if max(lr_height, lr_width) * int(scale) > MAX_OUTPUT_SIDE:
