@@ -472,6 +472,17 @@ class _KDiffusionModel:
         return self.denoiser(x, sigma, **extra_args)
 
 
+def sampler_named(name: str) -> Any:
+    """The SAMPLER ComfyUI's KSamplerSelect gives for ``name``; a ValueError naming the choices otherwise."""
+    require_comfyui("a ComfyUI sampler by name")
+    import comfy.samplers  # optional dependency (ComfyUI): imported only when running inside it
+
+    names = list(comfy.samplers.KSampler.SAMPLERS)
+    if name not in names:
+        raise ValueError(f"sampler must be one of ComfyUI's samplers ({', '.join(names)}), got {name[:40]!r}")
+    return comfy.samplers.sampler_object(name)
+
+
 class k_diffusion_sampler:  # noqa: N801 - used like a function
     """A ComfyUI SAMPLER (``KSAMPLER``: ``sampler_function`` + ``extra_options``) as a plain k-diffusion
     sampler ``sample(model, x, sigmas, extra_args, callback, disable)`` for an EDM denoiser.
