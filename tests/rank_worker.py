@@ -18,12 +18,16 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_infdit import TINY, load_tiny_infdit  # noqa: E402
+from tiny_infdit import TINY, load_tiny_infdit, plan_and_upscale  # noqa: E402
 
-from uniba.infdit import upscale  # noqa: E402
 from uniba.infdit.plan import plan_upscale  # noqa: E402
 from uniba.infdit.ranks import plan_ranks, sample_band, split_bands  # noqa: E402
-from uniba.infdit.sampling import SAMPLERS, count_evaluations, get_sigmas_karras, sample_dpmpp_3m_sde  # noqa: E402
+from uniba.infdit.sampling import (  # noqa: E402
+    SAMPLERS,
+    get_sigmas_karras,
+    resolve_sampling,  # noqa: E402
+    sample_dpmpp_3m_sde,
+)
 
 
 def sampler(name: str):
@@ -63,13 +67,13 @@ def main() -> None:
                       offload_cache="on" if case.get("offload") else "off")
         sizes = oom_above_one_block(model) if case.get("oom_rank") == rank else None
         try:
-            across = upscale(model, lr, group=group, split=case.get("split", "across"),
+            across = plan_and_upscale(model, lr, group=group, split=case.get("split", "across"),
                              band_sizes=case.get("band_sizes"), **kwargs)
         finally:
             if sizes is not None:
                 del model.forward_blocks
         if rank == 0:
-            single = upscale(model, lr, **kwargs)
+            single = plan_and_upscale(model, lr, **kwargs)
             results.append({"case": case, "max_abs": (across - single).abs().max().item(),
                             "mean_abs": single.abs().mean().item(), "shape": list(across.shape)})
         if case.get("oom_rank") is not None:
@@ -81,7 +85,7 @@ def main() -> None:
     # bytes moved: one pass sampled by hand, against what the planner says
     lr = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
     plan = plan_upscale(model.config, 24, 24, 4, None, block_batch=1, dtype=model.dtype,
-                        evaluations=count_evaluations(SAMPLERS["euler"], get_sigmas_karras(2)))
+                        sampling=resolve_sampling(SAMPLERS["euler"], get_sigmas_karras(2)))
     ranks_plan = plan_ranks(plan, model.config, world, dtype=model.dtype)
     canvas = (96, 96)
     bands = split_bands((3, 3), "row-major", world)

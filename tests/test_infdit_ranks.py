@@ -115,8 +115,8 @@ def test_bands_cover_the_grid_in_order():
 
 def test_planner_reports_per_rank_memory_bytes_and_speedup():
     config = TINY
-    plan = plan_upscale(config, 64, 64, 4, None, block_batch=1, dtype=torch.float32, evaluations=39)
-    grid = plan.passes[0]["grid_rows"]
+    plan = plan_upscale(config, 64, 64, 4, None, block_batch=1, dtype=torch.float32)  # Heun 20: 39 evaluations
+    grid = plan.passes[0].grid_rows
     along = plan_ranks(plan, config, 4, split=ALONG, dtype=torch.float32)
     # 8 x 8 blocks, bands of 2 block rows: a rank starts when its neighbour's last row begins, 16 - 7 = 9
     # blocks into that neighbour's evaluation (the N E / (E + N - 1) counts a whole band of fill)

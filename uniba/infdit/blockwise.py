@@ -265,7 +265,8 @@ class BlockwiseDenoiser:
     ``lr``: the LR image the cross-attention and CLIP see (B, 3, H/scale, W/scale); ``canvas``: the
     output (H, W), a whole number of blocks (default: ``lr`` times the native scale).
     ``block_batch``: n, (n_h, n_w) or None (the whole canvas in one batch). ``on_batch(rect,
-    denoised_rect)`` runs after every finished batch (progress, preview, Cancel). ``stats``, when
+    denoised_rect)`` runs after every finished batch (progress, preview, Cancel), ``between_layers()``
+    between the transformer layers inside a batch (Cancel; its pending cache entries are dropped). ``stats``, when
     given, receives the traversal, the batch rectangles and the peak number of cached blocks.
     ``state_device``: where ``x``, the result and the concatenated LR live (default: the model's
     device; the host when the sampler's canvases do not fit the device): each batch's pixels visit
@@ -280,8 +281,8 @@ class BlockwiseDenoiser:
                  offload_cache: bool = False, on_batch: BatchCallback | None = None,
                  is_oom: Callable[[BaseException], bool] = is_out_of_memory,
                  on_oom: Callable[[], None] | None = None, position_offset: tuple[int, int] = (0, 0),
-                 stats: dict | None = None, keep_lr_maps: bool = True,
-                 state_device: torch.device | None = None, own: BlockRect | None = None,
+                 stats: dict | None = None, between_layers: Callable[[], None] | None = None,
+                 keep_lr_maps: bool = True, state_device: torch.device | None = None, own: BlockRect | None = None,
                  exchange: BlockExchange | None = None) -> None:
         c = model.config
         if canvas is None:
@@ -307,7 +308,7 @@ class BlockwiseDenoiser:
         self.region_px = (self.own.n_h * c.block_px, self.own.n_w * c.block_px)
         self.block_batch = resolve_block_batch(block_batch, self.own.n_h, self.own.n_w)
         self.offload_cache, self.on_batch, self.is_oom, self.on_oom = offload_cache, on_batch, is_oom, on_oom
-        self.position_offset, self.stats = position_offset, stats
+        self.position_offset, self.stats, self.between_layers = position_offset, stats, between_layers
         self.state_device = model.device if state_device is None else torch.device(state_device)
         if concat_lr is None:
             concat_lr = upsample_lr(lr, height, width)[self._pixels(self.own)]
@@ -381,12 +382,14 @@ class BlockwiseDenoiser:
             view = _BatchKV(cache, rect, keep, c.num_layers)
             where = region(rect)
             pixels = torch.cat([x[where].float(), self.concat_lr[where].float()], dim=1) * c_in
-            result = model.forward_blocks(pixels.to(model.device), self.cond, step, rect, view, self.position_offset)
+            result = model.forward_blocks(pixels.to(model.device), self.cond, step, rect, view, self.position_offset,
+                                          **layer_hook)
             result = result.to(out.device)
             current[0] = unit
             return rect, result, view
 
         kwargs = {"on_oom": self.on_oom} if self.on_oom is not None else {}
+        layer_hook = {"between_layers": self.between_layers} if self.between_layers is not None else {}
         try:
             remaining = own.n_h * own.n_w
             while remaining:

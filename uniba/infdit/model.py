@@ -313,12 +313,14 @@ class InfDiT(nn.Module):
         return k.to(self.device, non_blocking=True) + self.lr_xattn.key_pos, v.to(self.device, non_blocking=True)
 
     def forward_blocks(self, x_in: torch.Tensor, cond: LRCondition, step: StepEmbedding, rect: BlockRect,
-                       kv: NeighbourKV, position_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                       kv: NeighbourKV, position_offset: tuple[int, int] = (0, 0),
+                       between_layers: Callable[[], None] | None = None) -> torch.Tensor:
         """Network output F for one rectangle of blocks.
 
         ``x_in``: (B, in_channels, n_h*block_px, n_w*block_px), already multiplied by c_in;
         ``cond``: :meth:`condition` of the image; ``step``: :meth:`step_embedding` of this evaluation.
-        RoPE tables are computed once per call and shared by every layer.
+        RoPE tables are computed once per call and shared by every layer. ``between_layers()`` runs after
+        each layer but the last (a Cancel point: it may raise; the batch is then dropped whole).
         Returns (B, out_channels, n_h*block_px, n_w*block_px).
         """
         c = self.config
@@ -362,6 +364,8 @@ class InfDiT(nn.Module):
                 m = _norm(h, c.eps)
             h = h + block.mlp(_modulate(m, shift_m, scale_m))
             del m, a
+            if between_layers is not None and index < len(self.blocks) - 1:
+                between_layers()
 
         shift_f, scale_f = step.final
         # SAT's final_layernorm, then the final layer's own affine-free LN (LN twice)

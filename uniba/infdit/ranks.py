@@ -39,6 +39,7 @@ from .config import InfDiTConfig
 from .model import BlockRect, InfDiT
 from .plan import (
     STATE_CANVASES,
+    PassPlan,
     UpscalePlan,
     batch_activation_bytes,
     block_cache_bytes,
@@ -181,7 +182,7 @@ def sample_band(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor, cli
                 noise: torch.Tensor, sampler: Sampler, sigmas: torch.Tensor, seed: int, bands: list[BlockRect],
                 axis: str, group: Any = None, block_batch: tuple[int, int] | int | None = None,
                 offload_cache: bool = False, keep_lr_maps: bool = True, on_batch: BatchCallback | None = None,
-                is_oom: Any = None, stats: dict | None = None) -> torch.Tensor:
+                is_oom: Any = None, between_layers: Any = None, stats: dict | None = None) -> torch.Tensor | None:
     """This rank's band of :func:`uniba.infdit.upscale.sample_canvas`: the sampler over its own blocks.
 
     ``concat_lr`` and ``noise`` are the whole canvas (every rank draws the same x_T); ``lr`` the whole
@@ -203,7 +204,7 @@ def sample_band(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor, cli
     denoiser = BlockwiseDenoiser(model, lr, clip_embedding, canvas=tuple(noise.shape[-2:]),
                                  concat_lr=concat_lr[where], block_batch=block_batch, offload_cache=offload_cache,
                                  on_batch=on_batch, keep_lr_maps=keep_lr_maps, own=own, exchange=exchange,
-                                 state_device=device, stats=stats, **kwargs)
+                                 state_device=device, stats=stats, between_layers=between_layers, **kwargs)
     x = concat_lr[where].float() + sigmas[0] * noise[where].float()
     try:
         out = run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed,
@@ -273,13 +274,13 @@ class RankPlan:
         serial = sum(sum(p.blocks) for p in self.passes)
         return serial / sum(sum(p.blocks) / p.speedup for p in self.passes)
 
-    def batches(self, rank: int, block_batches: tuple[tuple[int, int], ...], traversals: list[str]) -> int:
+    def batches(self, rank: int, plan: UpscalePlan) -> int:
         """Block batches ``rank`` runs for one image, every pass and evaluation (its progress total)."""
         total = 0
-        for p, n, traversal in zip(self.passes, block_batches, traversals, strict=True):
-            if rank < len(p.bands):
-                band = p.bands[rank]
-                total += len(batch_order(band.n_h, band.n_w, n, traversal))
+        for split, p in zip(self.passes, plan.passes, strict=True):
+            if rank < len(split.bands):
+                band = split.bands[rank]
+                total += len(batch_order(band.n_h, band.n_w, p.block_batch, p.traversal))
         return total * self.evaluations
 
     def describe(self) -> str:
@@ -303,27 +304,27 @@ class RankPlan:
                             "boundary_bytes": list(p.boundary_bytes), "speedup": p.speedup} for p in self.passes]}
 
 
-def _band_peak(config: InfDiTConfig, band: BlockRect, p: dict, dtype: torch.dtype, traversal: str) -> int:
+def _band_peak(config: InfDiTConfig, band: BlockRect, p: PassPlan, dtype: torch.dtype, traversal: str) -> int:
     """Peak bytes of one rank: its canvases, a KV strip as wide as its band, LR lines, one batch, messages."""
-    n_h, n_w = (min(p["block_batch"][0], band.n_h), min(p["block_batch"][1], band.n_w))
+    n_h, n_w = (min(p.block_batch[0], band.n_h), min(p.block_batch[1], band.n_w))
     rows = traversal == ROW_MAJOR
     strip, beside, along = (band.n_w, n_h, n_w) if rows else (band.n_h, n_w, n_h)
     per_block = block_cache_bytes(config, dtype)
     size = dtype_bytes(dtype)
-    if p["offload_cache"]:
+    if p.offload_cache:
         cache = (2 * (beside + along) + 1) * per_block // config.num_layers
     else:
         cache = cached_blocks(strip, beside, along) * per_block
     line_tokens = config.lr_block_tokens**2 * (strip + 2)
-    lr_lines = (band.n_h + 2 if rows else band.n_w + 2) if p.get("keep_lr_maps", True) else beside + 2
+    lr_lines = (band.n_h + 2 if rows else band.n_w + 2) if getattr(p, "keep_lr_maps", True) else beside + 2
     lr_maps = 2 * lr_lines * line_tokens * config.hidden_size * size
-    state = 0 if p.get("state_on_host") else STATE_CANVASES * 4 * band.n_h * band.n_w * config.block_px**2
+    state = 0 if getattr(p, "state_on_host", False) else STATE_CANVASES * 4 * band.n_h * band.n_w * config.block_px**2
     messages = (2 * max(n_h, n_w) + 2 + beside + 1) * per_block
     return weights_bytes(config, dtype) + cache + lr_maps + state + messages + batch_activation_bytes(
         config, n_h, n_w, dtype)
 
 
-def _speedup(bands: list[BlockRect], p: dict, axis: str, evaluations: int, traversal: str) -> float:
+def _speedup(bands: list[BlockRect], p: PassPlan, axis: str, evaluations: int, traversal: str) -> float:
     """Serial blocks over the wavefront's span: the largest band's work for every evaluation plus, per
     boundary, the blocks the upstream rank finishes before its first boundary block (the fill)."""
     total = sum(b.n_h * b.n_w for b in bands)
@@ -332,7 +333,7 @@ def _speedup(bands: list[BlockRect], p: dict, axis: str, evaluations: int, trave
     fill = 0
     for band in bands[:-1]:
         done = 0
-        for rect in batch_order(band.n_h, band.n_w, tuple(p["block_batch"]), traversal):
+        for rect in batch_order(band.n_h, band.n_w, p.block_batch, traversal):
             done += rect.n_h * rect.n_w
             if (rect.col1 == band.n_w) if axis == "columns" else (rect.row1 == band.n_h):
                 break
@@ -348,7 +349,7 @@ def plan_ranks(plan: UpscalePlan, config: InfDiTConfig, ranks: int, *, split: st
     passes = []
     per_block = block_cache_bytes(config, dtype)
     for index, p in enumerate(plan.passes):
-        grid, traversal = (p["grid_rows"], p["grid_cols"]), p["traversal"]
+        grid, traversal = (p.grid_rows, p.grid_cols), p.traversal
         axis = band_axis(traversal, split)
         bands = split_bands(grid, traversal, ranks, split, sizes if index == len(plan.passes) - 1 else None)
         boundary = [(b.n_h if axis == "columns" else b.n_w) * per_block for b in bands[:-1]]
