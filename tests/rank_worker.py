@@ -38,11 +38,11 @@ def oom_above_one_block(model):
     real = model.forward_blocks
     sizes = []
 
-    def flaky(pixels, cond, step, rect, kv, offset=(0, 0)):
+    def flaky(pixels, cond, step, rect, kv, offset=(0, 0), **hooks):
         sizes.append(rect.n_h * rect.n_w)
         if rect.n_h * rect.n_w > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return real(pixels, cond, step, rect, kv, offset)
+        return real(pixels, cond, step, rect, kv, offset, **hooks)
 
     model.forward_blocks = flaky
     return sizes
