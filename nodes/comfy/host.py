@@ -8,10 +8,12 @@ the budget, ``UNIBA_MODELS_DIR`` as the model folder).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -290,6 +292,54 @@ class Progress:
             self._terminal.close()
 
 
+# --------------------------------------------------------------------------- warnings the user must see
+
+# The server event web/js/uniba_warnings.js shows as a toast in the browser.
+WARNING_EVENT = "uniba.warning"
+
+
+def warn(message: str, node_id: str | None = None) -> None:
+    """Something the user must know (a result that differs from what was asked): in the log, and inside
+    ComfyUI also as a warning toast in the browser of the client that queued the prompt."""
+    log.warning("%s", message)
+    if not IN_COMFYUI:
+        return
+    try:
+        instance = _prompt_server()
+        instance.send_sync(WARNING_EVENT, {"message": message, "node": node_id}, getattr(instance, "client_id", None))
+    except Exception:  # noqa: BLE001 - no server (scripts, tests): the log line is all there is
+        log.debug("could not send the warning to the browser", exc_info=True)
+
+
+def _prompt_server() -> Any:
+    import server
+
+    return server.PromptServer.instance
+
+
+@contextlib.contextmanager
+def engine_warnings(node_id: str | None = None) -> Iterator[None]:
+    """Show the engine's warnings (``warnings.warn`` with a ``uniba`` warning class) through :func:`warn` while
+    a node runs, every time (not once per place); other warnings go on as they would have."""
+    recorded: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                recorded = list(caught)
+    finally:  # also when the node fails afterwards: what was said before still holds
+        shown: set[str] = set()
+        for item in recorded:
+            if item.category.__module__.split(".")[0] == "uniba":
+                if str(item.message) not in shown:  # a check run twice (node, then engine) says it once
+                    shown.add(str(item.message))
+                    warn(str(item.message), node_id)
+            else:
+                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+
+
 # --------------------------------------------------------------------------- model folders
 
 def register_model_folders() -> None:
@@ -419,6 +469,17 @@ class _KDiffusionModel:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         return self.denoiser(x, sigma, **extra_args)
+
+
+def sampler_named(name: str) -> Any:
+    """The SAMPLER ComfyUI's KSamplerSelect gives for ``name``; a ValueError naming the choices otherwise."""
+    require_comfyui("a ComfyUI sampler by name")
+    import comfy.samplers  # optional dependency (ComfyUI): imported only when running inside it
+
+    names = list(comfy.samplers.KSampler.SAMPLERS)
+    if name not in names:
+        raise ValueError(f"sampler must be one of ComfyUI's samplers ({', '.join(names)}), got {name[:40]!r}")
+    return comfy.samplers.sampler_object(name)
 
 
 class k_diffusion_sampler:  # noqa: N801 - used like a function

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..memory import format_bytes
-from .blockwise import denoise
+from .blockwise import ROW_MAJOR, denoise
 from .config import InfDiTConfig
 from .loader import load_infdit
 from .model import InfDiT, upsample_lr
@@ -170,7 +170,7 @@ def _estimate(side: int, block_batch: int | None) -> int:
     config = bench_config()
     grid = side // config.block_px
     n = grid if block_batch is None else min(block_batch, grid)
-    return denoiser_call_bytes(config, (grid, grid), (n, n), "row-major", False, torch.float32)
+    return denoiser_call_bytes(config, (grid, grid), (n, n), ROW_MAJOR, False, torch.float32)
 
 
 def _presets(side: int, accuracy_side: int, block_batch: int, repeats: int) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from uniba import conv
 
-from .config import SanaConfig
+from .config import SPRINT_GUIDANCE, SanaConfig
 
 
 class _DefaultOps:
@@ -35,6 +35,8 @@ class _DefaultOps:
 __all__ = ["SanaConfig", "SanaDiT", "sincos_position_embedding", "timestep_embedding"]
 
 FP16_MAX = 65504.0
+# key of the per-call options dict (ComfyUI's transformer_options) listing the blocks to run with identity attention
+PERTURBED_BLOCKS_OPTION = "uniba_sana_perturbed_blocks"
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -114,6 +116,26 @@ class _AdaLNSingle(nn.Module):
         return self.linear(F.silu(t)), t
 
 
+class _TimestepGuidanceEmbedding(nn.Module):
+    """Sana-Sprint's adaLN-single: ``t = MLP_t(sinusoid(timestep)) + MLP_g(sinusoid(guidance))``, then as above.
+
+    The guidance embedding is added to ``t`` itself, so it reaches the final layer too (SanaMS
+    ``cfg_embedder``; diffusers ``SanaCombinedTimestepGuidanceEmbeddings``).
+    """
+
+    def __init__(self, ops: Any, dim: int, **factory: Any) -> None:
+        super().__init__()
+        self.timestep_embedder = _Mlp2(ops, 256, dim, nn.SiLU(), **factory)
+        self.guidance_embedder = _Mlp2(ops, 256, dim, nn.SiLU(), **factory)
+        self.linear = ops.Linear(dim, 6 * dim, **factory)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype,
+                guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.timestep_embedder(timestep_embedding(timestep).to(dtype))
+        t = t + self.guidance_embedder(timestep_embedding(guidance).to(dtype))
+        return self.linear(F.silu(t)), t
+
+
 class _PatchEmbed(nn.Module):
     def __init__(self, ops: Any, config: SanaConfig, **factory: Any) -> None:
         super().__init__()
@@ -161,7 +183,9 @@ class LinearAttention(nn.Module):
         out = out[..., :-1] / (out[..., -1:] + self.eps)
         return out.transpose(1, 2).reshape(b, n, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, identity: bool = False) -> torch.Tensor:
+        if identity:  # perturbed-attention guidance: each token attends only to itself (diffusers' PAG processor)
+            return self.to_out[0](self.to_v(x))
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
@@ -225,12 +249,12 @@ class SanaBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, c, **factory) / c**0.5)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None, t0: torch.Tensor,
-                height: int, width: int) -> torch.Tensor:
+                height: int, width: int, identity_attention: bool = False) -> torch.Tensor:
         b, n, c = x.shape
         table = self.scale_shift_table.to(x.device, x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + t0.reshape(b, 6, c)).chunk(6, 1)
         h = F.layer_norm(x, (c,), eps=1e-6) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attn1(h)
+        x = x + gate_msa * self.attn1(h, identity_attention)
         x = x + self.attn2(x, context, bias)
         h = F.layer_norm(x, (c,), eps=1e-6) * (1 + scale_mlp) + shift_mlp
         # tokens (B, N, C) are the channels-last layout of (B, C, H, W): no copies around the convs
@@ -243,7 +267,12 @@ class SanaDiT(nn.Module):
 
     * ``x``: latent ``(B, 32, H, W)``; ``timestep``: ``sigma * 1000`` (``(B,)`` or scalar), truncated
       to an integer as the original ``SanaMS.forward`` does (``truncate_timestep``);
-    * ``context``: Gemma-2 embeddings ``(B, L, 2304)``; ``context_mask``: ``(B, L)``, 1 = keep.
+    * ``context``: Gemma-2 embeddings ``(B, L, 2304)``; ``context_mask``: ``(B, L)``, 1 = keep;
+    * Sana-Sprint (``config.guidance_embeds``): ``timestep`` is the flow time in [0, 1] (not truncated) and
+      ``guidance`` the embedded guidance scale (``SPRINT_GUIDANCE`` when None), scaled by ``guidance_embeds_scale``;
+    * optional ``control``: ``{"output": [residual per block]}`` from :class:`uniba.sana.controlnet.SanaControlNet`
+      (ComfyUI's ControlNet hands it over under this name); ``transformer_options[PERTURBED_BLOCKS_OPTION]``:
+      the block indices whose self-attention is replaced by identity (PAG's perturbed pass).
     Returns the predicted velocity ``v = noise - x0`` with the shape of ``x``.
     """
 
@@ -254,12 +283,12 @@ class SanaDiT(nn.Module):
         factory = {"device": device, "dtype": dtype}
         c = config.hidden_size
         self.config = config
-        self.truncate_timestep = True
+        self.truncate_timestep = not config.guidance_embeds
         self.compute_dtype: torch.dtype | None = None  # set by hosts that keep weights in another dtype
         # a host's Cancel check, run between transformer blocks (may raise): a 4K step is long on small cards
         self.between_blocks: Callable[[], None] | None = None
         self.patch_embed = _PatchEmbed(ops, config, **factory)
-        self.time_embed = _AdaLNSingle(ops, c, **factory)
+        self.time_embed = (_TimestepGuidanceEmbedding if config.guidance_embeds else _AdaLNSingle)(ops, c, **factory)
         self.caption_projection = _Mlp2(ops, config.caption_channels, c, nn.GELU(approximate="tanh"), **factory)
         self.caption_norm = RMSNorm(c, 1e-5, **factory)
         self.transformer_blocks = nn.ModuleList([SanaBlock(ops, config, **factory) for _ in range(config.depth)])
@@ -296,7 +325,8 @@ class SanaDiT(nn.Module):
                              f"got {tuple(x.shape[-2:])}.")
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, guidance: torch.Tensor | float | None = None,
+                **kwargs: Any) -> torch.Tensor:
         self._check_input(x)
         cfg = self.config
         b, _, height, width = x.shape
@@ -314,7 +344,14 @@ class SanaDiT(nn.Module):
             timestep = timestep.expand(b)
         if self.truncate_timestep:
             timestep = timestep.long()
-        t0, t = self.time_embed(timestep.float(), dtype)
+        if cfg.guidance_embeds:
+            guidance = torch.as_tensor(SPRINT_GUIDANCE if guidance is None else guidance, device=x.device,
+                                       dtype=torch.float32).reshape(-1)
+            if guidance.numel() != b:  # one value for the batch, or one per prompt of a cond/uncond batch
+                guidance = guidance.repeat(b // guidance.numel())
+            t0, t = self.time_embed(timestep.float(), dtype, guidance * cfg.guidance_embeds_scale)
+        else:
+            t0, t = self.time_embed(timestep.float(), dtype)
 
         context = context.to(x.device, dtype)
         if context.shape[0] != b:
@@ -328,10 +365,16 @@ class SanaDiT(nn.Module):
                 mask = mask.repeat(b // mask.shape[0], 1)
             bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
+        options = kwargs.get("transformer_options") or {}
+        perturbed = options.get(PERTURBED_BLOCKS_OPTION, ())
+        residuals = (kwargs.get("control") or {}).get("output") or ()
         for index, block in enumerate(self.transformer_blocks):
             if index and self.between_blocks is not None:
                 self.between_blocks()
-            tokens = block(tokens, context, bias, t0, h, w)
+            tokens = block(tokens, context, bias, t0, h, w, index in perturbed)
+            # ControlNet residual i is added after block i + 1 (diffusers' SanaTransformer2DModel wiring)
+            if 0 < index <= len(residuals) and residuals[index - 1] is not None:
+                tokens = tokens + residuals[index - 1].to(tokens.dtype)
 
         table = self.scale_shift_table.to(tokens.device, dtype)
         shift, scale = (table[None] + t[:, None]).chunk(2, dim=1)
