@@ -26,7 +26,7 @@ def _convert(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype]
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    save_safetensors(state, args.output, metadata={METADATA_KEY: ckpt.config.to_json()})
+    save_safetensors(state, args.output, metadata={METADATA_KEY: ckpt.config.to_json()}, overwrite=args.overwrite)
     print(f"wrote {args.output}: {len(state)} tensors, {args.to} keys, config {ckpt.config.to_json()}")
     return 0
 
