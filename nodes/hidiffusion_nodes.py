@@ -45,6 +45,7 @@ class HiDiffusionPatch:
     DESCRIPTION = ("HiDiffusion (arXiv 2311.17528): generate SD1.5 at 1024-2048 px and SDXL at 2048 px without "
                    "duplicated objects, faster. Patches a copy of the model; exact to the reference tables. "
                    "Works best with stochastic samplers (euler_ancestral, dpmpp_sde, ddim with eta).")
+    SEARCH_ALIASES = ["UniBA", "HiDiffusion", "RAU-Net", "MSW-MSA", "high resolution", "SDXL 2048", "hires fix"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
@@ -62,6 +63,7 @@ class HiDiffusionPatchAdvanced:
 
     DESCRIPTION = ("HiDiffusion with tunables. -1 means the reference value for the detected model and "
                    "resolution. Blocks are ComfyUI input-block indices (SD: RAD 3, pool 4; SDXL: RAD 6, pool 4).")
+    SEARCH_ALIASES = ["UniBA", "HiDiffusion", "RAU-Net", "MSW-MSA", "high resolution", "advanced"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
@@ -86,7 +88,8 @@ class HiDiffusionPatchAdvanced:
             "ca_after_skip": ("BOOLEAN", {"default": False,
                                           "tooltip": "Pool after the skip connection is stored (Deep Shrink style; "
                                                      "the reference pools before)."}),
-            "upscale_mode": (list(UPSCALE_MODES), {"default": "bicubic"}),
+            "upscale_mode": (list(UPSCALE_MODES), {"default": "bicubic",
+                             "tooltip": "How pooled features are resized back up (the reference uses bicubic)."}),
             "odd_window_mode": (list(ODD_WINDOW_MODES), {"default": "bicubic",
                                 "tooltip": "Odd feature sizes: resize for the windows (reference) or skip MSW-MSA."}),
             "controlnet_resize": ("BOOLEAN", {"default": True,
@@ -111,6 +114,6 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "HiDiffusionPatchAdvanced": HiDiffusionPatchAdvanced,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
-    "HiDiffusionPatch": "HiDiffusion Patch (RAU-Net + MSW-MSA)",
-    "HiDiffusionPatchAdvanced": "HiDiffusion Patch (Advanced)",
+    "HiDiffusionPatch": "HiDiffusion (UniBA)",
+    "HiDiffusionPatchAdvanced": "HiDiffusion Advanced (UniBA)",
 }

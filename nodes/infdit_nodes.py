@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch
 
 from uniba.checkpoint import stored_dtype
+from uniba.devices import DTYPE_CHOICES, choose_dtype
+from uniba.guards import check_image
 from uniba.infdit import count_evaluations, load_infdit, plan_upscale, upscale
 from uniba.infdit.sampling import DEFAULT_STEPS, SIGMA_MAX, SIGMA_MIN
-from uniba.infdit.upscale import resolve_sampling
+from uniba.infdit.upscale import check_upscale_arguments, resolve_sampling
 
 from .comfy import host
 
@@ -18,7 +20,7 @@ CATEGORY = "UniBA/Inf-DiT"
 SCALES = ["4", "2", "8", "16"]
 BLOCK_BATCHES = ["auto"] + [str(n) for n in range(1, 17)]
 OFFLOAD = ["auto", "on", "off"]
-DTYPES = ["auto", "bf16", "fp16", "fp32"]
+DTYPES = list(DTYPE_CHOICES)
 COLOR_MATCH = ["none", "wavelet"]
 
 
@@ -38,11 +40,12 @@ class InfDiTLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Load Inf-DiT (4x pixel-space upscaler with Unidirectional Block Attention)."
+    SEARCH_ALIASES = ["UniBA", "Inf-DiT", "infdit", "upscale model", "load upscaler"]
 
     def load(self, model_name: str, dtype: str = "auto"):
         path = host.model_path(host.INFDIT_FOLDER, model_name)
         device = host.torch_device()
-        chosen = host.choose_dtype(dtype, device, stored=stored_dtype(path))
+        chosen = choose_dtype(dtype, device, host.dtype_support(device), stored=stored_dtype(path))
         model = load_infdit(path, dtype=chosen)
         return (host.wrap_model(model, device, host.offload_device()),)
 
@@ -53,14 +56,15 @@ class InfDiTUpscale:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("INFDIT_MODEL",),
-            "image": ("IMAGE",),
+            "model": ("INFDIT_MODEL", {"tooltip": "from Load Inf-DiT"}),
+            "image": ("IMAGE", {"tooltip": "the image to upscale (any size; a batch is upscaled image by image)"}),
             "scale": (SCALES, {"default": "4", "tooltip": "4x is native; 2x uses the reference's trick; "
                                                        "8x and 16x chain passes"}),
             "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
                               "tooltip": "EDM Heun steps (20 = the reference, 39 model calls); ignored when sigmas "
                                          "is connected"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "start noise (drawn on the CPU: the same image on every card)"}),
             "block_batch": (BLOCK_BATCHES, {"default": "auto", "tooltip": "n x n blocks of 128 px per forward; "
                                                                            "auto = largest that fits free memory"}),
             "offload_cache": (OFFLOAD, {"default": "auto", "tooltip": "keep the KV cache in host RAM"}),
@@ -82,10 +86,19 @@ class InfDiTUpscale:
     FUNCTION = "upscale"
     CATEGORY = CATEGORY
     DESCRIPTION = "Inf-DiT upscaling with UniBA block-wise inference; memory grows with the image side."
+    SEARCH_ALIASES = ["UniBA", "Inf-DiT", "upscale", "upscaler", "4x", "super resolution", "4K", "8K"]
 
     def upscale(self, model, image: torch.Tensor, scale: str = "4", steps: int = DEFAULT_STEPS, seed: int = 0,
                 block_batch: str = "auto", offload_cache: str = "auto", color_match: str = "none",
                 sampler=None, sigmas: torch.Tensor | None = None, unique_id: str | None = None):
+        image = check_image(image, "image", channels_last=True, value_range=(0.0, 1.0), channels=(3, 4))
+        scale, seed, steps = check_upscale_arguments(scale, seed, steps)
+        with host.engine_warnings(unique_id):  # e.g. a schedule that stops above 0: in the log and the browser
+            return self._upscale(model, image, scale, steps, seed, block_batch, offload_cache, color_match, sampler,
+                                 sigmas, unique_id)
+
+    def _upscale(self, model, image: torch.Tensor, scale: int, steps: int, seed: int, block_batch: str,
+                 offload_cache: str, color_match: str, sampler, sigmas: torch.Tensor | None, unique_id: str | None):
         module = model.model
         device = host.torch_device()
         if sampler is not None:  # a ComfyUI SAMPLER, unwrapped by the adapter into a k-diffusion function
@@ -113,4 +126,4 @@ class InfDiTUpscale:
 
 
 NODE_CLASS_MAPPINGS = {"InfDiTLoader": InfDiTLoader, "InfDiTUpscale": InfDiTUpscale}
-NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTLoader": "Load Inf-DiT", "InfDiTUpscale": "Inf-DiT Upscale (UniBA)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"InfDiTLoader": "Load Inf-DiT (UniBA)", "InfDiTUpscale": "Inf-DiT Upscale (UniBA)"}

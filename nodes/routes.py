@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from uniba.checkpoint import stored_dtype
+from uniba.devices import choose_dtype
 from uniba.infdit.sampling import model_evaluations
 
 from . import infdit_nodes
@@ -108,7 +109,8 @@ def plan_for_query(query: Mapping[str, str], free_bytes: Callable[[], int] = hos
     config, source, path = model_config(query.get("model") or None)
     # the dtype and planner call mirror InfDiTLoader/InfDiTUpscale, so the readout predicts the node's plan
     stored = stored_dtype(path) if path else None
-    dtype = host.choose_dtype(dtype_name, host.torch_device(), stored=stored)
+    device = host.torch_device()
+    dtype = choose_dtype(dtype_name, device, host.dtype_support(device), stored=stored)
     free = int(free_bytes())
     try:
         plan = planner.plan_upscale(config, height, width, scale, free, block_batch=block_batch,

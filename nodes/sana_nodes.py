@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from uniba.guards import check_sana_conditioning_input, check_sana_empty_latent, check_sana_latent, check_sana_sampling
-from uniba.sana.config import LATENT_DOWNSCALE, latent_shape, resolution_presets
+from uniba.devices import DTYPE_CHOICES, choose_dtype
+from uniba.sana import checks
+from uniba.sana.config import DEFAULT_SHIFT, LATENT_DOWNSCALE, SHIFT_4K, resolution_presets
 from uniba.sana.loader import read_sana_checkpoint
 from uniba.sana.sampling import flow_sigmas, sample_flow_dpm_solver, sample_flow_euler
 
@@ -35,17 +36,21 @@ class SanaDiTLoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "unet_name": (_diffusion_model_choices(), {"tooltip": "Sana transformer in models/diffusion_models/"}),
-            "weight_dtype": (["auto", "bf16", "fp16", "fp32"], {"default": "auto"}),
+            "weight_dtype": (list(DTYPE_CHOICES), {
+                "default": "auto", "tooltip": "auto: fp32 on CPU, bf16 where supported; fp16 is not safe for "
+                                             "the bf16 releases (docs/dtypes.md)"}),
         }}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Sana linear DiT (0.6B/1.6B, 2K/4K, Sana 1.5) as a native MODEL for KSampler and SamplerCustom."
+    SEARCH_ALIASES = ["UniBA", "Sana", "load diffusion model", "DiT", "Sana 1.5", "4K"]
 
     def load(self, unet_name: str, weight_dtype: str) -> tuple[Any]:
         checkpoint = read_sana_checkpoint(host.model_path("diffusion_models", unet_name.rstrip("/")))
-        dtype = host.choose_dtype(weight_dtype, host.torch_device(), stored=checkpoint.stored_dtype)
+        device = host.torch_device()
+        dtype = choose_dtype(weight_dtype, device, host.dtype_support(device), stored=checkpoint.stored_dtype)
         return (comfy_sana.load_dit(checkpoint, dtype),)
 
 
@@ -59,6 +64,9 @@ class FlowDPMSolverSampler:
     RETURN_TYPES = ("SAMPLER",)
     FUNCTION = "get_sampler"
     CATEGORY = CATEGORY
+    DESCRIPTION = ("Sana's Flow-DPM-Solver (DPM-Solver++ 2M on flow sigmas) as a SAMPLER for SamplerCustom(Advanced); "
+                   "pair it with Sana Flow Sigmas.")
+    SEARCH_ALIASES = ["UniBA", "Sana", "Flow-DPM-Solver", "dpm solver", "sampler"]
 
     def get_sampler(self) -> tuple[Any]:
         return (comfy_sana.ksampler(sample_flow_dpm_solver),)
@@ -70,15 +78,19 @@ class SanaFlowSigmas:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "steps": ("INT", {"default": 20, "min": 1, "max": 1000}),
-            "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
-                                "tooltip": "3.0 for 512/1024/2K and Sana 1.5, 6.0 for 4K"}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "number of sampling steps"}),
+            "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step": 0.01,
+                                "tooltip": f"{DEFAULT_SHIFT} for 512/1024/2K and Sana 1.5, {SHIFT_4K} for 4K"}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "1 = text to image; below 1 keeps only the last part of the schedule "
+                                             "(image to image)"}),
         }}
 
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "get_sigmas"
     CATEGORY = CATEGORY
+    DESCRIPTION = "Sana's shifted flow-matching noise schedule for SamplerCustom(Advanced), descending to 0."
+    SEARCH_ALIASES = ["UniBA", "Sana", "sigmas", "scheduler", "flow shift"]
 
     def get_sigmas(self, steps: int, shift: float, denoise: float) -> tuple[torch.Tensor]:
         if denoise <= 0.0:
@@ -92,17 +104,22 @@ class SanaEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "width": ("INT", {"default": 1024, "min": LATENT_DOWNSCALE, "max": 16384, "step": LATENT_DOWNSCALE}),
-            "height": ("INT", {"default": 1024, "min": LATENT_DOWNSCALE, "max": 16384, "step": LATENT_DOWNSCALE}),
+            "width": ("INT", {"default": 1024, "min": LATENT_DOWNSCALE, "max": 16384, "step": LATENT_DOWNSCALE,
+                              "tooltip": "image width in pixels (a multiple of 32); used when preset is 'custom'"}),
+            "height": ("INT", {"default": 1024, "min": LATENT_DOWNSCALE, "max": 16384, "step": LATENT_DOWNSCALE,
+                               "tooltip": "image height in pixels (a multiple of 32); used when preset is 'custom'"}),
             "preset": (list(RESOLUTION_PRESETS), {"default": "custom",
                                                   "tooltip": "Sana's 1024/2048/4096 px aspect-ratio bins; "
                                                              "'custom' uses width and height"}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "images per run"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "generate"
     CATEGORY = CATEGORY
+    DESCRIPTION = ("Empty Sana latent: 32 channels at 1/32 of the image size (stock Empty Latent Image makes "
+                   "SD's 4-channel 1/8 latent, which Sana cannot use).")
+    SEARCH_ALIASES = ["UniBA", "Sana", "empty latent", "resolution", "aspect ratio"]
 
     def generate(self, width: int, height: int, preset: str, batch_size: int) -> tuple[dict[str, torch.Tensor]]:
         if preset != "custom":
@@ -112,8 +129,8 @@ class SanaEmptyLatent:
             width, height = RESOLUTION_PRESETS[preset]
         device = host.intermediate_device()
         # refused with the figures before torch.zeros tries (16384 px x 4096 would ask for 137 GB)
-        check_sana_empty_latent(batch_size, width, height, host.free_memory(device))
-        return ({"samples": torch.zeros(latent_shape(width, height, batch_size), device=device)},)
+        shape = checks.check_sana_empty_latent(batch_size, width, height, host.free_memory(device))
+        return ({"samples": torch.zeros(shape, device=device)},)
 
 
 class SanaSampler:
@@ -122,33 +139,41 @@ class SanaSampler:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "model": ("MODEL",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "model": ("MODEL", {"tooltip": "from Sana DiT Loader"}),
+            "positive": ("CONDITIONING", {"tooltip": "Sana Text Encode with use_chi on"}),
+            "negative": ("CONDITIONING", {"tooltip": "Sana Text Encode with use_chi off (an empty prompt is fine)"}),
+            "latent_image": ("LATENT", {"tooltip": "Sana Empty Latent, or a Sana VAE Encode for image to image"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "start noise"}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000,
                               "tooltip": "20 for Flow-DPM-Solver, 28 for Flow-Euler (Sana's defaults)"}),
-            "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-            "solver": (list(SAMPLER_FUNCTIONS), {"default": "flow_dpm_solver"}),
+            "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "classifier-free guidance (Sana's default 4.5; 1 skips the negative)"}),
+            "solver": (list(SAMPLER_FUNCTIONS), {"default": "flow_dpm_solver",
+                                                 "tooltip": "flow_dpm_solver (20 steps) or flow_euler (28 steps)"}),
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                                "tooltip": "0 = the model's shift (3.0, 6.0 for 4K, or ModelSamplingSD3's)"}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                                "tooltip": f"0 = the model's shift ({DEFAULT_SHIFT}, {SHIFT_4K} for 4K, or "
+                                           "ModelSamplingSD3's)"}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "1 = text to image; below 1 = image to image from latent_image"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
+    DESCRIPTION = ("Sana with its defaults in one node: Flow-DPM-Solver 20 steps (or Flow-Euler 28), CFG 4.5, the "
+                   "release's shift, Sana's start noise. KSampler and SamplerCustom also work on the same MODEL.")
+    SEARCH_ALIASES = ["UniBA", "Sana", "ksampler", "sampler", "text to image"]
 
     def sample(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, steps: int,
                cfg: float, solver: str, shift: float, denoise: float) -> tuple[dict[str, Any]]:
-        samples = check_sana_latent(latent_image.get("samples") if isinstance(latent_image, dict) else None,
+        samples = checks.check_sana_latent(latent_image.get("samples") if isinstance(latent_image, dict) else None,
                                     "latent_image")
-        check_sana_conditioning_input(positive, "positive", samples.shape[0])
-        check_sana_conditioning_input(negative, "negative", samples.shape[0])
+        checks.check_sana_conditioning_input(positive, "positive", samples.shape[0])
+        checks.check_sana_conditioning_input(negative, "negative", samples.shape[0])
         config = _dit_config(model)
         if config is not None:  # a lower bound against all the device's memory: refused work could never run
-            check_sana_sampling(samples, host.total_memory(getattr(model, "load_device", None)),
+            checks.check_sana_sampling(samples, host.total_memory(getattr(model, "load_device", None)),
                                 hidden_size=config.hidden_size, mlp_ratio=config.mlp_ratio, cfg=cfg != 1.0)
         if solver not in SAMPLER_FUNCTIONS:
             raise ValueError(f"solver must be one of {', '.join(SAMPLER_FUNCTIONS)}, got {solver!r}")
@@ -183,9 +208,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SanaEmptyLatent": SanaEmptyLatent,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
-    "SanaDiTLoader": "Sana DiT Loader",
-    "FlowDPMSolverSampler": "Flow-DPM-Solver (Sana)",
-    "SanaFlowSigmas": "Sana Flow Sigmas",
-    "SanaSampler": "Sana Sampler",
-    "SanaEmptyLatent": "Sana Empty Latent",
+    "SanaDiTLoader": "Sana DiT Loader (UniBA)",
+    "FlowDPMSolverSampler": "Sana Flow-DPM-Solver (UniBA)",
+    "SanaFlowSigmas": "Sana Flow Sigmas (UniBA)",
+    "SanaSampler": "Sana Sampler (UniBA)",
+    "SanaEmptyLatent": "Sana Empty Latent (UniBA)",
 }

@@ -14,11 +14,15 @@ from typing import Any
 
 import torch
 
+from uniba.devices import DTYPE_CHOICES, choose_dtype
+
 from .comfy import host
 from .comfy import sana as comfy_sana
 
 CATEGORY = "UniBA/Sana"
-DTYPES = ["auto", "bf16", "fp16", "fp32"]
+DTYPES = list(DTYPE_CHOICES)
+# "auto" never picks fp16 for these two: Gemma-2's activations and the DC-AE's overflow it (black/NaN images)
+NO_FP16 = (torch.bfloat16, torch.float32)
 TEXT_ENCODER_TYPE = "SANA_TEXT_ENCODER"
 
 
@@ -51,21 +55,22 @@ class SanaTextEncoderLoader:
             "model_name": (_text_encoder_choices(), {
                 "tooltip": "models/text_encoders/: a gemma-2-2b-it folder, or the single-file gemma_2_2b "
                            "(with embedded tokenizer) that ComfyUI uses for Lumina 2"}),
-            "dtype": (DTYPES, {"default": "auto"}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bf16 where supported, else fp32 (never fp16: "
+                                                             "Gemma-2 overflows it and gives black images)"}),
         }}
 
     RETURN_TYPES = (TEXT_ENCODER_TYPE,)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads Gemma-2-2B for Sana prompts (transformers, eager attention with logit soft-capping)."
+    SEARCH_ALIASES = ["UniBA", "Sana", "Gemma", "Gemma-2", "text encoder", "clip loader"]
 
     def load(self, model_name: str, dtype: str) -> tuple[SanaTextEncoderHandle]:
         from uniba.sana.text_encoder import load_text_encoder
 
         path = host.model_path("text_encoders", model_name.rstrip("/\\"))
         device = host.text_encoder_device()
-        # "auto" never picks fp16: Gemma-2's activations overflow it (black/NaN images in the forks)
-        weight_dtype = host.choose_dtype(dtype, device, supported=(torch.bfloat16, torch.float32))
+        weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
         encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu")
         patcher = host.wrap_model(encoder.model, load_device=device, offload=host.offload_device())
         return (SanaTextEncoderHandle(patcher, encoder.tokenizer, path),)
@@ -77,8 +82,8 @@ class SanaTextEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "text_encoder": (TEXT_ENCODER_TYPE,),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+            "text_encoder": (TEXT_ENCODER_TYPE, {"tooltip": "from Sana Gemma-2 Loader"}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "the prompt"}),
             "use_chi": ("BOOLEAN", {"default": True, "tooltip": "Prefix the complex human instruction (on for the "
                                                                 "positive prompt, off for the negative)"}),
         }}
@@ -88,6 +93,7 @@ class SanaTextEncode:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes a prompt with Gemma-2 as Sana does: the complex human instruction + 300 selected tokens "
                    "for the positive prompt; plain 300 tokens (use_chi off) for the negative.")
+    SEARCH_ALIASES = ["UniBA", "Sana", "prompt", "text encode", "Gemma"]
 
     def encode(self, text_encoder: SanaTextEncoderHandle, text: str, use_chi: bool) -> tuple[list]:
         from uniba.sana.text_encoder import SanaTextEncoder, encode_prompt
@@ -114,7 +120,8 @@ class SanaVAELoader:
         return {"required": {
             "vae_name": (host.list_models("vae"), {"tooltip": "models/vae/: dc-ae-f32c32-sana-1.x (model.safetensors "
                                                              "or the -diffusers diffusion_pytorch_model.safetensors)"}),
-            "dtype": (DTYPES, {"default": "auto"}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bf16 where supported, else fp32 (auto never "
+                                                             "picks fp16 for the DC-AE)"}),
         }}
 
     RETURN_TYPES = ("VAE",)
@@ -122,13 +129,14 @@ class SanaVAELoader:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads the Sana DC-AE (32x, 32 channels) as a ComfyUI VAE. VAE Decode, VAE Decode (Tiled) and "
                    "'Sana VAE Decode' all give the same exact image within your memory, 4K included.")
+    SEARCH_ALIASES = ["UniBA", "Sana", "DC-AE", "vae loader", "autoencoder"]
 
     def load(self, vae_name: str, dtype: str) -> tuple[Any]:
         from uniba.dcae.loader import load_dcae
 
         path = host.model_path("vae", vae_name)
         device = host.vae_device()
-        weight_dtype = host.choose_dtype(dtype, device, supported=(torch.bfloat16, torch.float32))
+        weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
         return (comfy_sana.make_vae(load_dcae(path, dtype=weight_dtype)),)
 
 
@@ -136,8 +144,8 @@ class SanaVAEDecode:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "vae": ("VAE",),
-            "samples": ("LATENT",),
+            "vae": ("VAE", {"tooltip": "a DC-AE from Sana DC-AE Loader"}),
+            "samples": ("LATENT", {"tooltip": "a Sana latent (32 channels)"}),
             "tile_size": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 32,
                                   "tooltip": "Largest tile edge in pixels; 0 = as large as the free memory allows. "
                                              "Speed and memory only: the image is the same at every tile size"}),
@@ -149,6 +157,7 @@ class SanaVAEDecode:
     DESCRIPTION = ("Exact tiled DC-AE decode: the same image as a one-pass decode at any tile size and free memory "
                    "(attention sums over the whole image, convolutions with exact halos); retries smaller tiles "
                    "when out of memory.")
+    SEARCH_ALIASES = ["UniBA", "Sana", "DC-AE", "vae decode", "tiled decode"]
 
     def decode(self, vae: Any, samples: dict, tile_size: int, unique_id: str | None = None) -> tuple[torch.Tensor]:
         return (comfy_sana.decode_images(vae, samples["samples"], tile_size, node_id=unique_id),)
@@ -157,12 +166,15 @@ class SanaVAEDecode:
 class SanaVAEEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"vae": ("VAE",), "image": ("IMAGE",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": {"vae": ("VAE", {"tooltip": "a DC-AE from Sana DC-AE Loader"}),
+                             "image": ("IMAGE", {"tooltip": "the image to encode"})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = "DC-AE encode (unscaled latent), exact-tiled like the decoder for large images."
+    SEARCH_ALIASES = ["UniBA", "Sana", "DC-AE", "vae encode", "image to image"]
 
     def encode(self, vae: Any, image: torch.Tensor, unique_id: str | None = None) -> tuple[dict]:
         return ({"samples": comfy_sana.encode_images(vae, image, node_id=unique_id)},)
@@ -176,9 +188,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SanaVAEEncode": SanaVAEEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
-    "SanaTextEncoderLoader": "Sana Text Encoder Loader (Gemma-2)",
-    "SanaTextEncode": "Sana Text Encode",
-    "SanaVAELoader": "Sana VAE Loader (DC-AE)",
-    "SanaVAEDecode": "Sana VAE Decode (tiled)",
-    "SanaVAEEncode": "Sana VAE Encode (tiled)",
+    "SanaTextEncoderLoader": "Sana Gemma-2 Loader (UniBA)",
+    "SanaTextEncode": "Sana Text Encode (UniBA)",
+    "SanaVAELoader": "Sana DC-AE Loader (UniBA)",
+    "SanaVAEDecode": "Sana VAE Decode (UniBA)",
+    "SanaVAEEncode": "Sana VAE Encode (UniBA)",
 }

@@ -14,21 +14,20 @@ from tiny_infdit import TINY, write_tiny_infdit
 from tiny_sana import tiny_sana_state_dict, to_original_format, write_tiny_sana_dit
 
 from uniba.checkpoint import CheckpointError, check_file, read_safetensors_metadata, read_state_dict, with_article
-from uniba.guards import (
-    NonFiniteError,
-    WorkTooLarge,
+from uniba.guards import NonFiniteError, WorkTooLarge, check_finite, finite_callback, finite_denoiser
+from uniba.memory import GIB
+from uniba.sana.checks import (
     check_batch_matches,
     check_context_mask,
-    check_finite,
     check_sana_conditioning,
+    check_sana_conditioning_input,
+    check_sana_empty_latent,
     check_sana_latent,
     check_sana_memory,
-    finite_callback,
-    finite_denoiser,
+    check_sana_sampling,
     sana_latent_bytes,
     sana_sampling_bytes,
 )
-from uniba.memory import GIB
 
 # --------------------------------------------------------------------------- special files (issue 11 item 3)
 
@@ -350,8 +349,6 @@ def test_sana_samplers_stop_at_the_step_that_produced_nan(solver: str) -> None:
 
 
 def test_empty_latent_and_sampling_checks_give_shapes_and_refuse_oversize() -> None:
-    from uniba.guards import check_sana_empty_latent, check_sana_sampling
-
     assert check_sana_empty_latent(2, 1024, 768, 8 * GIB) == (2, 32, 24, 32)
     with pytest.raises(WorkTooLarge, match="SanaEmptyLatent: 4096 images of 16384x16384 px"):
         check_sana_empty_latent(4096, 16384, 16384, 64 * GIB)
@@ -376,8 +373,6 @@ def test_sharded_folder_checks_each_shard_and_stays_in_its_folder(tmp_path: Path
 
 
 def test_conditioning_input_as_nodes_receive_it() -> None:
-    from uniba.guards import check_sana_conditioning_input
-
     good = [[torch.zeros(1, 300, 2304), {"attention_mask": torch.ones(1, 300)}]]
     check_sana_conditioning_input(good, "positive", latent_batch=4)
     with pytest.raises(ValueError, match=r"negative: expected Sana text conditioning .* got \(1, 77, 768\)"):

@@ -1,18 +1,19 @@
-"""Checks at the points where data enters or leaves the engine, so that nothing fails silently.
+"""Checks every family shares, at the points where data enters or leaves the engine, so nothing fails silently.
 
 * Non-finite values (NaN, inf): in an input image or latent, in what a sampler produces at a step,
   in a decoded image. A NaN that reaches a saved image turns into black pixels without any message,
   so every path that ends in pixels checks first and raises :class:`NonFiniteError` saying where the
   values came from (loaded weights are checked by :mod:`uniba.checkpoint`, with the same scan from
   :mod:`uniba.finite`).
-* Shapes of what the nodes hand to Sana: the latent (32 channels, not an SD latent), the text
-  conditioning (Gemma-2 embeddings, not SD CLIP's 77 x 768/2048), batch sizes, the attention mask.
-  Each error names the node input and what it expected.
-* Memory of a Sana latent and of sampling it, against a budget, before anything is allocated.
+* :class:`WorkTooLarge`: work refused before allocating because its estimate exceeds the budget.
 * Config values read from checkpoint metadata (:func:`config_from_metadata`): invalid JSON or
   impossible values become a :class:`~uniba.checkpoint.CheckpointError` naming the file.
+* Values handed to the engine's public functions and the nodes (:func:`check_image`, :func:`check_seed`,
+  :func:`check_choice`, :func:`check_whole_number`, :func:`check_text`): one sentence naming the input, what
+  it got and the fix, instead of a library error from deep inside (or a silently wrong image).
 
-Everything here is host-free (torch only); the nodes call these functions with their input names.
+Family-specific checks live beside the family's config (Sana's shapes and memory estimates:
+:mod:`uniba.sana.checks`). Everything here is host-free (torch only).
 """
 
 from __future__ import annotations
@@ -21,24 +22,22 @@ import dataclasses
 import math
 import os
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
 from .checkpoint import CheckpointError
 from .finite import describe_non_finite, first_non_finite
-from .memory import Budget, format_bytes
 
 __all__ = [
     "NonFiniteError", "WorkTooLarge", "check_finite", "finite_denoiser", "check_step_finite",
-    "check_sana_latent", "check_sana_conditioning", "check_sana_conditioning_input", "check_batch_matches",
-    "check_context_mask",
-    "sana_latent_bytes", "sana_sampling_bytes", "check_sana_memory", "check_sana_empty_latent", "check_sana_sampling",
-    "config_from_metadata", "validate_config",
+    "config_from_metadata", "validate_config", "check_image", "check_seed", "check_choice", "check_whole_number",
+    "check_text",
 ]
 
 T = TypeVar("T")
+
 
 class NonFiniteError(ValueError):
     """NaN or infinity where numbers were expected; the message says where they came from."""
@@ -101,170 +100,6 @@ def finite_callback(callback: Callable[[dict], Any] | None, total: int, where: s
         return callback(info) if callback is not None else None
 
     return checked
-
-
-# --------------------------------------------------------------------------- Sana inputs
-
-SANA_LATENT_CHANNELS = 32
-SANA_CAPTION_CHANNELS = 2304  # Gemma-2-2B hidden size
-SANA_DOWNSCALE = 32
-
-
-def _shape(value: object) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def check_sana_latent(samples: object, where: str = "latent_image",
-                      channels: int = SANA_LATENT_CHANNELS) -> torch.Tensor:
-    """A Sana latent: (B, 32, h, w), finite. An SD/SDXL 4-channel latent gets the fix in the message."""
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != channels:
-        found = samples.shape[1] if isinstance(samples, torch.Tensor) and samples.ndim == 4 else None
-        hint = (" (an SD/SDXL latent?)" if found == 4 else "") if found is not None else ""
-        raise ValueError(
-            f"{where}: expected a Sana latent of shape (batch, {channels}, height/{SANA_DOWNSCALE}, "
-            f"width/{SANA_DOWNSCALE}), got {_shape(samples)}{hint}. Start from 'SanaEmptyLatent' or encode the "
-            "image with the Sana DC-AE VAE, not an SD VAE.")
-    check_finite(samples, f"{where} (latent)", "Regenerate it: something upstream produced NaN or inf.")
-    return samples
-
-
-def check_sana_conditioning(context: object, where: str = "positive",
-                            channels: int = SANA_CAPTION_CHANNELS) -> torch.Tensor:
-    """Sana text conditioning: (B, tokens, 2304) Gemma-2 embeddings. SD CLIP's 77 x 768/1024/2048 is refused."""
-    if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != channels:
-        found = context.shape[-1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
-        hint = ""
-        if found in (768, 1024, 1280, 2048):
-            hint = " (CLIP text embeddings of an SD/SDXL text encoder)"
-        elif found == 4096:
-            hint = " (T5 embeddings?)"
-        raise ValueError(
-            f"{where}: expected Sana text conditioning of shape (batch, tokens, {channels}) from the Gemma-2 "
-            f"text encoder, got {_shape(context)}{hint}. Encode the prompt with 'SanaTextEncode' "
-            "(load the encoder with 'SanaTextEncoderLoader'), not CLIPTextEncode.")
-    check_finite(context, f"{where} (conditioning)")
-    return context
-
-
-def check_batch_matches(latent_batch: int, context_batch: int, latent_input: str = "latent_image",
-                        context_input: str = "positive") -> None:
-    """The conditioning's batch must be 1 (shared) or equal to the latent's."""
-    if context_batch not in (1, latent_batch) and latent_batch % context_batch:
-        raise ValueError(
-            f"{context_input}: holds {_count(context_batch, 'prompt')} but {latent_input} holds "
-            f"{_count(latent_batch, 'latent')}; give one prompt for all latents or one per latent.")
-
-
-def check_context_mask(context: torch.Tensor, mask: object, where: str = "positive") -> torch.Tensor | None:
-    """The attention mask of a conditioning: (B, tokens) matching the embeddings, values 0/1."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[1] != context.shape[1] \
-            or mask.shape[0] not in (1, context.shape[0]):
-        raise ValueError(
-            f"{where}: the attention_mask has shape {_shape(mask)} but the embeddings are "
-            f"{tuple(context.shape)}; expected ({context.shape[0]}, {context.shape[1]}). Re-encode the prompt "
-            "with 'SanaTextEncode' instead of combining conditionings of different lengths.")
-    return mask
-
-
-def check_sana_conditioning_input(conditioning: object, where: str, latent_batch: int | None = None,
-                                  latent_input: str = "latent_image") -> None:
-    """A node's CONDITIONING input for Sana: ``[[embeddings, {"attention_mask": mask, ...}], ...]``.
-
-    Every entry must hold Gemma-2 embeddings (not SD CLIP's), a mask matching them, and a batch the
-    latent can use; the error names ``where`` (the node input) and what was expected.
-    """
-    if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        empty = " (empty)" if isinstance(conditioning, (list, tuple)) else ""
-        raise ValueError(f"{where}: expected a CONDITIONING from 'SanaTextEncode', got "
-                         f"{type(conditioning).__name__}{empty}.")
-    for entry in conditioning:
-        if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[1], Mapping):
-            raise ValueError(f"{where}: a CONDITIONING entry is not [embeddings, options]; connect "
-                             "'SanaTextEncode' to it.")
-        context = check_sana_conditioning(entry[0], where)
-        check_context_mask(context, entry[1].get("attention_mask"), where)
-        if latent_batch is not None:
-            check_batch_matches(latent_batch, context.shape[0], latent_input, where)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def sana_latent_bytes(batch: int, height: int, width: int, channels: int = SANA_LATENT_CHANNELS,
-                      element_size: int = 4) -> int:
-    """Bytes of one latent tensor (B, C, h, w), float32 by default (as ComfyUI's samplers hold it)."""
-    return int(batch) * int(channels) * int(height) * int(width) * int(element_size)
-
-
-# float32 latent-sized tensors a flow sampler holds at once: x, noise, denoised, the previous
-# denoised (multistep), the velocity and the output.
-SAMPLER_LATENT_COPIES = 6
-
-
-def sana_sampling_bytes(batch: int, height: int, width: int, *, hidden_size: int = 1152,
-                        mlp_ratio: float = 2.5, element_size: int = 2, cfg: bool = True) -> int:
-    """A lower bound of sampling memory above the weights: the sampler's latent copies plus the
-    activations of one forward over all tokens (CFG doubles the batch).
-
-    Per token a Sana block holds at least the hidden state, its normed copy, q, k, v, the attention
-    output (6 hidden-sized values) and the GLU feed-forward's 2 x ffn hidden values. It is a lower
-    bound on purpose: work refused by it cannot run, whatever the real peak is.
-    """
-    forward_batch = int(batch) * (2 if cfg else 1)
-    tokens = int(height) * int(width)
-    per_token = (6 * hidden_size + 2 * int(hidden_size * mlp_ratio)) * element_size
-    return SAMPLER_LATENT_COPIES * sana_latent_bytes(batch, height, width) + forward_batch * tokens * per_token
-
-
-def check_sana_memory(needed: int, free_bytes: int | None, what: str, *, batch: int, width_px: int,
-                      height_px: int, safety_fraction: float = 0.1) -> None:
-    """Refuse work whose estimated memory exceeds the budget, with the figures and what to change."""
-    if free_bytes is None:
-        return
-    usable = Budget(int(free_bytes), safety_fraction).usable
-    if needed <= usable:
-        return
-    # the largest batch and the largest square side that would fit, for the message
-    fit_batch = max(0, int(batch * usable // max(1, needed)))
-    scale = math.sqrt(usable / max(1, needed))
-    side = int(math.sqrt(width_px * height_px) * scale) // SANA_DOWNSCALE * SANA_DOWNSCALE
-    options = []
-    if fit_batch >= 1 and batch > 1:
-        options.append(f"a batch of {fit_batch} or fewer")
-    if side >= SANA_DOWNSCALE:
-        options.append(f"a smaller image (about {side}x{side} px at this batch)")
-    options.append("free memory (unload other models)")
-    raise WorkTooLarge(
-        f"{what}: {_count(batch, 'image')} of {width_px}x{height_px} px need at least {format_bytes(needed)}, "
-        f"but only {format_bytes(usable)} of {format_bytes(free_bytes)} free can be used. "
-        f"Use {' or '.join(options)}.")
-
-
-def check_sana_empty_latent(batch: int, width_px: int, height_px: int, free_bytes: int | None,
-                            what: str = "SanaEmptyLatent") -> tuple[int, int, int, int]:
-    """The latent shape for an image size, refused before allocation when it cannot fit ``free_bytes``.
-
-    ``free_bytes`` is the free memory of the device the latent is created on (ComfyUI's intermediate
-    device, usually system RAM); ``None`` skips the memory check.
-    """
-    shape = (int(batch), SANA_LATENT_CHANNELS, max(1, int(height_px) // SANA_DOWNSCALE),
-             max(1, int(width_px) // SANA_DOWNSCALE))
-    check_sana_memory(sana_latent_bytes(shape[0], shape[2], shape[3]), free_bytes, what, batch=shape[0],
-                      width_px=shape[3] * SANA_DOWNSCALE, height_px=shape[2] * SANA_DOWNSCALE)
-    return shape
-
-
-def check_sana_sampling(samples: torch.Tensor, free_bytes: int | None, *, hidden_size: int, mlp_ratio: float = 2.5,
-                        element_size: int = 2, cfg: bool = True, what: str = "SanaSampler") -> None:
-    """Refuse sampling a latent whose lower-bound working memory exceeds ``free_bytes`` (weights excluded)."""
-    batch, _, height, width = samples.shape
-    needed = sana_sampling_bytes(batch, height, width, hidden_size=hidden_size, mlp_ratio=mlp_ratio,
-                                 element_size=element_size, cfg=cfg)
-    check_sana_memory(needed, free_bytes, what, batch=batch, width_px=width * SANA_DOWNSCALE,
-                      height_px=height * SANA_DOWNSCALE)
 
 
 # --------------------------------------------------------------------------- configs from metadata
@@ -339,3 +174,111 @@ def config_from_metadata(parse: Callable[[str], T], text: object, path: str | os
         raise CheckpointError(path, f"has '{key}' metadata of the wrong form ({exc}).",
                               "The file's metadata is damaged: convert the original release again.") from None
     return validate_config(config, path, f"the '{key}' metadata")
+
+
+# --------------------------------------------------------------------------- values at the public functions
+
+SEED_MAX = 2**64 - 1  # what torch's generators (and ComfyUI's seed widgets) take
+
+
+def check_whole_number(value: object, where: str, minimum: int = 1) -> int:
+    """A whole number >= ``minimum`` (an int, or an integral float/str such as a JSON "20"); else ValueError."""
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 100:
+        number = int(value)
+    if number is None:
+        raise ValueError(f"{where}: expected a whole number, got {_show(value)}.")
+    if number < minimum:
+        raise ValueError(f"{where}: must be at least {minimum}, got {number}.")
+    return number
+
+
+def check_seed(value: object, where: str = "seed") -> int:
+    """A seed from 0 to 2**64 - 1 (what the host's seed widget offers and torch's generators accept)."""
+    seed = check_whole_number(value, where, minimum=0)
+    if seed > SEED_MAX:
+        raise ValueError(f"{where}: must be from 0 to {SEED_MAX} (2**64 - 1), got {seed}; use a smaller seed.")
+    return seed
+
+
+def check_choice(value: object, choices: tuple[int, ...], where: str) -> int:
+    """One of the whole-number ``choices`` (given as a number or its text, e.g. a node's "4")."""
+    try:
+        number = check_whole_number(value, where, minimum=-(2**63))
+    except ValueError:
+        number = None
+    if number not in choices:
+        raise ValueError(f"{where}: must be one of {', '.join(map(str, choices))}, got {_show(value)}.")
+    return number
+
+
+def check_text(value: object, where: str) -> str:
+    """Text that can be encoded: a str without lone surrogates (half of a UTF-16 pair, e.g. from a broken paste)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected text, got {type(value).__name__}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where}: character {exc.start + 1} is {value[exc.start]!r}, half of a character pair "
+                         "(a lone surrogate, e.g. from a broken copy and paste), which is not text; delete it and "
+                         "type the character again.") from None
+    return value
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_image(image: object, where: str, *, channels_last: bool, value_range: tuple[float, float],
+                channels: tuple[int, ...] = (3, 4), fix_range: str = "") -> torch.Tensor:
+    """An image batch for a public function: 4-D, at least one image, the channel axis where it is expected,
+    a channel count of ``channels``, finite values within ``value_range`` (0..255 pixels are refused, not
+    taken as very bright numbers). A 3-D tensor is taken as one image. Each error names ``where``, what it
+    got and the fix (transpose, rescale, drop channels).
+    """
+    layout = "(batch, height, width, channels)" if channels_last else "(batch, channels, height, width)"
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"{where}: expected an image tensor {layout}, got {type(image).__name__}.")
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4:
+        raise ValueError(f"{where}: expected an image tensor {layout}, got shape {tuple(image.shape)}.")
+    if image.shape[0] == 0:
+        raise ValueError(f"{where}: the batch is empty (shape {tuple(image.shape)}); give at least one image.")
+    axis, other = (-1, 1) if channels_last else (1, -1)
+    wanted = " or ".join(map(str, channels))
+    if image.shape[axis] not in channels:
+        if image.shape[other] in channels and image.shape[axis] > max(channels):
+            turn = "image.movedim(1, -1)" if channels_last else "image.movedim(-1, 1)"
+            kind = "channels first" if channels_last else "channels last (like a ComfyUI IMAGE)"
+            raise ValueError(f"{where}: shape {tuple(image.shape)} looks {kind}, but {layout} is expected; "
+                             f"pass {turn}.")
+        keep = "image[..., :{n}]" if channels_last else "image[:, :{n}]"
+        fix = f" Keep the colour channels ({keep.format(n=max(channels))})." if image.shape[axis] > max(channels) \
+            else ""
+        raise ValueError(f"{where}: has {image.shape[axis]} channels (shape {tuple(image.shape)}); expected "
+                         f"{wanted} ({'RGB, RGBA' if channels == (3, 4) else 'channels'}).{fix}")
+    height, width = image.shape[1:3] if channels_last else image.shape[2:]
+    if min(height, width) < 1:
+        raise ValueError(f"{where}: is {width}x{height} px (shape {tuple(image.shape)}); give an image of at least "
+                         "1x1 px.")
+    check_finite(image, where, "Replace the NaN/inf pixels (something upstream produced them).")
+    if image.is_floating_point():
+        low, high = (float(v) for v in torch.aminmax(image.detach()))
+        lo, hi = value_range
+        slack = 0.5 * (hi - lo)  # sharpening or resampling overshoots a little: that is fine
+        if low < lo - slack or high > hi + slack:
+            looks = " It looks like 0..255 pixel values." if high > 2 and low >= lo - slack else ""
+            raise ValueError(f"{where}: values reach {low:.4g}..{high:.4g}, but {lo:g}..{hi:g} is expected.{looks} "
+                             f"{fix_range or f'Rescale it to {lo:g}..{hi:g}.'}")
+    elif not image.is_floating_point():
+        raise ValueError(f"{where}: holds {image.dtype} values; expected floating-point values in "
+                         f"{value_range[0]:g}..{value_range[1]:g} ({fix_range or 'convert and rescale it'}).")
+    return image

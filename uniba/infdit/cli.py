@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 
-import torch
-
 from ..cli_io import memory_size, positive_int, seed_int
+from ..devices import DTYPE_CHOICES, DTYPES, choose_dtype, torch_dtype_support
+from ..progress import TerminalProgress
 from .sampling import FAST_PRESET, PRESETS, SAMPLERS
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -38,7 +35,7 @@ def _plan(args: argparse.Namespace) -> int:
                          f"input of {in_w}x{in_h} px ({in_w * args.scale}x{in_h * args.scale} px out); crop the "
                          "result, or give --input WxH")
     plan = plan_upscale(config, in_h, in_w, args.scale, args.vram, block_batch=args.block_batch,
-                        offload_cache=args.offload_cache, dtype=_DTYPES[args.dtype])
+                        offload_cache=args.offload_cache, dtype=DTYPES[args.dtype])
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -50,26 +47,6 @@ def _plan(args: argparse.Namespace) -> int:
         for note in notes:
             print(note)
     return 0 if plan.fits else 1
-
-
-class _ProgressBar:
-    """A terminal progress bar with ETA over model evaluations x block batches (the engine's unit)."""
-
-    def __init__(self, plan, images: int) -> None:
-        from tqdm.auto import tqdm
-
-        batches = sum(p["batches_per_step"] for p in plan.passes)
-        self.bar = tqdm(total=images * plan.total_batches, unit="batch", dynamic_ncols=True,
-                        desc=f"Inf-DiT {plan.evaluations} evaluations x {batches} block batches",
-                        disable=os.environ.get("UNIBA_QUIET") == "1")
-
-    def __call__(self, done: int, total: int | None = None, preview: torch.Tensor | None = None) -> None:
-        if total is not None and total != self.bar.total:
-            self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def _upscale(args: argparse.Namespace) -> int:
@@ -92,7 +69,7 @@ def _upscale(args: argparse.Namespace) -> int:
     config = config_for_file(args.model)
     if config.clip is None and not args.clip:
         raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
-    dtype = _DTYPES.get(args.dtype) if args.dtype != "auto" else default_dtype(device)
+    dtype = choose_dtype(args.dtype, device, torch_dtype_support(device))
     name, steps = PRESETS[args.preset] if args.preset else (args.sampler, args.steps)
     sampler, sigmas = named_sampler(name), get_sigmas_karras(steps)
     free = args.vram if args.vram else device_free_bytes(device)
@@ -104,7 +81,10 @@ def _upscale(args: argparse.Namespace) -> int:
     model = load_infdit(args.model, dtype, clip=args.clip).to(device)
     if model.clip is None:  # a .pt planned with the release config turned out to lack the tower
         raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
-    bar = _ProgressBar(plan, image.shape[0])
+    # the engine's unit: model evaluations x block batches
+    batches = sum(p["batches_per_step"] for p in plan.passes)
+    bar = TerminalProgress(image.shape[0] * plan.total_batches, unit="batch",
+                           desc=f"Inf-DiT {plan.evaluations} evaluations x {batches} block batches")
     try:
         out = upscale(model, image, scale=args.scale, seed=args.seed, plan=plan, sampler=sampler, sigmas=sigmas,
                       color_match=args.color_match, progress=bar)
@@ -115,13 +95,6 @@ def _upscale(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 (the training precision) on CUDA cards that support it, else fp32."""
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def _convert(args: argparse.Namespace) -> int:
     from ..cli_io import SAFETENSORS_FORMATS, input_file, output_file
     from .loader import convert_checkpoint
@@ -130,7 +103,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.clip:
         input_file(args.clip, "--clip")
     output_file(args.output, inputs=[args.input, args.clip], overwrite=args.overwrite, formats=SAFETENSORS_FORMATS)
-    model = convert_checkpoint(args.input, args.output, _DTYPES.get(args.dtype), clip=args.clip,
+    model = convert_checkpoint(args.input, args.output, DTYPES.get(args.dtype), clip=args.clip,
                                overwrite=args.overwrite)
     c = model.config
     print(f"wrote {args.output}: Inf-DiT {c.hidden_size} wide, {c.num_layers} layers, "
@@ -162,7 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         where.add_argument("--size", type=_size, help="output size WxH, e.g. 4096x4096")
         where.add_argument("--input", type=_size, help="input size WxH")
         plan.add_argument("--model", help="plan for this checkpoint's config (default: the release)")
-        plan.add_argument("--dtype", default="bf16", choices=tuple(_DTYPES))
+        plan.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
         plan.add_argument("--json", action="store_true", help="print the plan as JSON")
         plan.set_defaults(func=_plan)
 
@@ -179,7 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help=f"instead of --sampler/--steps: reference = heun 20 (39 evaluations), fast = "
                          f"{FAST_PRESET[0]} {FAST_PRESET[1]} ({FAST_PRESET[1]} evaluations)")
     up.add_argument("--seed", type=seed_int, default=0)
-    up.add_argument("--dtype", default="auto", choices=("auto",) + tuple(_DTYPES))
+    up.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     up.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
     up.add_argument("--color-match", default="none", choices=("none", "wavelet"))
     up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -188,7 +161,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv = subparsers.add_parser("convert-infdit", help="convert the released .pt to .safetensors (no pickle)")
     conv.add_argument("input")
     conv.add_argument("output")
-    conv.add_argument("--dtype", default="keep", choices=("keep",) + tuple(_DTYPES))
+    conv.add_argument("--dtype", default="keep", choices=("keep", *DTYPES))
     conv.add_argument("--clip", help="separate open_clip ViT-L-14 file to include")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     conv.set_defaults(func=_convert)

@@ -19,12 +19,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..guards import check_finite, finite_denoiser
+from ..guards import check_choice, check_image, check_seed, check_whole_number, finite_denoiser
 from ..memory import device_free_bytes, is_out_of_memory
-from ..progress import ProgressFn
+from ..progress import ProgressFn, check_cancel
 from .blockwise import BatchCallback, BlockwiseDenoiser
 from .model import BlockRect, InfDiT, upsample_lr
-from .plan import UpscalePlan, min_input_side, parse_block_batch, passes_for_scale, plan_upscale
+from .plan import SCALES, UpscalePlan, min_input_side, parse_block_batch, passes_for_scale, plan_upscale
 from .sampling import DEFAULT_STEPS, Sampler, count_evaluations, get_sigmas_karras, run_sampler, sample_heun_edm
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | 
                   sampler: Sampler | None = None, sigmas: torch.Tensor | None = None, seed: int = 0,
                   block_batch: tuple[int, int] | int | None = None, offload_cache: bool = False,
                   on_batch: BatchCallback | None = None,
-                  is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
+                  is_oom: Callable[[BaseException], bool] = is_out_of_memory,
+                  between_layers: Callable[[], None] | None = None) -> torch.Tensor:
     """The reference's ``sample`` on a whole-block canvas: ``x_T = up(lr) + sigmas[0] * noise``, then the
     sampler (default EDM Heun on the reference's Karras schedule) over the block-wise denoiser (float32).
 
@@ -107,7 +108,7 @@ def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | 
     sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
     denoiser = BlockwiseDenoiser(model, lr, clip_embedding, canvas=tuple(noise.shape[-2:]), concat_lr=concat_lr,
                                  block_batch=block_batch, offload_cache=offload_cache, on_batch=on_batch,
-                                 is_oom=is_oom)
+                                 is_oom=is_oom, between_layers=between_layers)
     x = denoiser.concat_lr.float() + sigmas[0] * noise.float()
     # a step that produces NaN/inf stops here, named, instead of ending as a black image
     return run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed)
@@ -149,13 +150,17 @@ class _Progress:
 
 
 def _check_input(lr: torch.Tensor) -> torch.Tensor:
-    if not isinstance(lr, torch.Tensor):
-        raise TypeError(f"lr must be a tensor (B, C, H, W) in [-1, 1], got {type(lr).__name__}")
-    if lr.ndim == 3:
-        lr = lr[None]
-    if lr.ndim != 4 or lr.shape[1] not in (3, 4) or min(lr.shape[-2:]) < 1:
-        raise ValueError(f"lr must be (B, 3 or 4, H, W) in [-1, 1] (RGB, optionally with alpha), got {tuple(lr.shape)}")
-    return check_finite(lr, "the input image", "Replace the NaN/inf pixels (an upstream node produced them).")
+    return check_image(lr, "lr (the input image)", channels_last=False, value_range=(-1.0, 1.0),
+                       fix_range="Pass image / 127.5 - 1 for 0..255 pixels, image * 2 - 1 for 0..1 pixels.")
+
+
+def check_upscale_arguments(scale: object, seed: object, steps: object) -> tuple[int, int, int]:
+    """``scale``, ``seed`` and ``steps`` of :func:`upscale` as numbers, or one sentence naming the bad one."""
+    return (check_choice(scale, SCALES, "scale"), check_seed(seed, "seed"), check_whole_number(steps, "steps"))
+
+
+class NoiseLeftWarning(UserWarning):
+    """The schedule stops above sigma 0: the result keeps that much noise."""
 
 
 def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -165,6 +170,10 @@ def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
     sigmas = sigmas.detach().float().cpu()
     if not torch.isfinite(sigmas).all() or (sigmas < 0).any() or sigmas[0] <= 0 or (sigmas[1:] > sigmas[:-1]).any():
         raise ValueError(f"sigmas must be finite, positive at the start and non-increasing, got {sigmas.tolist()}")
+    if sigmas[-1] > 0:
+        warnings.warn(f"sigmas: the schedule stops at sigma {float(sigmas[-1]):.4g}, not 0, so the image keeps that "
+                      "much noise (e.g. the high half of SplitSigmas). End the schedule at 0 for a clean image.",
+                      NoiseLeftWarning, stacklevel=3)
     return sigmas
 
 
@@ -240,6 +249,7 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
     are padded and cropped back with a :class:`SmallInputWarning`.
     """
     lr = _check_input(lr)
+    scale, seed, steps = check_upscale_arguments(scale, seed, steps)
     if color_match not in ("none", "wavelet"):
         raise ValueError(f"color_match must be none or wavelet, got {color_match!r}")
     config, device = model.config, model.device
@@ -286,7 +296,8 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
             out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
                                 noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
                                 seed=_noise_seed(seed, index, pass_index), block_batch=tuple(p["block_batch"]),
-                                offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom)
+                                offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom,
+                                between_layers=lambda: check_cancel(progress))
             out = out[:, :, :p["out_height"], :p["out_width"]]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)
@@ -315,4 +326,4 @@ def _warn_about_sizes(plan: UpscalePlan, config, lr_size: tuple[int, int]) -> No
 
 
 __all__ = ["upscale", "sample_canvas", "wavelet_color_match", "reflect_pad", "resolve_sampling", "RopeWrapWarning",
-           "SmallInputWarning"]
+           "SmallInputWarning", "NoiseLeftWarning", "check_upscale_arguments"]

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .config import SanaConfig
+from .config import DEFAULT_SHIFT, SanaConfig
 from .model import LinearAttention, SanaDiT
 from .sampling import flow_sigmas, sample_flow_dpm_solver, sample_flow_euler
 
@@ -110,7 +110,7 @@ def solver_accuracy(cfg: float, seed: int) -> dict[str, float]:
         return x0_uncond + cfg * (x0_cond - x0_uncond)
 
     def run(sampler, steps: int, kind: str) -> torch.Tensor:
-        return sampler(denoiser, noise.clone(), flow_sigmas(steps, 3.0, kind=kind), disable=True)
+        return sampler(denoiser, noise.clone(), flow_sigmas(steps, DEFAULT_SHIFT, kind=kind), disable=True)
 
     ref_dpm = run(sample_flow_dpm_solver, 200, "dpm_solver")
     ref_euler = run(sample_flow_dpm_solver, 200, "euler")  # same ODE from the Euler grid's start (sigma 1.0)

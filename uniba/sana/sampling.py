@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import trange
 
 from ..guards import check_step_finite
+from .config import DEFAULT_SHIFT
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -30,7 +31,8 @@ def shift_sigma(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_sigmas(steps: int, shift: float = 3.0, *, kind: str = "dpm_solver", denoise: float = 1.0) -> torch.Tensor:
+def flow_sigmas(steps: int, shift: float = DEFAULT_SHIFT, *, kind: str = "dpm_solver",
+                denoise: float = 1.0) -> torch.Tensor:
     """Sana's shifted sigma grid: ``steps + 1`` values, descending, ending in 0 (float32).
 
     * ``kind="dpm_solver"`` (Flow-DPM-Solver, ``time_uniform_flow``): ``t = linspace(1, 1/1000, steps + 1)``,

@@ -1,0 +1,179 @@
+"""Sana's input checks and memory estimates, from the facts in :mod:`uniba.sana.config`.
+
+* Shapes of what the nodes hand to Sana: the latent (32 channels, not an SD latent), the text
+  conditioning (Gemma-2 embeddings, not SD CLIP's 77 x 768/2048), batch sizes, the attention mask.
+  Each error names the node input and what it expected.
+* Memory of a Sana latent and of sampling it, against a budget, before anything is allocated.
+
+The shared checks (NaN/inf, :class:`~uniba.guards.WorkTooLarge`) are in :mod:`uniba.guards`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..guards import WorkTooLarge, check_finite
+from ..memory import Budget, format_bytes
+from ..wording import count
+from .config import CAPTION_CHANNELS, LATENT_CHANNELS, LATENT_DOWNSCALE, latent_shape
+
+__all__ = [
+    "check_sana_latent", "check_sana_conditioning", "check_sana_conditioning_input", "check_batch_matches",
+    "check_context_mask", "sana_latent_bytes", "sana_sampling_bytes", "check_sana_memory", "check_sana_empty_latent",
+    "check_sana_sampling", "SAMPLER_LATENT_COPIES",
+]
+
+
+def _shape(value: object) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def check_sana_latent(samples: object, where: str = "latent_image",
+                      channels: int = LATENT_CHANNELS) -> torch.Tensor:
+    """A Sana latent: (B, 32, h, w), finite. An SD/SDXL 4-channel latent gets the fix in the message."""
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != channels:
+        found = samples.shape[1] if isinstance(samples, torch.Tensor) and samples.ndim == 4 else None
+        hint = (" (an SD/SDXL latent?)" if found == 4 else "") if found is not None else ""
+        raise ValueError(
+            f"{where}: expected a Sana latent of shape (batch, {channels}, height/{LATENT_DOWNSCALE}, "
+            f"width/{LATENT_DOWNSCALE}), got {_shape(samples)}{hint}. Start from 'SanaEmptyLatent' or encode the "
+            "image with the Sana DC-AE VAE, not an SD VAE.")
+    check_finite(samples, f"{where} (latent)", "Regenerate it: something upstream produced NaN or inf.")
+    return samples
+
+
+def check_sana_conditioning(context: object, where: str = "positive",
+                            channels: int = CAPTION_CHANNELS) -> torch.Tensor:
+    """Sana text conditioning: (B, tokens, 2304) Gemma-2 embeddings. SD CLIP's 77 x 768/1024/2048 is refused."""
+    if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != channels:
+        found = context.shape[-1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
+        hint = ""
+        if found in (768, 1024, 1280, 2048):
+            hint = " (CLIP text embeddings of an SD/SDXL text encoder)"
+        elif found == 4096:
+            hint = " (T5 embeddings?)"
+        raise ValueError(
+            f"{where}: expected Sana text conditioning of shape (batch, tokens, {channels}) from the Gemma-2 "
+            f"text encoder, got {_shape(context)}{hint}. Encode the prompt with 'SanaTextEncode' "
+            "(load the encoder with 'SanaTextEncoderLoader'), not CLIPTextEncode.")
+    check_finite(context, f"{where} (conditioning)")
+    return context
+
+
+def check_batch_matches(latent_batch: int, context_batch: int, latent_input: str = "latent_image",
+                        context_input: str = "positive") -> None:
+    """The conditioning's batch must be 1 (shared) or equal to the latent's."""
+    if context_batch not in (1, latent_batch) and latent_batch % context_batch:
+        raise ValueError(
+            f"{context_input}: holds {count(context_batch, 'prompt')} but {latent_input} holds "
+            f"{count(latent_batch, 'latent')}; give one prompt for all latents or one per latent.")
+
+
+def check_context_mask(context: torch.Tensor, mask: object, where: str = "positive") -> torch.Tensor | None:
+    """The attention mask of a conditioning: (B, tokens) matching the embeddings, values 0/1."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[1] != context.shape[1] \
+            or mask.shape[0] not in (1, context.shape[0]):
+        raise ValueError(
+            f"{where}: the attention_mask has shape {_shape(mask)} but the embeddings are "
+            f"{tuple(context.shape)}; expected ({context.shape[0]}, {context.shape[1]}). Re-encode the prompt "
+            "with 'SanaTextEncode' instead of combining conditionings of different lengths.")
+    return mask
+
+
+def check_sana_conditioning_input(conditioning: object, where: str, latent_batch: int | None = None,
+                                  latent_input: str = "latent_image") -> None:
+    """A node's CONDITIONING input for Sana: ``[[embeddings, {"attention_mask": mask, ...}], ...]``.
+
+    Every entry must hold Gemma-2 embeddings (not SD CLIP's), a mask matching them, and a batch the
+    latent can use; the error names ``where`` (the node input) and what was expected.
+    """
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        empty = " (empty)" if isinstance(conditioning, (list, tuple)) else ""
+        raise ValueError(f"{where}: expected a CONDITIONING from 'SanaTextEncode', got "
+                         f"{type(conditioning).__name__}{empty}.")
+    for entry in conditioning:
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[1], Mapping):
+            raise ValueError(f"{where}: a CONDITIONING entry is not [embeddings, options]; connect "
+                             "'SanaTextEncode' to it.")
+        context = check_sana_conditioning(entry[0], where)
+        check_context_mask(context, entry[1].get("attention_mask"), where)
+        if latent_batch is not None:
+            check_batch_matches(latent_batch, context.shape[0], latent_input, where)
+
+
+def sana_latent_bytes(batch: int, height: int, width: int, channels: int = LATENT_CHANNELS,
+                      element_size: int = 4) -> int:
+    """Bytes of one latent tensor (B, C, h, w), float32 by default (as ComfyUI's samplers hold it)."""
+    return int(batch) * int(channels) * int(height) * int(width) * int(element_size)
+
+
+# float32 latent-sized tensors a flow sampler holds at once: x, noise, denoised, the previous
+# denoised (multistep), the velocity and the output.
+SAMPLER_LATENT_COPIES = 6
+
+
+def sana_sampling_bytes(batch: int, height: int, width: int, *, hidden_size: int = 1152,
+                        mlp_ratio: float = 2.5, element_size: int = 2, cfg: bool = True) -> int:
+    """A lower bound of sampling memory above the weights: the sampler's latent copies plus the
+    activations of one forward over all tokens (CFG doubles the batch).
+
+    Per token a Sana block holds at least the hidden state, its normed copy, q, k, v, the attention
+    output (6 hidden-sized values) and the GLU feed-forward's 2 x ffn hidden values. It is a lower
+    bound on purpose: work refused by it cannot run, whatever the real peak is.
+    """
+    forward_batch = int(batch) * (2 if cfg else 1)
+    tokens = int(height) * int(width)
+    per_token = (6 * hidden_size + 2 * int(hidden_size * mlp_ratio)) * element_size
+    return SAMPLER_LATENT_COPIES * sana_latent_bytes(batch, height, width) + forward_batch * tokens * per_token
+
+
+def check_sana_memory(needed: int, free_bytes: int | None, what: str, *, batch: int, width_px: int,
+                      height_px: int, safety_fraction: float = 0.1) -> None:
+    """Refuse work whose estimated memory exceeds the budget, with the figures and what to change."""
+    if free_bytes is None:
+        return
+    usable = Budget(int(free_bytes), safety_fraction).usable
+    if needed <= usable:
+        return
+    # the largest batch and the largest square side that would fit, for the message
+    fit_batch = max(0, int(batch * usable // max(1, needed)))
+    scale = math.sqrt(usable / max(1, needed))
+    side = int(math.sqrt(width_px * height_px) * scale) // LATENT_DOWNSCALE * LATENT_DOWNSCALE
+    options = []
+    if fit_batch >= 1 and batch > 1:
+        options.append(f"a batch of {fit_batch} or fewer")
+    if side >= LATENT_DOWNSCALE:
+        options.append(f"a smaller image (about {side}x{side} px at this batch)")
+    options.append("free memory (unload other models)")
+    raise WorkTooLarge(
+        f"{what}: {count(batch, 'image')} of {width_px}x{height_px} px need at least {format_bytes(needed)}, "
+        f"but only {format_bytes(usable)} of {format_bytes(free_bytes)} free can be used. "
+        f"Use {' or '.join(options)}.")
+
+
+def check_sana_empty_latent(batch: int, width_px: int, height_px: int, free_bytes: int | None,
+                            what: str = "SanaEmptyLatent") -> tuple[int, int, int, int]:
+    """The latent shape for an image size, refused before allocation when it cannot fit ``free_bytes``.
+
+    ``free_bytes`` is the free memory of the device the latent is created on (ComfyUI's intermediate
+    device, usually system RAM); ``None`` skips the memory check.
+    """
+    shape = latent_shape(int(width_px), int(height_px), int(batch))
+    check_sana_memory(sana_latent_bytes(shape[0], shape[2], shape[3]), free_bytes, what, batch=shape[0],
+                      width_px=shape[3] * LATENT_DOWNSCALE, height_px=shape[2] * LATENT_DOWNSCALE)
+    return shape
+
+
+def check_sana_sampling(samples: torch.Tensor, free_bytes: int | None, *, hidden_size: int, mlp_ratio: float = 2.5,
+                        element_size: int = 2, cfg: bool = True, what: str = "SanaSampler") -> None:
+    """Refuse sampling a latent whose lower-bound working memory exceeds ``free_bytes`` (weights excluded)."""
+    batch, _, height, width = samples.shape
+    needed = sana_sampling_bytes(batch, height, width, hidden_size=hidden_size, mlp_ratio=mlp_ratio,
+                                 element_size=element_size, cfg=cfg)
+    check_sana_memory(needed, free_bytes, what, batch=batch, width_px=width * LATENT_DOWNSCALE,
+                      height_px=height * LATENT_DOWNSCALE)
