@@ -10,12 +10,8 @@ from typing import Any
 
 import torch
 
-from uniba.sana.checks import (
-    check_sana_conditioning_input,
-    check_sana_empty_latent,
-    check_sana_latent,
-    check_sana_sampling,
-)
+from uniba.devices import DTYPE_CHOICES, choose_dtype
+from uniba.sana import checks
 from uniba.sana.config import DEFAULT_SHIFT, LATENT_DOWNSCALE, SHIFT_4K, resolution_presets
 from uniba.sana.loader import read_sana_checkpoint
 from uniba.sana.sampling import flow_sigmas, sample_flow_dpm_solver, sample_flow_euler
@@ -40,7 +36,7 @@ class SanaDiTLoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "unet_name": (_diffusion_model_choices(), {"tooltip": "Sana transformer in models/diffusion_models/"}),
-            "weight_dtype": (["auto", "bf16", "fp16", "fp32"], {
+            "weight_dtype": (list(DTYPE_CHOICES), {
                 "default": "auto", "tooltip": "auto: fp32 on CPU, bf16 where supported; fp16 is not safe for "
                                              "the bf16 releases (docs/dtypes.md)"}),
         }}
@@ -53,7 +49,8 @@ class SanaDiTLoader:
 
     def load(self, unet_name: str, weight_dtype: str) -> tuple[Any]:
         checkpoint = read_sana_checkpoint(host.model_path("diffusion_models", unet_name.rstrip("/")))
-        dtype = host.choose_dtype(weight_dtype, host.torch_device(), stored=checkpoint.stored_dtype)
+        device = host.torch_device()
+        dtype = choose_dtype(weight_dtype, device, host.dtype_support(device), stored=checkpoint.stored_dtype)
         return (comfy_sana.load_dit(checkpoint, dtype),)
 
 
@@ -132,7 +129,7 @@ class SanaEmptyLatent:
             width, height = RESOLUTION_PRESETS[preset]
         device = host.intermediate_device()
         # refused with the figures before torch.zeros tries (16384 px x 4096 would ask for 137 GB)
-        shape = check_sana_empty_latent(batch_size, width, height, host.free_memory(device))
+        shape = checks.check_sana_empty_latent(batch_size, width, height, host.free_memory(device))
         return ({"samples": torch.zeros(shape, device=device)},)
 
 
@@ -170,13 +167,13 @@ class SanaSampler:
 
     def sample(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, steps: int,
                cfg: float, solver: str, shift: float, denoise: float) -> tuple[dict[str, Any]]:
-        samples = check_sana_latent(latent_image.get("samples") if isinstance(latent_image, dict) else None,
+        samples = checks.check_sana_latent(latent_image.get("samples") if isinstance(latent_image, dict) else None,
                                     "latent_image")
-        check_sana_conditioning_input(positive, "positive", samples.shape[0])
-        check_sana_conditioning_input(negative, "negative", samples.shape[0])
+        checks.check_sana_conditioning_input(positive, "positive", samples.shape[0])
+        checks.check_sana_conditioning_input(negative, "negative", samples.shape[0])
         config = _dit_config(model)
         if config is not None:  # a lower bound against all the device's memory: refused work could never run
-            check_sana_sampling(samples, host.total_memory(getattr(model, "load_device", None)),
+            checks.check_sana_sampling(samples, host.total_memory(getattr(model, "load_device", None)),
                                 hidden_size=config.hidden_size, mlp_ratio=config.mlp_ratio, cfg=cfg != 1.0)
         if solver not in SAMPLER_FUNCTIONS:
             raise ValueError(f"solver must be one of {', '.join(SAMPLER_FUNCTIONS)}, got {solver!r}")

@@ -14,11 +14,15 @@ from typing import Any
 
 import torch
 
+from uniba.devices import DTYPE_CHOICES, choose_dtype
+
 from .comfy import host
 from .comfy import sana as comfy_sana
 
 CATEGORY = "UniBA/Sana"
-DTYPES = ["auto", "bf16", "fp16", "fp32"]
+DTYPES = list(DTYPE_CHOICES)
+# "auto" never picks fp16 for these two: Gemma-2's activations and the DC-AE's overflow it (black/NaN images)
+NO_FP16 = (torch.bfloat16, torch.float32)
 TEXT_ENCODER_TYPE = "SANA_TEXT_ENCODER"
 
 
@@ -66,8 +70,7 @@ class SanaTextEncoderLoader:
 
         path = host.model_path("text_encoders", model_name.rstrip("/\\"))
         device = host.text_encoder_device()
-        # "auto" never picks fp16: Gemma-2's activations overflow it (black/NaN images in the forks)
-        weight_dtype = host.choose_dtype(dtype, device, supported=(torch.bfloat16, torch.float32))
+        weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
         encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu")
         patcher = host.wrap_model(encoder.model, load_device=device, offload=host.offload_device())
         return (SanaTextEncoderHandle(patcher, encoder.tokenizer, path),)
@@ -133,7 +136,7 @@ class SanaVAELoader:
 
         path = host.model_path("vae", vae_name)
         device = host.vae_device()
-        weight_dtype = host.choose_dtype(dtype, device, supported=(torch.bfloat16, torch.float32))
+        weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
         return (comfy_sana.make_vae(load_dcae(path, dtype=weight_dtype)),)
 
 

@@ -123,7 +123,8 @@ def test_mask_is_per_batch_element() -> None:
 
 # --------------------------------------------------------------------------- real configurations
 
-PARAMS_M = {"Sana_600M_1024px": 591.7, "Sana_1600M_1024px": 1604.5, "SANA1.5_4.8B_1024px": 4721.8}
+PARAMS_M = {"Sana_600M_1024px": 591.7, "Sana_1600M_1024px": 1604.5, "SANA1.5_4.8B_1024px": 4721.8,
+            "Sana_Sprint_1.6B_1024px": 1610.2}
 
 # one block of the original layout, from SANA's SanaMSBlock (docs/SOURCES.md, Sana §5.2)
 ORIGINAL_BLOCK0 = {
@@ -157,7 +158,8 @@ def test_real_config_key_coverage_on_meta(release: str) -> None:
     original = sana_keys.ours_to_original(meta_sd)
     block0 = {k for k in original if k.startswith("blocks.0.")}
     assert block0 == ORIGINAL_BLOCK0 | (ORIGINAL_QK_NORM if config.qk_norm else set())
-    assert {k for k in original if not k.startswith("blocks.")} == ORIGINAL_GLOBAL
+    sprint = {f"cfg_embedder.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")} if config.is_sprint else set()
+    assert {k for k in original if not k.startswith("blocks.")} == ORIGINAL_GLOBAL | sprint
     assert len({k for k in original if k.endswith(".scale_shift_table") and k.startswith("blocks.")}) == config.depth
     assert tuple(original["blocks.0.attn.qkv.weight"].shape) == (3 * config.hidden_size, config.hidden_size)
     assert tuple(original["blocks.0.cross_attn.kv_linear.bias"].shape) == (2 * config.hidden_size,)

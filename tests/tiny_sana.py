@@ -47,3 +47,34 @@ def write_tiny_sana_dit(folder: Path, name: str = "sana_tiny.safetensors", fmt: 
     path = folder / name
     save_safetensors(state, path, metadata={METADATA_KEY: config.to_json()})
     return path
+
+
+# Sana-Sprint: qk/cross norms and the guidance embedder, caption width kept small for speed.
+TINY_SPRINT = SanaConfig(hidden_size=64, depth=2, cross_heads=4, caption_channels=48, qk_norm=True, cross_norm=True,
+                         guidance_embeds=True)
+
+
+def tiny_sprint_oracle(seed: int = 0, scale: float = 0.2):
+    """diffusers' SanaTransformer2DModel of :data:`TINY_SPRINT` with random weights (test-only oracle)."""
+    from diffusers import SanaTransformer2DModel
+
+    from uniba.sana.config import diffusers_config_dict
+
+    generator = torch.Generator().manual_seed(seed)
+    model = SanaTransformer2DModel(**diffusers_config_dict(TINY_SPRINT)).eval()
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            value.copy_(torch.randn(value.shape, generator=generator) * scale)
+    return model
+
+
+def write_tiny_sprint_pth(state_dict: dict[str, torch.Tensor], folder: Path,
+                          name: str = "Sana_Sprint_tiny.pth") -> Path:
+    """Diffusers-key Sprint weights as SANA's original Sprint checkpoint: ``{"state_dict": ...}`` with
+    ``cfg_embedder``, ``logvar_linear`` and the buffers the loader must ignore."""
+    original = to_original_format(dict(state_dict), TINY_SPRINT)
+    original["logvar_linear.weight"] = torch.randn(1, TINY_SPRINT.hidden_size)
+    original["logvar_linear.bias"] = torch.zeros(1)
+    path = Path(folder) / name
+    torch.save({"state_dict": original}, path)
+    return path

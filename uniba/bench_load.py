@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .devices import DTYPES, dtype_name
 
 # Where tests/make_release_size.py puts each format, and which loader reads it.
 KNOWN_FILES: tuple[tuple[str, str], ...] = (
@@ -74,10 +74,6 @@ def _model_bytes(module: torch.nn.Module) -> int:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
     return sum(seen.values())
-
-
-def _short(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
 def _touch(module: torch.nn.Module) -> None:
@@ -177,7 +173,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     ready = time.perf_counter() - start
     result: dict[str, Any] = {
         "kind": kind, "path": path, "load_s": seconds, "ready_s": ready, "peak_bytes": meter.peak_above_baseline(),
-        "model_bytes": _model_bytes(module), "dtype": _short(next(module.parameters()).dtype),
+        "model_bytes": _model_bytes(module), "dtype": dtype_name(next(module.parameters()).dtype),
     }
     if spec.get("forward_out"):
         meter.start()

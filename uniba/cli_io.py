@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError, check_file
+from .devices import default_device
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +175,10 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> No
 # --------------------------------------------------------------------------- devices
 
 def resolve_device(text: str | None) -> torch.device:
-    """``--device``: cuda/mps/cpu (with an index) that this torch build can use; default cuda if available."""
+    """``--device``: cuda/mps/cpu (with an index) that this torch build can use; default
+    :func:`uniba.devices.default_device`."""
     if not text:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return default_device()
     try:
         device = torch.device(text)
     except RuntimeError:

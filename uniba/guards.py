@@ -7,6 +7,9 @@
 * :class:`WorkTooLarge`: work refused before allocating because its estimate exceeds the budget.
 * Config values read from checkpoint metadata (:func:`config_from_metadata`): invalid JSON or
   impossible values become a :class:`~uniba.checkpoint.CheckpointError` naming the file.
+* Values handed to the engine's public functions and the nodes (:func:`check_image`, :func:`check_seed`,
+  :func:`check_choice`, :func:`check_whole_number`, :func:`check_text`): one sentence naming the input, what
+  it got and the fix, instead of a library error from deep inside (or a silently wrong image).
 
 Family-specific checks live beside the family's config (Sana's shapes and memory estimates:
 :mod:`uniba.sana.checks`). Everything here is host-free (torch only).
@@ -25,7 +28,8 @@ import torch
 
 __all__ = [
     "NonFiniteError", "WorkTooLarge", "check_finite", "check_state_dict_finite", "finite_denoiser", "check_step_finite",
-    "config_from_metadata", "validate_config",
+    "config_from_metadata", "validate_config", "check_image", "check_seed", "check_choice", "check_whole_number",
+    "check_text",
 ]
 
 T = TypeVar("T")
@@ -224,3 +228,111 @@ def config_from_metadata(parse: Callable[[str], T], text: object, path: str | os
         raise CheckpointError(path, f"has '{key}' metadata of the wrong form ({exc}).",
                               "The file's metadata is damaged: convert the original release again.") from None
     return validate_config(config, path, f"the '{key}' metadata")
+
+
+# --------------------------------------------------------------------------- values at the public functions
+
+SEED_MAX = 2**64 - 1  # what torch's generators (and ComfyUI's seed widgets) take
+
+
+def check_whole_number(value: object, where: str, minimum: int = 1) -> int:
+    """A whole number >= ``minimum`` (an int, or an integral float/str such as a JSON "20"); else ValueError."""
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 100:
+        number = int(value)
+    if number is None:
+        raise ValueError(f"{where}: expected a whole number, got {_show(value)}.")
+    if number < minimum:
+        raise ValueError(f"{where}: must be at least {minimum}, got {number}.")
+    return number
+
+
+def check_seed(value: object, where: str = "seed") -> int:
+    """A seed from 0 to 2**64 - 1 (what the host's seed widget offers and torch's generators accept)."""
+    seed = check_whole_number(value, where, minimum=0)
+    if seed > SEED_MAX:
+        raise ValueError(f"{where}: must be from 0 to {SEED_MAX} (2**64 - 1), got {seed}; use a smaller seed.")
+    return seed
+
+
+def check_choice(value: object, choices: tuple[int, ...], where: str) -> int:
+    """One of the whole-number ``choices`` (given as a number or its text, e.g. a node's "4")."""
+    try:
+        number = check_whole_number(value, where, minimum=-(2**63))
+    except ValueError:
+        number = None
+    if number not in choices:
+        raise ValueError(f"{where}: must be one of {', '.join(map(str, choices))}, got {_show(value)}.")
+    return number
+
+
+def check_text(value: object, where: str) -> str:
+    """Text that can be encoded: a str without lone surrogates (half of a UTF-16 pair, e.g. from a broken paste)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected text, got {type(value).__name__}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where}: character {exc.start + 1} is {value[exc.start]!r}, half of a character pair "
+                         "(a lone surrogate, e.g. from a broken copy and paste), which is not text; delete it and "
+                         "type the character again.") from None
+    return value
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_image(image: object, where: str, *, channels_last: bool, value_range: tuple[float, float],
+                channels: tuple[int, ...] = (3, 4), fix_range: str = "") -> torch.Tensor:
+    """An image batch for a public function: 4-D, at least one image, the channel axis where it is expected,
+    a channel count of ``channels``, finite values within ``value_range`` (0..255 pixels are refused, not
+    taken as very bright numbers). A 3-D tensor is taken as one image. Each error names ``where``, what it
+    got and the fix (transpose, rescale, drop channels).
+    """
+    layout = "(batch, height, width, channels)" if channels_last else "(batch, channels, height, width)"
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"{where}: expected an image tensor {layout}, got {type(image).__name__}.")
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4:
+        raise ValueError(f"{where}: expected an image tensor {layout}, got shape {tuple(image.shape)}.")
+    if image.shape[0] == 0:
+        raise ValueError(f"{where}: the batch is empty (shape {tuple(image.shape)}); give at least one image.")
+    axis, other = (-1, 1) if channels_last else (1, -1)
+    wanted = " or ".join(map(str, channels))
+    if image.shape[axis] not in channels:
+        if image.shape[other] in channels and image.shape[axis] > max(channels):
+            turn = "image.movedim(1, -1)" if channels_last else "image.movedim(-1, 1)"
+            kind = "channels first" if channels_last else "channels last (like a ComfyUI IMAGE)"
+            raise ValueError(f"{where}: shape {tuple(image.shape)} looks {kind}, but {layout} is expected; "
+                             f"pass {turn}.")
+        keep = "image[..., :{n}]" if channels_last else "image[:, :{n}]"
+        fix = f" Keep the colour channels ({keep.format(n=max(channels))})." if image.shape[axis] > max(channels) \
+            else ""
+        raise ValueError(f"{where}: has {image.shape[axis]} channels (shape {tuple(image.shape)}); expected "
+                         f"{wanted} ({'RGB, RGBA' if channels == (3, 4) else 'channels'}).{fix}")
+    height, width = image.shape[1:3] if channels_last else image.shape[2:]
+    if min(height, width) < 1:
+        raise ValueError(f"{where}: is {width}x{height} px (shape {tuple(image.shape)}); give an image of at least "
+                         "1x1 px.")
+    check_finite(image, where, "Replace the NaN/inf pixels (something upstream produced them).")
+    if image.is_floating_point():
+        low, high = (float(v) for v in torch.aminmax(image.detach()))
+        lo, hi = value_range
+        slack = 0.5 * (hi - lo)  # sharpening or resampling overshoots a little: that is fine
+        if low < lo - slack or high > hi + slack:
+            looks = " It looks like 0..255 pixel values." if high > 2 and low >= lo - slack else ""
+            raise ValueError(f"{where}: values reach {low:.4g}..{high:.4g}, but {lo:g}..{hi:g} is expected.{looks} "
+                             f"{fix_range or f'Rescale it to {lo:g}..{hi:g}.'}")
+    elif not image.is_floating_point():
+        raise ValueError(f"{where}: holds {image.dtype} values; expected floating-point values in "
+                         f"{value_range[0]:g}..{value_range[1]:g} ({fix_range or 'convert and rescale it'}).")
+    return image

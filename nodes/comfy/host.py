@@ -8,16 +8,20 @@ the budget, ``UNIBA_MODELS_DIR`` as the model folder).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from uniba.devices import DtypeSupport, default_device, torch_dtype_support
 from uniba.memory import device_free_bytes, is_out_of_memory
+from uniba.progress import TerminalProgress
 
 log = logging.getLogger("uniba")
 
@@ -55,13 +59,7 @@ def require_comfyui(what: str) -> None:
 
 def torch_device() -> torch.device:
     """The compute device ComfyUI chose (``--cpu`` honoured), else CUDA, MPS or CPU."""
-    if IN_COMFYUI:
-        return _mm.get_torch_device()
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return _mm.get_torch_device() if IN_COMFYUI else default_device()
 
 
 def offload_device() -> torch.device:
@@ -94,38 +92,12 @@ def vae_offload_device() -> torch.device:
     return _mm.vae_offload_device() if IN_COMFYUI else torch.device("cpu")
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def choose_dtype(
-    requested: str,
-    device: torch.device | None = None,
-    *,
-    supported: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32),
-    stored: torch.dtype | None = None,
-) -> torch.dtype:
-    """Resolve a node's ``auto|bf16|fp16|fp32`` input to a dtype the device can run.
-
-    ``auto`` is fp32 on CPU, bf16 where the device supports it, else fp16 when the model allows it.
-    ``stored`` (the checkpoint's dtype) breaks ties: a bf16 release is not squeezed into fp16.
-    """
-    if requested in _DTYPES:
-        return _DTYPES[requested]
-    if requested != "auto":
-        raise ValueError(f"weight dtype must be auto, bf16, fp16 or fp32, got {requested!r}")
-    device = device or torch_device()
-    if device.type == "cpu":
-        return torch.float32
-    if torch.bfloat16 in supported:
-        bf16_ok = _mm.should_use_bf16(device) if IN_COMFYUI else (
-            device.type != "cuda" or torch.cuda.is_bf16_supported())
-        if bf16_ok:
-            return torch.bfloat16
-    if torch.float16 in supported and stored is not torch.bfloat16:
-        fp16_ok = _mm.should_use_fp16(device) if IN_COMFYUI else device.type in ("cuda", "mps")
-        if fp16_ok:
-            return torch.float16
-    return torch.float32
+def dtype_support(device: torch.device) -> DtypeSupport:
+    """Whether ``device`` computes bf16/fp16 usefully: ComfyUI's answer (its flags and device tables), else
+    torch's; :func:`uniba.devices.choose_dtype` turns it into the dtype."""
+    if not IN_COMFYUI:
+        return torch_dtype_support(device)
+    return DtypeSupport(bf16=bool(_mm.should_use_bf16(device)), fp16=bool(_mm.should_use_fp16(device)))
 
 
 # --------------------------------------------------------------------------- memory
@@ -299,13 +271,7 @@ class Progress:
     def __init__(self, total: int, node_id: str | None = None, desc: str = "") -> None:
         self.total = total
         self._bar = _cu.ProgressBar(total, node_id=node_id) if IN_COMFYUI else None
-        self._tqdm = None
-        if self._bar is None:
-            from tqdm.auto import tqdm
-
-            self._tqdm = tqdm(total=total, desc=desc or PACK_NAME, leave=False,
-                              disable=os.environ.get("UNIBA_QUIET") == "1")
-        self._done = 0
+        self._terminal = None if IN_COMFYUI else TerminalProgress(total, desc or PACK_NAME, leave=False)
 
     def __call__(self, done: int, total: int | None = None, preview: torch.Tensor | None = None) -> None:
         check_interrupt()
@@ -314,14 +280,64 @@ class Progress:
         if self._bar is not None:
             shown = ("JPEG", _to_pil(preview), self.MAX_PREVIEW) if preview is not None else None
             self._bar.update_absolute(done, self.total, shown)
-        elif self._tqdm is not None:
-            self._tqdm.total = self.total
-            self._tqdm.update(done - self._done)
-        self._done = done
+        elif self._terminal is not None:
+            self._terminal(done, self.total)
+
+    def check_cancel(self) -> None:
+        """Cancel point inside a unit of work (:func:`uniba.progress.check_cancel`): no bar update."""
+        check_interrupt()
 
     def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
+        if self._terminal is not None:
+            self._terminal.close()
+
+
+# --------------------------------------------------------------------------- warnings the user must see
+
+# The server event web/js/uniba_warnings.js shows as a toast in the browser.
+WARNING_EVENT = "uniba.warning"
+
+
+def warn(message: str, node_id: str | None = None) -> None:
+    """Something the user must know (a result that differs from what was asked): in the log, and inside
+    ComfyUI also as a warning toast in the browser of the client that queued the prompt."""
+    log.warning("%s", message)
+    if not IN_COMFYUI:
+        return
+    try:
+        instance = _prompt_server()
+        instance.send_sync(WARNING_EVENT, {"message": message, "node": node_id}, getattr(instance, "client_id", None))
+    except Exception:  # noqa: BLE001 - no server (scripts, tests): the log line is all there is
+        log.debug("could not send the warning to the browser", exc_info=True)
+
+
+def _prompt_server() -> Any:
+    import server
+
+    return server.PromptServer.instance
+
+
+@contextlib.contextmanager
+def engine_warnings(node_id: str | None = None) -> Iterator[None]:
+    """Show the engine's warnings (``warnings.warn`` with a ``uniba`` warning class) through :func:`warn` while
+    a node runs, every time (not once per place); other warnings go on as they would have."""
+    recorded: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                recorded = list(caught)
+    finally:  # also when the node fails afterwards: what was said before still holds
+        shown: set[str] = set()
+        for item in recorded:
+            if item.category.__module__.split(".")[0] == "uniba":
+                if str(item.message) not in shown:  # a check run twice (node, then engine) says it once
+                    shown.add(str(item.message))
+                    warn(str(item.message), node_id)
+            else:
+                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 # --------------------------------------------------------------------------- model folders
@@ -453,6 +469,17 @@ class _KDiffusionModel:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         return self.denoiser(x, sigma, **extra_args)
+
+
+def sampler_named(name: str) -> Any:
+    """The SAMPLER ComfyUI's KSamplerSelect gives for ``name``; a ValueError naming the choices otherwise."""
+    require_comfyui("a ComfyUI sampler by name")
+    import comfy.samplers  # optional dependency (ComfyUI): imported only when running inside it
+
+    names = list(comfy.samplers.KSampler.SAMPLERS)
+    if name not in names:
+        raise ValueError(f"sampler must be one of ComfyUI's samplers ({', '.join(names)}), got {name[:40]!r}")
+    return comfy.samplers.sampler_object(name)
 
 
 class k_diffusion_sampler:  # noqa: N801 - used like a function

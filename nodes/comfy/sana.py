@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
+from uniba.devices import COMPUTE_DTYPES, allowed_dtypes
 from uniba.guards import check_finite
 from uniba.sana.checks import check_context_mask, check_sana_conditioning, check_sana_latent
 from uniba.sana.config import DEFAULT_SHIFT, LATENT_CHANNELS, LATENT_DOWNSCALE, LATENT_SCALE, SanaConfig
@@ -75,7 +76,7 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         unet_extra_config: dict[str, Any] = {}
         latent_format = SanaLatentFormat
         sampling_settings = {"shift": DEFAULT_SHIFT, "multiplier": 1000}
-        supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+        supported_inference_dtypes = list(COMPUTE_DTYPES)
         # ComfyUI reserves dtype_size x 0.01 x this MiB per latent token (flash-attention hosts): 168 KB in fp32,
         # 84 KB in bf16. One forward of Sana 1600M measured on the CPU peaks at 118 KB per token in fp32 (600M:
         # 61 KB), so this is a safe over-estimate; bf16 keeps the linear attention in fp32 and lands in between.
@@ -111,20 +112,19 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
 
 
 def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype) -> Any:
-    """A MODEL of a read Sana checkpoint with weights in ``dtype`` (:func:`host.choose_dtype`'s choice).
+    """A MODEL of a read Sana checkpoint with weights in ``dtype`` (:func:`uniba.devices.choose_dtype`'s choice).
 
     Inside ComfyUI the DiT is built with ComfyUI's layer classes, which compute in the dtype the
     device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``.
     """
     if not host.IN_COMFYUI:
         return host.wrap_model(build_sana(checkpoint, dtype))
-    supported = [torch.bfloat16, torch.float16, torch.float32]
-    if checkpoint.stored_dtype == torch.bfloat16:
-        supported.remove(torch.float16)  # bf16 releases overflow in fp16 (docs/SOURCES.md, Sana §8.5)
+    supported = allowed_dtypes(checkpoint.stored_dtype)
     manual_cast = comfy.model_management.unet_manual_cast(dtype, host.torch_device(), supported)
     model_config = SanaModelConfig(checkpoint.config)
     model_config.set_inference_dtype(dtype, manual_cast)
     dit = build_sana(checkpoint, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast))
+    dit.between_blocks = host.check_interrupt  # hosts before 0.28 check Cancel only between sampler steps
     return host.wrap_model(SanaModel(model_config, dit))
 
 

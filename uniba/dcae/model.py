@@ -25,7 +25,7 @@ from torch import nn
 
 from uniba.conv import Conv2d, conv2d
 from uniba.memory import is_out_of_memory
-from uniba.progress import ProgressFn
+from uniba.progress import ProgressFn, report
 
 from .config import RES_BLOCK, VIT_BLOCK, DCAEConfig
 
@@ -259,11 +259,15 @@ class Encoder(nn.Module):
         self.conv_out = Conv2d(widths[-1], config.latent_channels, 3, 1, 1)
         self.out_group = widths[-1] // config.latent_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
-        for stage in self.down_blocks:
-            x = stage(x)
+    def units(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The forward pass as the blocks it runs in order, so a one-pass encode has a Cancel point after each."""
+        return [self.conv_in, *(block for stage in self.down_blocks for block in stage), self._out]
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_out(x) + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
+
+    def forward(self, x: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
+        return run_units(self.units(), x, progress)
 
 
 class Decoder(nn.Module):
@@ -282,11 +286,28 @@ class Decoder(nn.Module):
         self.norm_out = RMSNorm2d(widths[0])
         self.conv_out = Conv2d(widths[0], config.in_channels, 3, 1, 1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(z) + z.repeat_interleave(self.in_repeats, dim=1)
-        for stage in reversed(self.up_blocks):
-            x = stage(x)
+    def units(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The forward pass as the blocks it runs in order, so a one-pass decode has a Cancel point after each
+        (a 4096 px decode that fits in one pass would otherwise only stop at its end)."""
+        return [self._in, *(block for stage in reversed(self.up_blocks) for block in stage), self._out]
+
+    def _in(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_in(z) + z.repeat_interleave(self.in_repeats, dim=1)
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.relu(self.norm_out(x)))
+
+    def forward(self, z: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
+        return run_units(self.units(), z, progress)
+
+
+def run_units(units: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
+              progress: ProgressFn | None) -> torch.Tensor:
+    """Run ``units`` in order, reporting ``progress(done, len(units))`` after each (it raises on Cancel)."""
+    for done, unit in enumerate(units, 1):
+        x = unit(x)
+        report(progress, done, len(units))
+    return x
 
 
 # --------------------------------------------------------------------------- the autoencoder
@@ -325,15 +346,16 @@ class DCAE(nn.Module):
         return x.to(device=self.weight_device, dtype=self.weight_dtype)
 
     @torch.no_grad()
-    def encode_full(self, image: torch.Tensor) -> torch.Tensor:
-        """Encode in one pass (no tiling). ``image``: (B, 3, H, W), H and W multiples of 32."""
+    def encode_full(self, image: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
+        """Encode in one pass (no tiling). ``image``: (B, 3, H, W), H and W multiples of 32.
+        ``progress(done, total)`` after each block (:meth:`Encoder.units`); raising from it cancels."""
         self._check_image(image)
-        return self.encoder(self._prepare(image))
+        return self.encoder(self._prepare(image), progress)
 
     @torch.no_grad()
-    def decode_full(self, latent: torch.Tensor) -> torch.Tensor:
-        """Decode in one pass (no tiling)."""
-        return self.decoder(self._prepare(latent))
+    def decode_full(self, latent: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
+        """Decode in one pass (no tiling); ``progress`` as in :meth:`encode_full`."""
+        return self.decoder(self._prepare(latent), progress)
 
     def encode(self, image: torch.Tensor, tile_size: int | None = None, *, budget_bytes: int | None = None,
                progress: ProgressFn | None = None, output_device: torch.device | str | None = None,

@@ -373,17 +373,30 @@ class _Runner:
             self.tick()
 
 
+class _LastReport:
+    """Passes progress on and remembers the last figures, so the final report (with the preview) repeats them."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self.progress, self.done, self.total = progress, 1, 1
+
+    def __call__(self, done: int, total: int | None = None, preview: torch.Tensor | None = None) -> None:
+        self.done, self.total = done, total if total is not None else self.total
+        report(self.progress, self.done, self.total, preview)
+
+
 def _remaining_tiles(steps: list[Step], shapes: list[tuple[int, int, int, int, int]], plan: PassPlan,
                      start: int) -> int:
     return sum(_n_tiles(steps[i], steps[i].coarse_shape(shapes[i][1], shapes[i][2]), plan.tiles[i])
                for i in range(start, len(steps)))
 
 
-def run_pass(model: DCAE, x: torch.Tensor, steps: list[Step], *, full: Callable[[torch.Tensor], torch.Tensor],
-              tile_size: int | None, budget_bytes: int | None, progress: ProgressFn | None,
-              output_device: torch.device | str | None, is_oom: Callable[[BaseException], bool],
-              preview: Callable[[torch.Tensor], torch.Tensor] | None, what: str) -> torch.Tensor:
-    """Run ``steps`` over ``x``: in one plain pass (``full``) when everything fits, else sweep by sweep.
+def run_pass(model: DCAE, x: torch.Tensor, steps: list[Step], *,
+             full: Callable[[torch.Tensor, ProgressFn | None], torch.Tensor],
+             tile_size: int | None, budget_bytes: int | None, progress: ProgressFn | None,
+             output_device: torch.device | str | None, is_oom: Callable[[BaseException], bool],
+             preview: Callable[[torch.Tensor], torch.Tensor] | None, what: str) -> torch.Tensor:
+    """Run ``steps`` over ``x``: in one plain pass (``full(x, progress)``, reporting after each block) when
+    everything fits, else sweep by sweep.
 
     The steps come from :func:`decoder_steps` / :func:`encoder_steps` (tests pass altered ones).
     """
@@ -392,9 +405,10 @@ def run_pass(model: DCAE, x: torch.Tensor, steps: list[Step], *, full: Callable[
     plan = plan_pass(steps, tuple(x.shape), dtype, tile_size=tile_size, budget_bytes=budget_bytes)
     if plan.single_pass:
         try:
+            counted = _LastReport(progress)
             report(progress, 0, 1)
-            out = full(x).float().to(output_device)
-            report(progress, 1, 1, preview(out) if preview is not None else None)
+            out = full(x, counted).float().to(output_device)  # reports (and may cancel) after every block
+            report(progress, counted.done, counted.total, preview(out) if preview is not None else None)
             return out
         except BaseException as exc:  # noqa: BLE001 - only out-of-memory falls through to the tiled pass
             if not is_oom(exc):

@@ -174,7 +174,8 @@ class BlockwiseDenoiser:
     ``lr``: the LR image the cross-attention and CLIP see (B, 3, H/scale, W/scale); ``canvas``: the
     output (H, W), a whole number of blocks (default: ``lr`` times the native scale).
     ``block_batch``: n, (n_h, n_w) or None (the whole canvas in one batch). ``on_batch(rect,
-    denoised_rect)`` runs after every finished batch (progress, preview, Cancel). ``stats``, when
+    denoised_rect)`` runs after every finished batch (progress, preview, Cancel), ``between_layers()``
+    between the transformer layers inside a batch (Cancel; its pending cache entries are dropped). ``stats``, when
     given, receives the traversal, the batch rectangles and the peak number of cached blocks.
     Extra keyword arguments of a call (``seed``, ``model_options``: what ComfyUI's samplers pass
     in ``extra_args``) are accepted and ignored.
@@ -186,7 +187,7 @@ class BlockwiseDenoiser:
                  offload_cache: bool = False, on_batch: BatchCallback | None = None,
                  is_oom: Callable[[BaseException], bool] = is_out_of_memory,
                  on_oom: Callable[[], None] | None = None, position_offset: tuple[int, int] = (0, 0),
-                 stats: dict | None = None) -> None:
+                 stats: dict | None = None, between_layers: Callable[[], None] | None = None) -> None:
         c = model.config
         if canvas is None:
             canvas = (lr.shape[-2] * c.native_scale, lr.shape[-1] * c.native_scale)
@@ -205,7 +206,7 @@ class BlockwiseDenoiser:
         self.model, self.canvas, self.traversal = model, (height, width), traversal
         self.block_batch = resolve_block_batch(block_batch, *self.grid)
         self.offload_cache, self.on_batch, self.is_oom, self.on_oom = offload_cache, on_batch, is_oom, on_oom
-        self.position_offset, self.stats = position_offset, stats
+        self.position_offset, self.stats, self.between_layers = position_offset, stats, between_layers
         device = model.device
         self.concat_lr = (upsample_lr(lr, height, width) if concat_lr is None else concat_lr).to(device)
         storage = torch.device("cpu") if offload_cache else None
@@ -267,11 +268,12 @@ class BlockwiseDenoiser:
             view = _BatchKV(cache, rect, keep, c.num_layers)
             where = region(rect)
             pixels = torch.cat([x[where].float(), self.concat_lr[where].float()], dim=1) * c_in
-            result = model.forward_blocks(pixels, self.cond, step, rect, view, self.position_offset)
+            result = model.forward_blocks(pixels, self.cond, step, rect, view, self.position_offset, **layer_hook)
             current[0] = unit
             return rect, result, view
 
         kwargs = {"on_oom": self.on_oom} if self.on_oom is not None else {}
+        layer_hook = {"between_layers": self.between_layers} if self.between_layers is not None else {}
         try:
             remaining = grid_h * grid_w
             while remaining:

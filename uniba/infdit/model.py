@@ -17,6 +17,7 @@ of each head and positions modulo the table size; layer-0 LR cross-attention wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -287,12 +288,14 @@ class InfDiT(nn.Module):
         return windows(cond.k_map) + self.lr_xattn.key_pos, windows(cond.v_map)
 
     def forward_blocks(self, x_in: torch.Tensor, cond: LRCondition, step: StepEmbedding, rect: BlockRect,
-                       kv: NeighbourKV, position_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                       kv: NeighbourKV, position_offset: tuple[int, int] = (0, 0),
+                       between_layers: Callable[[], None] | None = None) -> torch.Tensor:
         """Network output F for one rectangle of blocks.
 
         ``x_in``: (B, in_channels, n_h*block_px, n_w*block_px), already multiplied by c_in;
         ``cond``: :meth:`condition` of the image; ``step``: :meth:`step_embedding` of this evaluation.
-        RoPE tables are computed once per call and shared by every layer.
+        RoPE tables are computed once per call and shared by every layer. ``between_layers()`` runs after
+        each layer but the last (a Cancel point: it may raise; the batch is then dropped whole).
         Returns (B, out_channels, n_h*block_px, n_w*block_px).
         """
         c = self.config
@@ -336,6 +339,8 @@ class InfDiT(nn.Module):
                 m = _norm(h, c.eps)
             h = h + block.mlp(_modulate(m, shift_m, scale_m))
             del m, a
+            if between_layers is not None and index < len(self.blocks) - 1:
+                between_layers()
 
         shift_f, scale_f = step.final
         # SAT's final_layernorm, then the final layer's own affine-free LN (LN twice)

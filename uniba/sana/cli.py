@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-import torch
-
 from ..checkpoint import check_keys, save_safetensors
-
-_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ..devices import DTYPES
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -23,9 +20,8 @@ def _convert(args: argparse.Namespace) -> int:
     ckpt = read_sana_checkpoint(args.input)
     check_keys(ckpt.state_dict, expected_shapes(ckpt.config), path=args.input, family=FAMILY)
     state = ours_to_original(ckpt.state_dict) if args.to == "original" else ckpt.state_dict
-    dtype = _DTYPES[args.dtype]
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    if args.dtype != "keep":
+        state = {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}
     save_safetensors(state, args.output, metadata={METADATA_KEY: ckpt.config.to_json()})
     print(f"wrote {args.output}: {len(state)} tensors, {args.to} keys, config {ckpt.config.to_json()}")
     return 0
@@ -38,7 +34,7 @@ def _info(args: argparse.Namespace) -> int:
     input_file(args.input, "input", allow_dir=True)
     ckpt = read_sana_checkpoint(args.input)
     params = sum(v.numel() for v in ckpt.state_dict.values())
-    print(f"{args.input}: {ckpt.source_format} format, {str(ckpt.stored_dtype).replace('torch.', '')}, "
+    print(f"{args.input}: {ckpt.source_format} format, {str(ckpt.stored_dtype).removeprefix('torch.')}, "
           f"{params / 1e6:.1f} M parameters")
     for key, value in asdict(ckpt.config).items():
         print(f"  {key}: {value}")
@@ -53,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("input", help="checkpoint file or diffusers transformer folder")
     convert.add_argument("output", help="output .safetensors path")
     convert.add_argument("--to", choices=["diffusers", "original"], default="diffusers", help="key names to write")
-    convert.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help="cast the weights")
+    convert.add_argument("--dtype", choices=("keep", *DTYPES), default="keep", help="cast the weights")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     convert.set_defaults(func=_convert)
 

@@ -30,6 +30,11 @@ CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
 DEFAULT_SHIFT = 3.0
 SHIFT_4K = 6.0
 
+# Sana-Sprint's embedded guidance: the value its releases are run with (diffusers SanaSprintPipeline's
+# guidance_scale default) and the factor the guidance embedder receives it multiplied by (cfg_embed_scale).
+SPRINT_GUIDANCE = 4.5
+SPRINT_GUIDANCE_SCALE = 0.1
+
 
 # The latent Sana's DiT works in is the DC-AE f32c32's (its 32 channels at 1/32 of the image size, scaled by
 # its scaling factor before the DiT sees it); the DiT's patch size 1 keeps that grid as its tokens.
@@ -98,6 +103,14 @@ class SanaConfig:
     qk_norm_eps: float = 1e-5
     linear_attention_eps: float = 1e-8
     flow_shift: float = DEFAULT_SHIFT
+    # Sana-Sprint (TrigFlow/sCM distilled): a guidance embedder beside the timestep embedder, and the
+    # timestep is the flow time in [0, 1] itself (timestep_norm_scale_factor 1000), never truncated
+    guidance_embeds: bool = False
+    guidance_embeds_scale: float = SPRINT_GUIDANCE_SCALE
+
+    @property
+    def is_sprint(self) -> bool:
+        return self.guidance_embeds
 
     @property
     def linear_heads(self) -> int:
@@ -138,6 +151,10 @@ RELEASES: dict[str, SanaConfig] = {
                                 pe_interpolation=2.0, flow_shift=SHIFT_4K),
     "SANA1.5_1.6B_1024px": _release(hidden_size=2240, depth=20, cross_heads=20, qk_norm=True, cross_norm=True),
     "SANA1.5_4.8B_1024px": _release(hidden_size=2240, depth=60, cross_heads=20, qk_norm=True, cross_norm=True),
+    "Sana_Sprint_0.6B_1024px": _release(hidden_size=1152, depth=28, cross_heads=16, qk_norm=True, cross_norm=True,
+                                        guidance_embeds=True),
+    "Sana_Sprint_1.6B_1024px": _release(hidden_size=2240, depth=20, cross_heads=20, qk_norm=True, cross_norm=True,
+                                        guidance_embeds=True),
 }
 
 
@@ -158,6 +175,8 @@ def diffusers_config_dict(config: SanaConfig, sample_size: int | None = None) ->
         "patch_size": config.patch_size,
         "interpolation_scale": config.pe_interpolation if config.use_pe else None,
         "qk_norm": "rms_norm_across_heads" if config.qk_norm else None,
+        "guidance_embeds": config.guidance_embeds,
+        "guidance_embeds_scale": config.guidance_embeds_scale,
     }
 
 
@@ -175,6 +194,8 @@ def config_from_diffusers(data: dict[str, Any]) -> dict[str, Any]:
         out["qk_norm"] = out["cross_norm"] = bool(data["qk_norm"])
     if data.get("guidance_embeds"):
         out["guidance_embeds"] = True
+        if data.get("guidance_embeds_scale") is not None:
+            out["guidance_embeds_scale"] = float(data["guidance_embeds_scale"])
     if "interpolation_scale" in data:
         scale = data["interpolation_scale"]
         out["use_pe"] = scale is not None
@@ -226,6 +247,9 @@ def pe_from_buffer(pos_embed: Any, hidden_size: int) -> dict[str, Any]:
     return hints
 
 
+# Present exactly in Sana-Sprint transformers (our keys): the guidance embedder's first layer.
+SPRINT_GUIDANCE_KEY = "time_embed.guidance_embedder.linear_1.weight"
+
 _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.scale_shift_table\Z")
 
 
@@ -262,8 +286,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], hints: Mapping[str, Any
         "caption_channels": caption_channels,
         "qk_norm": "transformer_blocks.0.attn1.norm_q.weight" in state_dict,
         "cross_norm": "transformer_blocks.0.attn2.norm_q.weight" in state_dict,
+        "guidance_embeds": SPRINT_GUIDANCE_KEY in state_dict,
     }
-    for shape_fact in ("hidden_size", "depth", "qk_norm", "cross_norm"):
+    for shape_fact in ("hidden_size", "depth", "qk_norm", "cross_norm", "guidance_embeds"):
         hints.pop(shape_fact, None)  # the tensors are the truth
     derived.update({k: v for k, v in hints.items() if k in fields_known})
     return validate_config(SanaConfig(**derived), path, "its configuration (from the weights, metadata and config "

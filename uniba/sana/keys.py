@@ -26,7 +26,8 @@ BLOCK_PREFIXES = ("blocks.", "transformer_blocks.")  # a prefix applies when the
 
 ORIGINAL_MARKERS = ("blocks.0.cross_attn.q_linear.weight", "t_block.1.weight")
 DIFFUSERS_MARKERS = ("transformer_blocks.0.attn2.to_q.weight", "caption_projection.linear_1.weight")
-SPRINT_MARKERS = ("cfg_embedder.", "time_embed.guidance_embedder.", "logvar_linear.")
+# Sana-Sprint's guidance embedder in each format (its presence is what makes a file Sprint)
+SPRINT_MARKERS = ("cfg_embedder.", "time_embed.guidance_embedder.")
 
 # (original regex, ours template) for one-to-one renames.
 _RENAMES: tuple[tuple[str, str], ...] = (
@@ -51,14 +52,22 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"blocks\.(\d+)\.mlp\.depth_conv\.conv\.(weight|bias)", r"transformer_blocks.\1.ff.conv_depth.\2"),
     (r"blocks\.(\d+)\.mlp\.point_conv\.conv\.weight", r"transformer_blocks.\1.ff.conv_point.weight"),
 )
+# Sana-Sprint's time embedding: diffusers puts the timestep MLP beside the guidance one, without ``emb.``
+_SPRINT_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"t_embedder\.mlp\.0\.(weight|bias)", r"time_embed.timestep_embedder.linear_1.\1"),
+    (r"t_embedder\.mlp\.2\.(weight|bias)", r"time_embed.timestep_embedder.linear_2.\1"),
+    (r"cfg_embedder\.mlp\.0\.(weight|bias)", r"time_embed.guidance_embedder.linear_1.\1"),
+    (r"cfg_embedder\.mlp\.2\.(weight|bias)", r"time_embed.guidance_embedder.linear_2.\1"),
+)
 _COMPILED = tuple((re.compile(src + r"\Z"), dst) for src, dst in _RENAMES)
+_SPRINT_COMPILED = tuple((re.compile(src + r"\Z"), dst) for src, dst in _SPRINT_RENAMES) + _COMPILED
 _QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.weight\Z")
 _KV = re.compile(r"blocks\.(\d+)\.cross_attn\.kv_linear\.(weight|bias)\Z")
 
 
-def _inverse_renames() -> tuple[tuple[re.Pattern[str], str], ...]:
+def _inverse_renames(renames: tuple[tuple[str, str], ...]) -> tuple[tuple[re.Pattern[str], str], ...]:
     out = []
-    for src, dst in _RENAMES:
+    for src, dst in renames:
         # groups in both are: optional block index, then optional weight|bias, in the same order
         groups = re.findall(r"\(([^)]*)\)", src)
         pattern = re.escape(dst)
@@ -70,7 +79,7 @@ def _inverse_renames() -> tuple[tuple[re.Pattern[str], str], ...]:
     return tuple(out)
 
 
-_INVERSE = _inverse_renames()
+_INVERSE = _inverse_renames(_RENAMES + _SPRINT_RENAMES)
 _OURS_QKV = re.compile(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.weight\Z")
 _OURS_KV = re.compile(r"transformer_blocks\.(\d+)\.attn2\.to_([kv])\.(weight|bias)\Z")
 
@@ -80,11 +89,14 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return checkpoint.strip_prefix(state_dict, PREFIXES, marker=lambda key: key.startswith(BLOCK_PREFIXES))
 
 
+def is_sprint(keys: Iterable[str]) -> bool:
+    """Whether a (prefix-stripped) state dict is a Sana-Sprint transformer, in either key format."""
+    return any(k.startswith(SPRINT_MARKERS) for k in keys)
+
+
 def detect_format(keys: Iterable[str]) -> str | None:
-    """``"original"``, ``"diffusers"``, ``"sprint"`` (unsupported) or ``None`` for a non-Sana file."""
+    """``"original"``, ``"diffusers"`` or ``None`` for a non-Sana file (Sprint or not: :func:`is_sprint`)."""
     keys = set(keys)
-    if any(k.startswith(SPRINT_MARKERS[:2]) for k in keys):
-        return "sprint"
     if all(m in keys for m in ORIGINAL_MARKERS):
         return "original"
     if all(m in keys for m in DIFFUSERS_MARKERS):
@@ -95,6 +107,7 @@ def detect_format(keys: Iterable[str]) -> str | None:
 def original_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert original SANA keys to ours. Ignored keys are dropped; unknown keys pass through unchanged."""
     out: dict[str, torch.Tensor] = {}
+    renames = _SPRINT_COMPILED if is_sprint(state_dict) else _COMPILED
     for key, value in state_dict.items():
         if matches_any(key, ORIGINAL_IGNORE):
             continue
@@ -106,7 +119,7 @@ def original_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
             for name, part in zip("kv", value.chunk(2, dim=0)):
                 out[f"transformer_blocks.{m[1]}.attn2.to_{name}.{m[2]}"] = part
             continue
-        for pattern, template in _COMPILED:
+        for pattern, template in renames:
             if pattern.match(key):
                 out[pattern.sub(template, key)] = value
                 break

@@ -96,14 +96,17 @@ def _metadata_config(path: Path) -> dict[str, Any]:
 
 def read_sana_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor],
                          overrides: Mapping[str, Any] | None = None) -> SanaCheckpoint:
-    """Read and convert a checkpoint without building the model (the dtype can be chosen from it first)."""
+    """Read and convert a checkpoint without building the model (the dtype can be chosen from it first).
+
+    ``source`` may be a file, a diffusers ``transformer/`` folder or a whole pipeline folder
+    (:func:`pipeline_parts`); regular Sana and Sana-Sprint alike (``config.is_sprint``).
+    """
     path = None if isinstance(source, Mapping) else Path(source)
+    if path is not None and path.is_dir() and (path / "model_index.json").is_file():
+        path = pipeline_parts(path).transformer
     raw = dict(source) if path is None else read_state_dict(path)
     stripped = sana_keys.strip_prefix(raw)
     fmt = sana_keys.detect_format(stripped)
-    if fmt == "sprint":
-        raise CheckpointError(path, "is a Sana-Sprint (TrigFlow, guidance-embedded) checkpoint, which this loader "
-                                    "does not support yet.", "Use a Sana 1.0/1.5 or 2K/4K release.")
     if fmt is None:
         raise wrong_family_error(path, f"{FAMILY} (original or diffusers format)", raw.keys(),
                                  "Choose a Sana transformer file (e.g. Sana_1600M_1024px_BF16.pth or a diffusers "
@@ -117,14 +120,55 @@ def read_sana_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor],
         hidden = int(stripped["x_embedder.proj.weight"].shape[0]) if "x_embedder.proj.weight" in stripped else 0
         if hidden and stripped["pos_embed"].shape[-1] == hidden:
             hints.update(pe_from_buffer(stripped["pos_embed"], hidden))
-    if hints.pop("guidance_embeds", False):
-        raise CheckpointError(path, "is a Sana-Sprint (guidance-embedded) model, which is not supported yet.",
-                              "Use a Sana 1.0/1.5 or 2K/4K release.")
     hints.update(overrides or {})
     converted = sana_keys.original_to_ours(stripped) if fmt == "original" else stripped
     config = infer_config(converted, hints, path)
     return SanaCheckpoint(converted, config, fmt, stored_dtype(converted) or torch.float32,
                           None if path is None else str(path))
+
+
+@dataclass(frozen=True)
+class PipelineParts:
+    """The subfolders of a diffusers pipeline folder (``<name>_diffusers/``) that our loaders read."""
+
+    root: Path
+    pipeline_class: str
+    transformer: Path
+    text_encoder: Path
+    vae: Path
+
+    @property
+    def is_sprint(self) -> bool:
+        return self.pipeline_class.startswith("SanaSprint")
+
+
+# What each part must hold to be usable, in the order a user would fix them.
+_PARTS = (("transformer", "config.json"), ("text_encoder", "config.json"), ("tokenizer", None), ("vae", "config.json"))
+
+
+def pipeline_parts(folder: str | os.PathLike) -> PipelineParts:
+    """Check a diffusers Sana pipeline folder (``model_index.json`` + subfolders) before anything is read.
+
+    Regular (``SanaPipeline``) and Sprint (``SanaSprintPipeline``) folders have the same parts; a
+    missing part is refused naming it, so a half-finished download fails before gigabytes are read.
+    """
+    root = Path(folder)
+    index = root / "model_index.json"
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(index, f"could not be read as a diffusers pipeline index ({exc}).",
+                              "Download the whole <name>_diffusers folder again.") from None
+    pipeline_class = str(data.get("_class_name", "")) if isinstance(data, dict) else ""
+    if not pipeline_class.startswith("Sana"):
+        raise CheckpointError(root, f"is a '{pipeline_class or 'unknown'}' pipeline, not a Sana or Sana-Sprint one.",
+                              "Choose a Sana_*_diffusers or Sana_Sprint_*_diffusers folder.")
+    for part, required in _PARTS:
+        if not (root / part).is_dir() or (required and not (root / part / required).is_file()):
+            raise CheckpointError(root, f"has no complete '{part}' subfolder"
+                                        f"{f' (with {required})' if required else ''}.",
+                                  f"Download the '{part}' folder of the pipeline into {root}.")
+    return PipelineParts(root, pipeline_class, root / "transformer", root / "text_encoder", root / "vae")
 
 
 def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:

@@ -14,6 +14,7 @@ checkpoints are converted by :mod:`uniba.sana.keys`. ``operations`` lets a host 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from uniba import conv
 
-from .config import SanaConfig
+from .config import SPRINT_GUIDANCE, SanaConfig
 
 
 class _DefaultOps:
@@ -110,6 +111,26 @@ class _AdaLNSingle(nn.Module):
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.emb.timestep_embedder(timestep_embedding(timestep).to(dtype))
+        return self.linear(F.silu(t)), t
+
+
+class _TimestepGuidanceEmbedding(nn.Module):
+    """Sana-Sprint's adaLN-single: ``t = MLP_t(sinusoid(timestep)) + MLP_g(sinusoid(guidance))``, then as above.
+
+    The guidance embedding is added to ``t`` itself, so it reaches the final layer too (SanaMS
+    ``cfg_embedder``; diffusers ``SanaCombinedTimestepGuidanceEmbeddings``).
+    """
+
+    def __init__(self, ops: Any, dim: int, **factory: Any) -> None:
+        super().__init__()
+        self.timestep_embedder = _Mlp2(ops, 256, dim, nn.SiLU(), **factory)
+        self.guidance_embedder = _Mlp2(ops, 256, dim, nn.SiLU(), **factory)
+        self.linear = ops.Linear(dim, 6 * dim, **factory)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype,
+                guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.timestep_embedder(timestep_embedding(timestep).to(dtype))
+        t = t + self.guidance_embedder(timestep_embedding(guidance).to(dtype))
         return self.linear(F.silu(t)), t
 
 
@@ -243,6 +264,8 @@ class SanaDiT(nn.Module):
     * ``x``: latent ``(B, 32, H, W)``; ``timestep``: ``sigma * 1000`` (``(B,)`` or scalar), truncated
       to an integer as the original ``SanaMS.forward`` does (``truncate_timestep``);
     * ``context``: Gemma-2 embeddings ``(B, L, 2304)``; ``context_mask``: ``(B, L)``, 1 = keep.
+    * Sana-Sprint (``config.guidance_embeds``): ``timestep`` is the flow time in [0, 1] (not truncated) and
+      ``guidance`` the embedded guidance scale (``SPRINT_GUIDANCE`` when None), scaled by ``guidance_embeds_scale``.
     Returns the predicted velocity ``v = noise - x0`` with the shape of ``x``.
     """
 
@@ -253,10 +276,12 @@ class SanaDiT(nn.Module):
         factory = {"device": device, "dtype": dtype}
         c = config.hidden_size
         self.config = config
-        self.truncate_timestep = True
+        self.truncate_timestep = not config.guidance_embeds
         self.compute_dtype: torch.dtype | None = None  # set by hosts that keep weights in another dtype
+        # a host's Cancel check, run between transformer blocks (may raise): a 4K step is long on small cards
+        self.between_blocks: Callable[[], None] | None = None
         self.patch_embed = _PatchEmbed(ops, config, **factory)
-        self.time_embed = _AdaLNSingle(ops, c, **factory)
+        self.time_embed = (_TimestepGuidanceEmbedding if config.guidance_embeds else _AdaLNSingle)(ops, c, **factory)
         self.caption_projection = _Mlp2(ops, config.caption_channels, c, nn.GELU(approximate="tanh"), **factory)
         self.caption_norm = RMSNorm(c, 1e-5, **factory)
         self.transformer_blocks = nn.ModuleList([SanaBlock(ops, config, **factory) for _ in range(config.depth)])
@@ -293,7 +318,8 @@ class SanaDiT(nn.Module):
                              f"got {tuple(x.shape[-2:])}.")
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, guidance: torch.Tensor | float | None = None,
+                **kwargs: Any) -> torch.Tensor:
         self._check_input(x)
         cfg = self.config
         b, _, height, width = x.shape
@@ -311,7 +337,14 @@ class SanaDiT(nn.Module):
             timestep = timestep.expand(b)
         if self.truncate_timestep:
             timestep = timestep.long()
-        t0, t = self.time_embed(timestep.float(), dtype)
+        if cfg.guidance_embeds:
+            guidance = torch.as_tensor(SPRINT_GUIDANCE if guidance is None else guidance, device=x.device,
+                                       dtype=torch.float32).reshape(-1)
+            if guidance.numel() != b:  # one value for the batch, or one per prompt of a cond/uncond batch
+                guidance = guidance.repeat(b // guidance.numel())
+            t0, t = self.time_embed(timestep.float(), dtype, guidance * cfg.guidance_embeds_scale)
+        else:
+            t0, t = self.time_embed(timestep.float(), dtype)
 
         context = context.to(x.device, dtype)
         if context.shape[0] != b:
@@ -325,7 +358,9 @@ class SanaDiT(nn.Module):
                 mask = mask.repeat(b // mask.shape[0], 1)
             bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
-        for block in self.transformer_blocks:
+        for index, block in enumerate(self.transformer_blocks):
+            if index and self.between_blocks is not None:
+                self.between_blocks()
             tokens = block(tokens, context, bias, t0, h, w)
 
         table = self.scale_shift_table.to(tokens.device, dtype)
