@@ -32,10 +32,10 @@ def test_weights_equal_the_measured_release_sizes(name: str, dtype: str, measure
 
 def test_fp8_is_parameters_times_one_byte_and_labelled_planned() -> None:
     sana = _work("Sana 1.5 4.8B")
-    fp8, bf16 = sana.fit("fp8", 8 * GIB), sana.fit("bf16", 8 * GIB)
+    fp8, bf16 = sana.fit("fp8_e4m3fn", 8 * GIB), sana.fit("bf16", 8 * GIB)
     assert fp8.planned and not bf16.planned and 2 * fp8.weights_bytes == bf16.weights_bytes
     assert not bf16.fits and fp8.fits  # 8.8 GiB of bf16 weights cannot fit an 8 GB card
-    assert fit.cell(sana, 8).startswith("fp8 (planned) ")
+    assert fit.cell(sana, 8).startswith("fp8_e4m3fn (planned) ")
 
 
 def test_cells_follow_the_planners() -> None:

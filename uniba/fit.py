@@ -26,6 +26,7 @@ from .cli_io import positive_int
 from .dcae.config import DCAEConfig
 from .dcae.model import DCAE
 from .dcae.tiling import decoder_steps, plan_pass
+from .devices import STORAGE_DTYPES
 from .infdit.config import release_config
 from .infdit.model import InfDiT
 from .infdit.plan import plan_upscale
@@ -38,9 +39,9 @@ from .sana.text_encoder import ENCODE_WORK_BYTES
 CARDS_GB = (8, 12, 16, 24)
 SAFETY_FRACTION = 0.1
 GIB = 1024**3
-# fp8 weight storage for Sana 4.8B is planned, not implemented: listed as parameters x 1 byte.
-PLANNED_DTYPES = {"fp8": 1}
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# fp8 weight storage (uniba.devices.STORAGE_DTYPES) for Sana 4.8B is planned, no loader offers it yet: listed as
+# parameters x 1 byte.
+PLANNED = ("fp8_e4m3fn",)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def _gemma_params(vocab: int, hidden: int, layers: int, heads: int, kv_heads: in
 
 
 def _size(dtype: str) -> int:
-    return PLANNED_DTYPES.get(dtype) or torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return torch.empty((), dtype=STORAGE_DTYPES[dtype]).element_size()
 
 
 def _usable(card_bytes: int, weights: int) -> int:
@@ -105,12 +106,12 @@ def _usable(card_bytes: int, weights: int) -> int:
 
 class InfDiTWork(Work):
     def fit(self, dtype: str, card_bytes: int) -> Fit:
-        plan = plan_upscale(release_config(), 1024, 1024, 4, card_bytes, dtype=DTYPES[dtype])
+        plan = plan_upscale(release_config(), 1024, 1024, 4, card_bytes, dtype=STORAGE_DTYPES[dtype])
         return Fit(dtype, plan.peak_bytes, plan.weights_bytes, plan.fits,
-                   "KV cache" if plan.offload_cache else "")
+                   "KV cache" if any(p.offload_cache for p in plan.passes) else "")
 
     def least_bytes(self, dtype: str) -> int:
-        return plan_upscale(release_config(), 1024, 1024, 4, None, dtype=DTYPES[dtype]).minimum_bytes
+        return plan_upscale(release_config(), 1024, 1024, 4, None, dtype=STORAGE_DTYPES[dtype]).minimum_bytes
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class SanaWork(Work):
         latent = self.side // LATENT_DOWNSCALE
         work = sana_sampling_peak_bytes(1, latent, latent, hidden_size=RELEASES[self.release].hidden_size)
         return Fit(dtype, weights + work, weights, work <= _usable(card_bytes, weights),
-                   planned=dtype in PLANNED_DTYPES)
+                   planned=dtype in PLANNED)
 
 
 class GemmaWork(Work):
@@ -138,7 +139,7 @@ class DCAEWork(Work):
         usable = _usable(card_bytes, weights)
         with torch.device("meta"):
             steps = decoder_steps(DCAE(DCAEConfig.sana_f32c32()))
-        plan = plan_pass(steps, (1, 32, 4096 // LATENT_DOWNSCALE, 4096 // LATENT_DOWNSCALE), DTYPES[dtype],
+        plan = plan_pass(steps, (1, 32, 4096 // LATENT_DOWNSCALE, 4096 // LATENT_DOWNSCALE), STORAGE_DTYPES[dtype],
                          budget_bytes=usable)
         offloaded = "" if plan.store_on_compute else "whole activations"
         return Fit(dtype, weights + plan.estimated_peak_bytes, weights, plan.estimated_peak_bytes <= usable, offloaded)
@@ -152,7 +153,7 @@ WORKS: tuple[Work, ...] = (
     SanaWork("Sana 0.6B, 1024 px", ("bf16", "fp32"), "Sana_600M_1024px", 1024),
     SanaWork("Sana 1.6B, 1024 px", ("bf16", "fp32"), "Sana_1600M_1024px", 1024),
     SanaWork("Sana 1.6B 4K, 4096 px", ("bf16", "fp32"), "Sana_1600M_4Kpx", 4096),
-    SanaWork("Sana 1.5 4.8B, 1024 px", ("fp8", "bf16", "fp32"), "SANA1.5_4.8B_1024px", 1024),
+    SanaWork("Sana 1.5 4.8B, 1024 px", ("fp8_e4m3fn", "bf16", "fp32"), "SANA1.5_4.8B_1024px", 1024),
     GemmaWork("Gemma-2-2B text encoder, one prompt", ("bf16", "fp32")),
     DCAEWork("DC-AE decode, 4096 px", ("bf16", "fp32")),
 )
