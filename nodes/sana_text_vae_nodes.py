@@ -100,10 +100,10 @@ class SanaTextEncode:
     SEARCH_ALIASES = ["UniBA", "Sana", "prompt", "text encode", "Gemma"]
 
     def encode(self, text_encoder: SanaTextEncoderHandle, text: str, use_chi: bool) -> tuple[list]:
-        from uniba.sana.text_encoder import SanaTextEncoder, encode_prompt
+        from uniba.sana.text_encoder import ENCODE_WORK_BYTES, SanaTextEncoder, encode_prompt
 
         host.check_interrupt()
-        gemma = host.load_to_device(text_encoder.patcher, memory_required=256 * 1024**2)
+        gemma = host.load_to_device(text_encoder.patcher, memory_required=ENCODE_WORK_BYTES)
         try:
             encoder = SanaTextEncoder(model=gemma, tokenizer=text_encoder.tokenizer,
                                       source=text_encoder.source)
