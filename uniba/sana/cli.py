@@ -28,7 +28,8 @@ def _convert(args: argparse.Namespace) -> int:
     state = ours_to_original(ckpt.state_dict) if args.to == "original" else ckpt.state_dict
     if args.dtype != "keep":
         state = {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}
-    save_safetensors(state, args.output, metadata={METADATA_KEY: ckpt.config.to_json()})
+    save_safetensors(state, args.output, metadata={METADATA_KEY: ckpt.config.to_json()},
+                     overwrite=args.overwrite)
     print(f"wrote {args.output}: {_kind(ckpt.config)}, {len(state)} tensors, {args.to} keys, "
           f"config {ckpt.config.to_json()}")
     return 0
