@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_sana_dit_comfy import _SanaTestConditioning, _embedding, _mask  # noqa: E402
+from test_sana_dit_comfy import _embedding, _mask, _SanaTestConditioning  # noqa: E402
 from tiny_sana import TINY, write_tiny_sana_dit  # noqa: E402
 
 from uniba.sana import load_sana  # noqa: E402
