@@ -45,10 +45,10 @@ def test_sd_latent_into_the_sana_sampler(monkeypatch) -> None:
 
 def test_sd_clip_conditioning_into_the_sana_sampler() -> None:
     clip_l = [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]]
-    with pytest.raises(ValueError, match=r"positive: expected Sana text conditioning .* got \(1, 77, 768\)"):
+    with pytest.raises(ValueError, match=r"positive: the text embeddings are 768 wide, the width of SD 1.x CLIP"):
         _sample(torch.zeros(1, 32, 4, 4), positive=clip_l)
     sdxl = [[torch.zeros(1, 77, 2048), {}]]
-    with pytest.raises(ValueError, match=r"negative: .* got \(1, 77, 2048\) \(CLIP text embeddings"):
+    with pytest.raises(ValueError, match=r"negative: the text embeddings are 2048 wide, the width of SDXL CLIP"):
         _sample(torch.zeros(1, 32, 4, 4), negative=sdxl)
 
 
