@@ -26,7 +26,8 @@ SIGMA_KIND = {"flow_dpm_solver": "dpm_solver", "flow_euler": "euler"}
 
 
 def _diffusion_model_choices() -> list[str]:
-    return host.list_models("diffusion_models") + [d + "/" for d in host.list_model_dirs("diffusion_models")]
+    folders = host.list_model_dirs("diffusion_models") + host.list_model_dirs("diffusion_models", "model_index.json")
+    return host.list_models("diffusion_models") + [d + "/" for d in sorted(set(folders))]
 
 
 class SanaDiTLoader:
@@ -44,8 +45,9 @@ class SanaDiTLoader:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Sana linear DiT (0.6B/1.6B, 2K/4K, Sana 1.5) as a native MODEL for KSampler and SamplerCustom."
-    SEARCH_ALIASES = ["UniBA", "Sana", "load diffusion model", "DiT", "Sana 1.5", "4K"]
+    DESCRIPTION = ("Sana linear DiT (0.6B/1.6B, 2K/4K, Sana 1.5, Sana-Sprint) as a native MODEL for KSampler and "
+                   "SamplerCustom; a file, a diffusers transformer/ or a whole <name>_diffusers folder.")
+    SEARCH_ALIASES = ["UniBA", "Sana", "load diffusion model", "DiT", "Sana 1.5", "4K", "Sprint"]
 
     def load(self, unet_name: str, weight_dtype: str) -> tuple[Any]:
         checkpoint = read_sana_checkpoint(host.model_path("diffusion_models", unet_name.rstrip("/")))
@@ -170,12 +172,13 @@ class SanaSampler:
 
     def sample(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, steps: int,
                cfg: float, solver: str, shift: float, denoise: float) -> tuple[dict[str, Any]]:
-        config = _dit_config(model)  # what the loaded DiT takes (the release's widths if the MODEL hides them)
+        comfy_sana.check_model_kind(model, sprint=False, node="Sana Sampler")
+        config = comfy_sana.dit_config(model)
+        widths = config or SanaConfig()  # what the loaded DiT takes (the release's if the MODEL hides it)
         samples = checks.check_sana_latent(latent_image.get("samples") if isinstance(latent_image, dict) else None,
-                                           "latent_image", getattr(config, "in_channels", SanaConfig.in_channels))
+                                           "latent_image", widths.in_channels)
         for name, conditioning in (("positive", positive), ("negative", negative)):
-            checks.check_sana_conditioning_input(conditioning, name, samples.shape[0], channels=getattr(
-                config, "caption_channels", SanaConfig.caption_channels))
+            checks.check_sana_conditioning_input(conditioning, name, samples.shape[0], channels=widths.caption_channels)
         if config is not None:  # a lower bound against all the device's memory: refused work could never run
             checks.check_sana_sampling(samples, host.total_memory(getattr(model, "load_device", None)),
                                 hidden_size=config.hidden_size, mlp_ratio=config.mlp_ratio, cfg=cfg != 1.0)
@@ -192,16 +195,6 @@ class SanaSampler:
                                            text_to_image=denoise >= 1.0 and not samples.any())
         out.pop("downscale_ratio_spacial", None)
         return (out,)
-
-
-def _dit_config(model: Any) -> Any:
-    """The engine config of the DiT inside a MODEL (ComfyUI's patcher or the headless one), or None."""
-    inner = getattr(model, "model", None)
-    for candidate in (getattr(inner, "diffusion_model", None), inner):
-        config = getattr(candidate, "config", None)
-        if hasattr(config, "hidden_size") and hasattr(config, "mlp_ratio"):
-            return config
-    return None
 
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
