@@ -29,6 +29,7 @@ import torch
 
 from ..guards import check_choice
 from ..memory import Budget, format_bytes, largest_unit
+from ..wording import count
 from .blockwise import ROW_MAJOR, batch_order, choose_traversal
 from .config import METADATA_KEY, InfDiTConfig, infer_config, release_config
 from .model import InfDiT
@@ -228,9 +229,6 @@ class UpscalePlan:
         When the free figure was taken with the weights already loaded (the node), the peak includes
         weights that are not part of that figure, so a peak above "free" can still fit; the text says so.
         """
-
-        def count(n: int, noun: str) -> str:
-            return f"{n} {noun}" + ("" if n == 1 else ("es" if noun.endswith("ch") else "s"))
 
         last = self.last
         lines = [
