@@ -128,5 +128,8 @@ def test_torchrun_ranks_share_the_queue_and_a_killed_rank_leaves_nothing_partial
     rerun = _torchrun(2, frames, out)
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode != 0 and "f_9999.png: input image" in stdout + stderr  # the broken frame, reported
-    assert f"skipped {len(first)} existing output" in stdout and "on 2 processes" in stdout
+    assert f"skipped {len(first)} existing output" in stdout
+    # both ranks took inputs from the shared queue, and together exactly the missing ones
+    each = [int(n) for n in stdout.split("on 2 processes (")[1].split(" each)")[0].split(", ")]
+    assert len(each) == 2 and min(each) > 0 and sum(each) == len(reference) - len(first), stdout
     assert {p.name: p.read_bytes() for p in out.iterdir()} == reference  # byte-identical to one process

@@ -209,7 +209,6 @@ def _upscale_job(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
     display = TerminalProgress(work["units"], unit="batch") if job.is_main else None
     progress = JobProgress(job, work["units"], work["todo"], display)
-    written = 0
     while (index := job.take()) < len(items):
         source, target = items[index]
         if Path(target).exists() and not args.overwrite:
@@ -227,7 +226,7 @@ def _upscale_job(args: argparse.Namespace) -> int:
             done[1] = plan.total_batches
             plan.check_fits()
             write_image(upscale_image(model, image, plan, args, progress=tick), target, f"the upscaled {source}")
-            written += 1
+            job.add(f"written/{job.rank}", 1)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - one failing input is reported at the end, the others go on
@@ -240,9 +239,11 @@ def _upscale_job(args: argparse.Namespace) -> int:
         display.close()
     if job.is_main:
         skipped = len(items) - work["todo"]
-        print(f"upscaled {count(work['todo'] - len(failures), 'image')} into {args.output}"
+        per_rank = [job.add(f"written/{rank}", 0) for rank in range(job.world_size)]
+        print(f"upscaled {count(sum(per_rank), 'image')} into {args.output}"
               + (f", skipped {count(skipped, 'existing output')}" if skipped else "")
-              + (f" on {count(job.world_size, 'process')}" if job.world_size > 1 else ""))
+              + (f" on {count(job.world_size, 'process')} ({', '.join(map(str, per_rank))} each)"
+                 if job.world_size > 1 else ""))
         for failure in failures:
             print(f"failed: {failure}", file=sys.stderr)
     return 1 if failures else 0
