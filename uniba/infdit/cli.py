@@ -232,7 +232,7 @@ def _upscale_job(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - one failing input is reported at the end, the others go on
             if not many:
                 raise
-            job.fail(f"{source}: {exc}")
+            job.fail(str(exc) if source in str(exc) else f"{source}: {exc}")
         progress.input_done(units_left=max(0, done[1] - done[0]))
     failures = job.finish(idle=progress.draw if job.is_main else None)
     if display is not None:
