@@ -372,13 +372,14 @@ def list_models(folder: str) -> list[str]:
     return sorted(names)
 
 
-def list_model_dirs(folder: str) -> list[str]:
-    """Sub-folders of a model folder (for Hugging Face style model folders such as a Gemma download)."""
+def list_model_dirs(folder: str, marker: str = "config.json") -> list[str]:
+    """Sub-folders of a model folder holding ``marker`` (Hugging Face model folders such as a Gemma download;
+    ``model_index.json`` for whole diffusers pipeline folders)."""
     bases = _fp.get_folder_paths(folder) if IN_COMFYUI else _headless_dirs(folder)
     found = []
     for base in bases:
         if os.path.isdir(base):
-            found += [d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json"))]
+            found += [d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, marker))]
     return sorted(set(found))
 
 

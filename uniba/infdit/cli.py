@@ -121,7 +121,7 @@ def _upscale_one_file(args: argparse.Namespace) -> int:
         out = upscale_image(model, image, plan, args, progress=bar)
     finally:
         bar.close()
-    write_image(out, args.output, "the upscaled image")  # refuses NaN/inf, writes atomically
+    write_image(out, args.output, "the upscaled image", overwrite=args.overwrite)  # refuses NaN/inf; no-replace
     print(f"wrote {args.output} ({out.shape[-1]}x{out.shape[-2]})")
     return 0
 
@@ -268,7 +268,8 @@ def _convert(args: argparse.Namespace) -> int:
     if args.clip:
         input_file(args.clip, "--clip")
     output_file(args.output, inputs=[args.input, args.clip], overwrite=args.overwrite, formats=SAFETENSORS_FORMATS)
-    model = convert_checkpoint(args.input, args.output, DTYPES.get(args.dtype), clip=args.clip)
+    model = convert_checkpoint(args.input, args.output, DTYPES.get(args.dtype), clip=args.clip,
+                               overwrite=args.overwrite)
     c = model.config
     print(f"wrote {args.output}: Inf-DiT {c.hidden_size} wide, {c.num_layers} layers, "
           f"CLIP tower {'included' if model.clip is not None else 'absent (add --clip to include it)'}")

@@ -93,7 +93,6 @@ def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tenso
         state = read_state_dict(path)
         if path.lower().endswith((".safetensors", ".sft")):
             metadata = read_safetensors_metadata(path)
-    state = {k: v for k, v in state.items() if not k.startswith("golden.")}
     config, mapped = prepare_state_dict(state, metadata, path)
     if clip is not None:
         clip_state, _ = _clip_state(clip)
@@ -108,8 +107,12 @@ def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tenso
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
-                       clip: str | os.PathLike | None = None) -> InfDiT:
-    """Write the model of ``src`` to a safetensors file that loads without unpickling (config in metadata)."""
+                       clip: str | os.PathLike | None = None, *, overwrite: bool = True) -> InfDiT:
+    """Write the model of ``src`` to a safetensors file that loads without unpickling (config in metadata).
+
+    ``overwrite=False`` never replaces an existing ``dst``, even one that appeared during the conversion.
+    """
     model = load_infdit(src, dtype, clip=clip)
-    save_safetensors(model.state_dict(), dst, metadata={METADATA_KEY: model.config.to_json(), "format": "pt"})
+    save_safetensors(model.state_dict(), dst, metadata={METADATA_KEY: model.config.to_json(), "format": "pt"},
+                     overwrite=overwrite)
     return model
