@@ -154,9 +154,6 @@ def _upscale_job(args: argparse.Namespace) -> int:
     skipped (a rerun finishes what is missing), a failing input is reported at the end, rank 0 shows one
     progress display for the whole job.
     """
-    import signal
-    import threading
-
     from ..cli_io import alpha_dropped, input_file, read_image, resolve_device, write_image
     from ..jobs import Job, JobProgress, is_many
     from ..memory import device_free_bytes
@@ -165,10 +162,6 @@ def _upscale_job(args: argparse.Namespace) -> int:
     from .plan import config_for_file, plan_upscale
     from .upscale import NO_CLIP_TOWER
 
-    if threading.current_thread() is threading.main_thread():
-        # torchrun stops the other ranks with SIGTERM when one fails: unwind, so a write in flight removes its
-        # temporary file instead of leaving it behind
-        signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(SystemExit(128 + signum)))
     job = Job.start()
     many = is_many(args.input)
     device = resolve_device(args.device)
@@ -225,7 +218,9 @@ def _upscale_job(args: argparse.Namespace) -> int:
             plan = plan_for(image.shape[-2], image.shape[-1])
             done[1] = plan.total_batches
             plan.check_fits()
-            write_image(upscale_image(model, image, plan, args, progress=tick), target, f"the upscaled {source}")
+            # published without replacing: a file that appeared under this name meanwhile is kept (a failure)
+            write_image(upscale_image(model, image, plan, args, progress=tick), target, f"the upscaled {source}",
+                        overwrite=args.overwrite)
             job.add(f"written/{job.rank}", 1)
         except (KeyboardInterrupt, SystemExit):
             raise
