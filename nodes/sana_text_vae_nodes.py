@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from uniba.dcae.loader import load_dcae
 from uniba.devices import DTYPE_CHOICES, choose_dtype
+from uniba.guards import check_text
+from uniba.sana.checks import SOURCE_KEY
 from uniba.sana.text_encoder import ENCODE_WORK_BYTES, SanaTextEncoder, encode_prompt, load_text_encoder
 
 from .comfy import host
@@ -100,6 +103,7 @@ class SanaTextEncode:
     SEARCH_ALIASES = ["UniBA", "Sana", "prompt", "text encode", "Gemma"]
 
     def encode(self, text_encoder: SanaTextEncoderHandle, text: str, use_chi: bool) -> tuple[list]:
+        check_text(text, "text")  # before the encoder is moved to the device
         host.check_interrupt()
         gemma = host.load_to_device(text_encoder.patcher, memory_required=ENCODE_WORK_BYTES)
         try:
@@ -109,7 +113,9 @@ class SanaTextEncode:
         finally:
             host.offload(text_encoder.patcher)
         out = host.intermediate_device()
-        return ([[embeddings.float().to(out), {"attention_mask": mask.to(out)}]],)
+        # the encoder's name travels with the embeddings, so a width the DiT cannot take is blamed on it
+        options = {"attention_mask": mask.to(out), SOURCE_KEY: os.path.basename(str(text_encoder.source))}
+        return ([[embeddings.float().to(out), options]],)
 
 
 # --------------------------------------------------------------------------- VAE

@@ -248,7 +248,8 @@ def test_pack_and_engine_import_in_a_plain_interpreter() -> None:
 EXPECTED_NODES = ("InfDiTLoader", "InfDiTUpscale", "SanaDiTLoader", "FlowDPMSolverSampler", "SanaFlowSigmas",
                   "SanaSampler", "SanaEmptyLatent", "SanaTextEncoderLoader", "SanaTextEncode", "SanaVAELoader",
                   "SanaVAEDecode", "SanaVAEEncode", "HiDiffusionPatch", "HiDiffusionPatchAdvanced",
-                  "SanaSprintSampler", "SanaSprintSigmas", "SanaSprintGuidance", "SanaPipelineLoader")
+                  "SanaSprintSampler", "SanaSprintSigmas", "SanaSprintGuidance", "SanaPipelineLoader",
+                  "SanaLoraLoader", "SanaControlNetLoader", "SanaPAG")
 
 
 def test_cli_help_runs_headless() -> None:

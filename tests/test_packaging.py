@@ -90,7 +90,7 @@ def test_registry_archive_leaves_out_developer_files() -> None:
     assert not [name for name in kept if name.startswith(("tests/", ".ci/", "ci/"))]
     # Everything ComfyUI needs at run time stays in.
     needed = {"__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md"}
-    needed |= {n for n in tracked if n.startswith(("uniba/", "nodes/", "web/", "workflows/"))}
+    needed |= {n for n in tracked if n.startswith(("uniba/", "nodes/", "web/", "workflows/", "subgraphs/"))}
     assert needed <= set(kept), sorted(needed - set(kept))
     size = sum((REPO / name).stat().st_size for name in kept)
     assert size < 2 * 1024 * 1024, f"registry archive input is {size / 2**20:.1f} MiB"

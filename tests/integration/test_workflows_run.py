@@ -208,3 +208,47 @@ def test_upscale_render_4x(env, run_prompt) -> None:
     image = result.outputs[upscale_id][0][0]
     assert tuple(image.shape) == (1, 160, 224, 3)
     assert torch.isfinite(image).all() and 0 <= float(image.min()) and float(image.max()) <= 1
+
+
+def _blueprint_prompt(name: str, defs: dict, overrides: dict, image: str | None = None) -> dict:
+    """A blueprint as the frontend queues it inside a graph: flattened, fed a Load Image, its output saved."""
+    blueprint = wt.load_workflow(wt.REPO / "subgraphs" / f"{name}.json")
+    prompt, (output,) = wt.blueprint_to_api(blueprint, defs, {"image": ["load", 0]}, overrides)
+    prompt = {f"bp:{k}": v for k, v in prompt.items()}  # subgraph node ids are prefixed in a real prompt too
+    for node in prompt.values():
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] != "load":
+                node["inputs"][key] = [f"bp:{value[0]}", value[1]]
+    if image is not None:
+        prompt["load"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": [f"bp:{output[0]}", output[1]],
+                                                            "filename_prefix": "uniba/blueprint"}}
+    return prompt
+
+
+def test_blueprint_infdit_4x_upscale(env, run_prompt) -> None:
+    comfy_host, defs = env
+    prompt = _blueprint_prompt("Inf-DiT 4x Upscale", defs,
+                               {"InfDiTLoader": {"model_name": INFDIT}, "InfDiTUpscale": {"steps": 1}}, RENDER)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(224, 160)]  # 56x40 render, 4x
+
+
+def test_blueprint_sana_text_to_4k(env, run_prompt) -> None:
+    comfy_host, defs = env
+    overrides = dict(SANA_MODELS, SanaEmptyLatent={"width": 128, "height": 64, "preset": "custom"},
+                     SanaVAEDecode={"tile_size": 64})
+    prompt = _blueprint_prompt("Sana text to 4K image", defs, overrides)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(128, 64)]
+
+
+def test_blueprint_sdxl_hidiffusion_then_infdit(env, run_prompt) -> None:
+    comfy_host, defs = env
+    overrides = {"EmptyLatentImage": {"width": 128, "height": 128}, "KSampler": {"steps": 2},
+                 "InfDiTLoader": {"model_name": INFDIT}, "InfDiTUpscale": {"steps": 1}}
+    prompt = _swap_sdxl_loaders(_blueprint_prompt("SDXL 2048 with HiDiffusion, then Inf-DiT to 4096", defs,
+                                                  overrides))
+    assert {n["class_type"] for n in prompt.values()} >= {"HiDiffusionPatch", "InfDiTUpscale"}
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(256, 256)]  # 128 px, Inf-DiT 2x

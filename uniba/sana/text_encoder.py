@@ -38,6 +38,7 @@ from uniba.checkpoint import (
     strip_prefix,
     wrong_family_error,
 )
+from uniba.guards import check_text
 
 log = logging.getLogger("uniba")
 
@@ -104,8 +105,11 @@ def encode_prompt(text_encoder: SanaTextEncoder, prompts: str | Sequence[str], u
     ``use_chi=True`` for the positive prompt; ``False`` for the negative/unconditional one.
     Prompts longer than the model reads are truncated with a warning.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    prompts = [p.strip() for p in prompts]
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    prompts = [check_text(p, "prompt" if single else f"prompts[{i}]").strip() for i, p in enumerate(prompts)]
+    if not prompts:
+        raise ValueError("prompts: the list is empty; give at least one prompt (an empty text is fine).")
     tokenizer = text_encoder.tokenizer
     tokenizer.padding_side = "right"
     if use_chi:
