@@ -177,6 +177,19 @@ def test_sana_4k_native(env, run_prompt) -> None:
     assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(128, 64)]
 
 
+def test_sana_sprint_2step(env, run_prompt) -> None:
+    from tiny_sana import TINY, write_tiny_sana_dit
+
+    comfy_host, defs = env
+    sprint = TINY.replace(qk_norm=True, cross_norm=True, guidance_embeds=True)
+    write_tiny_sana_dit(comfy_host.model_folder("diffusion_models"), "sana_sprint_tiny.safetensors", config=sprint)
+    overrides = dict(SANA_MODELS, SanaDiTLoader={"unet_name": "sana_sprint_tiny.safetensors"},
+                     SanaEmptyLatent={"width": 96, "height": 64, "preset": "custom"})
+    prompt = wt.to_api(wt.load_workflow("sana_sprint_2step.json"), defs, overrides)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(96, 64)]
+
+
 def test_sdxl_hidiffusion_2048(env, run_prompt) -> None:
     comfy_host, defs = env
     overrides = {"EmptyLatentImage": {"width": 256, "height": 256}, "KSampler": {"steps": 3}}
