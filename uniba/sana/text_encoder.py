@@ -138,7 +138,7 @@ def encode_prompt(text_encoder: SanaTextEncoder, prompts: str | Sequence[str], u
 # --------------------------------------------------------------------------- loading
 
 def _gemma_config_from_shapes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Any:
-    from transformers import Gemma2Config
+    from transformers import Gemma2Config  # optional dependency, heavy: imported on first use
 
     if CONFIG_METADATA_KEY in metadata:
         return Gemma2Config(**json.loads(metadata[CONFIG_METADATA_KEY]))
@@ -155,7 +155,7 @@ def _gemma_config_from_shapes(state: Mapping[str, torch.Tensor], metadata: Mappi
 
 
 def _tokenizer_from_spiece(data: torch.Tensor, path: str) -> Any:
-    from transformers import GemmaTokenizer
+    from transformers import GemmaTokenizer  # optional dependency, heavy: imported on first use
 
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "tokenizer.model").write_bytes(data.to(torch.uint8).cpu().numpy().tobytes())
@@ -167,7 +167,7 @@ def _tokenizer_from_spiece(data: torch.Tensor, path: str) -> Any:
 
 
 def _build_model(config: Any, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype | None) -> Any:
-    from transformers import Gemma2Model
+    from transformers import Gemma2Model  # optional dependency, heavy: imported on first use
 
     config._attn_implementation = "eager"  # logit soft-capping exists only in eager attention
     # real buffers: Gemma computes its rotary table and embedding scale in the constructor
@@ -184,7 +184,7 @@ def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 def load_text_encoder(path_or_folder: str | os.PathLike, dtype: torch.dtype | None = None,
                       device: torch.device | str = "cpu") -> SanaTextEncoder:
     """Load Gemma-2 from a Hugging Face folder or a single safetensors file with an embedded tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer  # optional dependency, heavy: imported on first use
 
     path = os.fspath(path_or_folder)
     if os.path.isdir(path):
