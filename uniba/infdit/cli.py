@@ -48,9 +48,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
-        source = "release config" if not args.model else (
-            f"{args.model}" + (", a .pt release: release config" if not str(args.model).lower().endswith(
-                (".safetensors", ".sft")) else ""))
+        source = "release config" if not args.model else f"{args.model}: its own config"
         print(f"Inf-DiT plan ({source}, {args.dtype})")
         print(plan.describe())
         for note in notes:
