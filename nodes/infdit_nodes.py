@@ -5,14 +5,16 @@ Thin: the engine (:mod:`uniba.infdit`) does the work; ComfyUI is reached only th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from uniba.checkpoint import stored_dtype
 from uniba.devices import DTYPE_CHOICES, choose_dtype
 from uniba.guards import check_image
-from uniba.infdit import count_evaluations, load_infdit, plan_upscale, upscale
+from uniba.infdit import InfDiTConfig, Sampling, load_infdit, plan_upscale, resolve_sampling, upscale
 from uniba.infdit.sampling import DEFAULT_STEPS, SIGMA_MAX, SIGMA_MIN
-from uniba.infdit.upscale import check_upscale_arguments, resolve_sampling
+from uniba.infdit.upscale import check_upscale_arguments
 
 from .comfy import host
 
@@ -22,6 +24,16 @@ BLOCK_BATCHES = ["auto"] + [str(n) for n in range(1, 17)]
 OFFLOAD = ["auto", "on", "off"]
 DTYPES = list(DTYPE_CHOICES)
 COLOR_MATCH = ["none", "wavelet"]
+
+
+def sampling_for(config: InfDiTConfig, sampler: Any, sigmas: torch.Tensor | None, steps: int) -> Sampling:
+    """The sampling a run of the node makes, for the node and for the plan route alike: a wired ComfyUI
+    SAMPLER (unwrapped by the adapter into a k-diffusion function for this model's EDM denoiser) or the
+    reference's Heun, on the wired schedule or the reference's Karras schedule of ``steps`` steps."""
+    if sampler is not None:
+        sampler = host.k_diffusion_sampler(sampler, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                                           sigma_data=config.sigma_data)
+    return resolve_sampling(sampler, sigmas, int(steps))
 
 
 class InfDiTLoader:
@@ -101,23 +113,18 @@ class InfDiTUpscale:
                  offload_cache: str, color_match: str, sampler, sigmas: torch.Tensor | None, unique_id: str | None):
         module = model.model
         device = host.torch_device()
-        if sampler is not None:  # a ComfyUI SAMPLER, unwrapped by the adapter into a k-diffusion function
-            sampler = host.k_diffusion_sampler(sampler, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
-                                               sigma_data=module.config.sigma_data)
-        sampler_fn, schedule = resolve_sampling(sampler, sigmas, int(steps))
         lr_h, lr_w = int(image.shape[1]), int(image.shape[2])
-        # the one plan of this run: the progress total, the memory request and the batches all come from it
-        plan = plan_upscale(module.config, lr_h, lr_w, int(scale), host.free_memory(device, patcher=model),
-                            block_batch=block_batch,
-                            offload_cache=offload_cache, dtype=module.dtype, weights_resident=True,
-                            evaluations=count_evaluations(sampler_fn, schedule))
+        # the one plan of this run: the progress total, the memory request, the batches and the sampling
+        plan = plan_upscale(module.config, lr_h, lr_w, int(scale), free_bytes=host.free_memory(device, patcher=model),
+                            sampling=sampling_for(module.config, sampler, sigmas, steps), block_batch=block_batch,
+                            offload_cache=offload_cache, dtype=module.dtype, weights_resident=True)
         plan.check_fits()
         module = host.load_to_device(model, memory_required=max(0, plan.peak_bytes - plan.weights_bytes))
         progress = host.Progress(image.shape[0] * plan.total_batches, node_id=unique_id, desc="Inf-DiT")
         lr = image[..., :4].movedim(-1, 1).to(torch.float32) * 2 - 1
         try:
-            out = upscale(module, lr, scale=int(scale), seed=int(seed), plan=plan, sampler=sampler_fn,
-                          sigmas=schedule, progress=progress, color_match=color_match, is_oom=host.is_oom)
+            out = upscale(module, lr, plan, seed=int(seed), progress=progress, color_match=color_match,
+                          is_oom=host.is_oom)
         finally:
             progress.close()
             host.soft_empty_cache()

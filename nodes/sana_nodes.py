@@ -26,7 +26,8 @@ SIGMA_KIND = {"flow_dpm_solver": "dpm_solver", "flow_euler": "euler"}
 
 
 def _diffusion_model_choices() -> list[str]:
-    return host.list_models("diffusion_models") + [d + "/" for d in host.list_model_dirs("diffusion_models")]
+    folders = host.list_model_dirs("diffusion_models") + host.list_model_dirs("diffusion_models", "model_index.json")
+    return host.list_models("diffusion_models") + [d + "/" for d in sorted(set(folders))]
 
 
 class SanaDiTLoader:
@@ -44,8 +45,9 @@ class SanaDiTLoader:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Sana linear DiT (0.6B/1.6B, 2K/4K, Sana 1.5) as a native MODEL for KSampler and SamplerCustom."
-    SEARCH_ALIASES = ["UniBA", "Sana", "load diffusion model", "DiT", "Sana 1.5", "4K"]
+    DESCRIPTION = ("Sana linear DiT (0.6B/1.6B, 2K/4K, Sana 1.5, Sana-Sprint) as a native MODEL for KSampler and "
+                   "SamplerCustom; a file, a diffusers transformer/ or a whole <name>_diffusers folder.")
+    SEARCH_ALIASES = ["UniBA", "Sana", "load diffusion model", "DiT", "Sana 1.5", "4K", "Sprint"]
 
     def load(self, unet_name: str, weight_dtype: str) -> tuple[Any]:
         checkpoint = read_sana_checkpoint(host.model_path("diffusion_models", unet_name.rstrip("/")))
@@ -171,7 +173,8 @@ class SanaSampler:
                                     "latent_image")
         checks.check_sana_conditioning_input(positive, "positive", samples.shape[0])
         checks.check_sana_conditioning_input(negative, "negative", samples.shape[0])
-        config = _dit_config(model)
+        comfy_sana.check_model_kind(model, sprint=False, node="Sana Sampler")
+        config = comfy_sana.dit_config(model)
         if config is not None:  # a lower bound against all the device's memory: refused work could never run
             checks.check_sana_sampling(samples, host.total_memory(getattr(model, "load_device", None)),
                                 hidden_size=config.hidden_size, mlp_ratio=config.mlp_ratio, cfg=cfg != 1.0)
@@ -188,16 +191,6 @@ class SanaSampler:
                                            text_to_image=denoise >= 1.0 and not samples.any())
         out.pop("downscale_ratio_spacial", None)
         return (out,)
-
-
-def _dit_config(model: Any) -> Any:
-    """The engine config of the DiT inside a MODEL (ComfyUI's patcher or the headless one), or None."""
-    inner = getattr(model, "model", None)
-    for candidate in (getattr(inner, "diffusion_model", None), inner):
-        config = getattr(candidate, "config", None)
-        if hasattr(config, "hidden_size") and hasattr(config, "mlp_ratio"):
-            return config
-    return None
 
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {

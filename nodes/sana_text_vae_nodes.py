@@ -66,14 +66,18 @@ class SanaTextEncoderLoader:
     SEARCH_ALIASES = ["UniBA", "Sana", "Gemma", "Gemma-2", "text encoder", "clip loader"]
 
     def load(self, model_name: str, dtype: str) -> tuple[SanaTextEncoderHandle]:
-        from uniba.sana.text_encoder import load_text_encoder
+        return (load_text_encoder_handle(host.model_path("text_encoders", model_name.rstrip("/\\")), dtype),)
 
-        path = host.model_path("text_encoders", model_name.rstrip("/\\"))
-        device = host.text_encoder_device()
-        weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
-        encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu")
-        patcher = host.wrap_model(encoder.model, load_device=device, offload=host.offload_device())
-        return (SanaTextEncoderHandle(patcher, encoder.tokenizer, path),)
+
+def load_text_encoder_handle(path: str, dtype: str) -> SanaTextEncoderHandle:
+    """Gemma-2 from a folder, a single file or a whole Sana pipeline folder, managed by the host (every loader)."""
+    from uniba.sana.text_encoder import load_text_encoder
+
+    device = host.text_encoder_device()
+    weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
+    encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu")
+    patcher = host.wrap_model(encoder.model, load_device=device, offload=host.offload_device())
+    return SanaTextEncoderHandle(patcher, encoder.tokenizer, path)
 
 
 class SanaTextEncode:
@@ -96,10 +100,10 @@ class SanaTextEncode:
     SEARCH_ALIASES = ["UniBA", "Sana", "prompt", "text encode", "Gemma"]
 
     def encode(self, text_encoder: SanaTextEncoderHandle, text: str, use_chi: bool) -> tuple[list]:
-        from uniba.sana.text_encoder import SanaTextEncoder, encode_prompt
+        from uniba.sana.text_encoder import ENCODE_WORK_BYTES, SanaTextEncoder, encode_prompt
 
         host.check_interrupt()
-        gemma = host.load_to_device(text_encoder.patcher, memory_required=256 * 1024**2)
+        gemma = host.load_to_device(text_encoder.patcher, memory_required=ENCODE_WORK_BYTES)
         try:
             encoder = SanaTextEncoder(model=gemma, tokenizer=text_encoder.tokenizer,
                                       source=text_encoder.source)
@@ -132,12 +136,16 @@ class SanaVAELoader:
     SEARCH_ALIASES = ["UniBA", "Sana", "DC-AE", "vae loader", "autoencoder"]
 
     def load(self, vae_name: str, dtype: str) -> tuple[Any]:
-        from uniba.dcae.loader import load_dcae
+        return (load_vae(host.model_path("vae", vae_name), dtype),)
 
-        path = host.model_path("vae", vae_name)
-        device = host.vae_device()
-        weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
-        return (comfy_sana.make_vae(load_dcae(path, dtype=weight_dtype)),)
+
+def load_vae(path: str, dtype: str) -> Any:
+    """The DC-AE of a file or a diffusers (pipeline) folder as a VAE, with the VAE loader's dtype rule."""
+    from uniba.dcae.loader import load_dcae
+
+    device = host.vae_device()
+    weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
+    return comfy_sana.make_vae(load_dcae(path, dtype=weight_dtype))
 
 
 class SanaVAEDecode:

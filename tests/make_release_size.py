@@ -63,6 +63,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from uniba.publish import publish  # noqa: E402 - after the repository is on the path
+
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 Maker = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
 
@@ -119,10 +121,6 @@ def scaled_random(seed: int) -> Maker:
 # writers
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
 def write_safetensors_streaming(path: Path, spec: Spec, make: Maker, metadata: dict[str, str] | None = None,
                                 fixed: dict[str, torch.Tensor] | None = None) -> None:
     """A safetensors file written tensor by tensor (never the whole dict in memory); atomic."""
@@ -137,8 +135,7 @@ def write_safetensors_streaming(path: Path, spec: Spec, make: Maker, metadata: d
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = _tmp(path)
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             fh.write(len(blob).to_bytes(8, "little"))
             fh.write(blob)
@@ -147,10 +144,8 @@ def write_safetensors_streaming(path: Path, spec: Spec, make: Maker, metadata: d
                 assert tuple(tensor.shape) == tuple(shape) and tensor.dtype == dtype, key
                 fh.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
                 del tensor
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    publish(path, write, overwrite=True)
 
 
 def write_sharded(folder: Path, stem: str, spec: Spec, make: Maker, max_shard_bytes: int,
@@ -181,13 +176,7 @@ def write_sharded(folder: Path, stem: str, spec: Spec, make: Maker, max_shard_by
 
 
 def torch_save_atomic(obj: object, path: Path) -> None:
-    tmp = _tmp(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    publish(path, lambda tmp: torch.save(obj, tmp), overwrite=True)
 
 
 def write_manifest(path: Path, fmt: str, entries: dict[str, tuple[tuple[int, ...], torch.dtype]],

@@ -72,9 +72,7 @@ def test_infdit_block_batch_stops_within_one_layer(one_thread) -> None:
     """One block batch holds the whole canvas here: Cancel is honoured between its transformer layers."""
     import dataclasses
 
-    from tiny_infdit import TINY
-
-    from uniba.infdit import upscale
+    from tiny_infdit import TINY, plan_and_upscale
 
     model = load_tiny_infdit(dataclasses.replace(TINY, num_layers=4))
     host = Host()
@@ -83,7 +81,7 @@ def test_infdit_block_batch_stops_within_one_layer(one_thread) -> None:
     handles.append(model.blocks[1].mlp.register_forward_hook(host.press_cancel))  # Cancel during layer 2
     try:
         with pytest.raises(Interrupted):
-            upscale(model, torch.rand(1, 3, 16, 16) * 2 - 1, steps=2, block_batch=8, progress=host)
+            plan_and_upscale(model, torch.rand(1, 3, 16, 16) * 2 - 1, steps=2, block_batch=8, progress=host)
     finally:
         for h in handles:
             h.remove()

@@ -291,11 +291,11 @@ def test_deepspeed_release_file_with_every_entry_loads(tmp_path: Path) -> None:
 def test_numpy_rng_state_round_trips_as_plain_array(tmp_path: Path) -> None:
     import numpy as np
 
-    from uniba.checkpoint import _torch_load_safely
+    from uniba.checkpoint import load_pickle
 
     state = np.random.RandomState(11).get_state()
     torch.save({"module": _state(), "np_rng_state": state}, tmp_path / "m.pt")
-    got = _torch_load_safely(tmp_path / "m.pt", "cpu")["np_rng_state"]  # type: ignore[index]
+    got = load_pickle(tmp_path / "m.pt", "cpu")["np_rng_state"]  # type: ignore[index]
     assert got[0] == "MT19937" and got[1].dtype == np.uint32 and np.array_equal(got[1], state[1])
 
 

@@ -106,9 +106,10 @@ def deepspeed_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_infdit_release_converted_with_and_without_clip_tower(tmp_path: Path, deepspeed_release: Path) -> None:
+    from tiny_infdit import plan_and_upscale
+
     from uniba.infdit import load_infdit
     from uniba.infdit.loader import convert_checkpoint
-    from uniba.infdit.upscale import upscale
 
     release = load_infdit(deepspeed_release)
     with_clip = tmp_path / "infdit.safetensors"
@@ -125,7 +126,7 @@ def test_infdit_release_converted_with_and_without_clip_tower(tmp_path: Path, de
     assert bare.clip is None
     lr = torch.zeros(1, 3, 16, 16)
     with pytest.raises(ValueError, match="no CLIP image tower.*--clip"):
-        upscale(bare, lr, steps=1)
+        plan_and_upscale(bare, lr, steps=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

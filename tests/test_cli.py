@@ -16,7 +16,6 @@ from uniba.cli import main
 from uniba.cli_io import (
     SAFETENSORS_FORMATS,
     CliError,
-    atomic_write,
     input_file,
     output_file,
     read_image,
@@ -24,6 +23,7 @@ from uniba.cli_io import (
     write_image,
 )
 from uniba.guards import NonFiniteError
+from uniba.publish import PublishError, publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_existing_output_needs_overwrite_and_extension_decides_format(tmp_path: 
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+def test_publish_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
     target = tmp_path / "result.png"
     target.write_bytes(b"old")
 
@@ -81,11 +81,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
         tmp.write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
-        atomic_write(target, failing)
+    with pytest.raises(PublishError, match="result.png: could not be written .the disk is full.*unchanged.*Free"):
+        publish(target, failing, overwrite=True)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.png"]
-    atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
+    publish(target, lambda tmp: tmp.write_bytes(b"new"), overwrite=True)
     assert target.read_bytes() == b"new"
 
 

@@ -96,7 +96,8 @@ def test_rgba_to_jpeg_drops_alpha_with_a_warning(files, caplog) -> None:
 
 
 def test_model_without_clip_tower_names_the_fix_for_cli_and_nodes(files, capsys) -> None:
-    from uniba.infdit import upscale
+    from tiny_infdit import plan_and_upscale
+
     from uniba.infdit.upscale import NO_CLIP_TOWER
 
     bare = write_tiny_infdit(files["dir"], "bare.safetensors", config=TINY.replace(clip=None))
@@ -107,7 +108,7 @@ def test_model_without_clip_tower_names_the_fix_for_cli_and_nodes(files, capsys)
     from uniba.infdit import load_infdit
 
     with pytest.raises(ValueError, match="in ComfyUI first run python -m uniba convert-infdit .* --clip"):
-        upscale(load_infdit(bare), torch.zeros(1, 3, 16, 16), steps=1)
+        plan_and_upscale(load_infdit(bare), torch.zeros(1, 3, 16, 16), steps=1)
     assert "--clip" in NO_CLIP_TOWER
 
 

@@ -127,8 +127,8 @@ def test_sampler_matches_reference(golden):
 
 
 def test_public_upscale_reproduces_the_reference_sampler(golden):
-    from uniba.infdit import upscale
+    from tiny_infdit import plan_and_upscale
 
     model, g, _ = golden
-    out = upscale(model, g["lr_image"], noise=g["noise"], clip_embedding=g["vector"], block_batch=2)
+    out = plan_and_upscale(model, g["lr_image"], noise=g["noise"], clip_embedding=g["vector"], block_batch=2)
     assert _max(out, g["sample_out"]) <= 1e-4

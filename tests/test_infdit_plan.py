@@ -9,15 +9,20 @@ import torch
 from tiny_infdit import TINY
 
 from uniba.cli import main
-from uniba.infdit import PlanDoesNotFit, parse_block_batch, plan_upscale, release_config
+from uniba.infdit import PassPlan, PlanDoesNotFit, parse_block_batch, plan_upscale, release_config, resolve_sampling
+from uniba.infdit.blockwise import COLUMN_MAJOR, ROW_MAJOR
 from uniba.infdit.plan import block_cache_bytes, passes_for_scale, weights_bytes
+from uniba.infdit.sampling import sample_euler
 from uniba.memory import GIB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KEYS = {"out_height", "out_width", "passes", "grid_rows", "grid_cols", "block_px", "traversal", "block_batch",
-        "batches_per_step", "cache_bytes", "peak_bytes", "weights_bytes", "free_bytes", "fits", "offload_cache",
-        "steps_model_evals", "evaluations", "block_order"}
+# one field per fact: what holds for the whole run at the top, everything per pass in its pass
+KEYS = {"scale", "passes", "block_px", "evaluations", "sigmas", "peak_bytes", "minimum_bytes", "weights_bytes",
+        "free_bytes", "usable_bytes", "fits", "weights_resident", "rope_wraps", "rope_max_side_px", "description"}
+PASS_KEYS = {"scale", "in_height", "in_width", "padded_height", "padded_width", "out_height", "out_width",
+             "canvas_height", "canvas_width", "grid_rows", "grid_cols", "traversal", "block_batch", "offload_cache",
+             "batches_per_step", "cache_bytes", "peak_bytes", "minimum_bytes", "block_order"}
 
 
 def test_release_figures_from_the_research_notes():
@@ -31,36 +36,36 @@ def test_4096_fits_a_12gb_card_growing_with_the_side():
     config = release_config()
     plan = plan_upscale(config, 1024, 1024, 4, 12 * GIB)
     data = plan.to_dict()
-    assert KEYS <= set(data) and json.loads(json.dumps(data)) == data
-    assert plan.fits and not plan.offload_cache and plan.block_batch[0] >= 1
-    assert (plan.grid_rows, plan.grid_cols, plan.block_px, plan.steps_model_evals) == (32, 32, 128, 39)
+    assert set(data) == KEYS and set(data["passes"][0]) == PASS_KEYS and json.loads(json.dumps(data)) == data
+    assert plan.fits and not plan.last.offload_cache and plan.last.block_batch[0] >= 1
+    assert (plan.last.grid_rows, plan.last.grid_cols, plan.block_px, plan.evaluations) == (32, 32, 128, 39)
     assert plan.peak_bytes <= 12 * GIB
     # the cache grows with the side, not the area: 4x the side is well under 16x the cache
     small = plan_upscale(config, 256, 256, 4, 12 * GIB, block_batch=1)
     big = plan_upscale(config, 1024, 1024, 4, 12 * GIB, block_batch=1)
-    assert big.cache_bytes < 5 * small.cache_bytes
+    assert big.last.cache_bytes < 5 * small.last.cache_bytes
 
 
 def test_wide_images_traverse_column_major_and_small_budgets_offload():
     config = release_config()
     wide = plan_upscale(config, 256, 1024, 4, 24 * GIB)
-    assert wide.traversal == "column-major" and wide.out_width == 4096 and wide.out_height == 1024
+    assert wide.last.traversal == COLUMN_MAJOR and wide.out_width == 4096 and wide.out_height == 1024
     tight = plan_upscale(config, 1024, 1024, 4, 6 * GIB)
-    assert tight.offload_cache and tight.fits
+    assert tight.last.offload_cache and tight.fits
     assert plan_upscale(config, 1024, 1024, 4, 6 * GIB, offload_cache="off", block_batch=1).fits is False
     forced = plan_upscale(config, 256, 256, 4, None, block_batch=5, offload_cache="on")
-    assert forced.block_batch == (5, 5) and forced.offload_cache and forced.fits
+    assert forced.last.block_batch == (5, 5) and forced.last.offload_cache and forced.fits
 
 
 def test_passes_and_padding():
     assert passes_for_scale(4) == [4] and passes_for_scale(2) == [2]
     assert passes_for_scale(8) == [4, 2] and passes_for_scale(16) == [4, 4]
     plan = plan_upscale(TINY, 35, 41, 8, None)
-    assert [p["scale"] for p in plan.passes] == [4, 2]
-    assert (plan.passes[0]["padded_height"], plan.passes[0]["padded_width"]) == (40, 48)
+    assert [p.scale for p in plan.passes] == [4, 2]
+    assert (plan.passes[0].padded_height, plan.passes[0].padded_width) == (40, 48)
     assert (plan.out_height, plan.out_width) == (280, 328)
     small = plan_upscale(TINY, 3, 64, 4, None)  # smaller than one block: padded, not refused
-    assert (small.passes[0]["padded_height"], small.out_height) == (8, 12)
+    assert (small.passes[0].padded_height, small.out_height) == (8, 12)
     with pytest.raises(ValueError, match="scale"):
         plan_upscale(TINY, 64, 64, 3, None)
 
@@ -68,10 +73,10 @@ def test_passes_and_padding():
 def test_cli_plan_prints_the_release_plan(capsys):
     assert main(["plan", "infdit", "--size", "4096x4096", "--vram", "12GB"]) == 0
     text = capsys.readouterr().out
-    assert "row-major" in text and "KV cache" in text and "fits" in text and "1 pass" in text
+    assert ROW_MAJOR in text and "KV cache" in text and "fits" in text and "1 pass" in text
     assert main(["plan", "infdit", "--size", "4096x4096", "--vram", "12GB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["out_width"] == 4096 and data["fits"]
+    assert data["passes"][-1]["out_width"] == 4096 and data["fits"]
 
 
 def test_cli_upscale_writes_the_image_atomically(tmp_path):
@@ -103,14 +108,29 @@ def test_parse_block_batch_refuses_with_the_accepted_forms(value):
 
 
 def test_plan_carries_the_block_order_and_the_evaluations():
-    plan = plan_upscale(TINY, 40, 24, 4, None, block_batch="2x2", evaluations=8)  # 5x3 grid, row-major
+    euler = resolve_sampling(sample_euler, steps=8)  # one evaluation per step
+    plan = plan_upscale(TINY, 40, 24, 4, None, sampling=euler, block_batch="2x2")  # 5x3 grid, row-major
     data = plan.to_dict()
-    assert data["evaluations"] == data["steps_model_evals"] == 8
-    assert data["block_order"] == [[0, 0, 2, 2], [0, 2, 2, 1], [2, 0, 2, 2], [2, 2, 2, 1], [4, 0, 1, 2], [4, 2, 1, 1]]
+    assert data["evaluations"] == 8 and len(data["sigmas"]) == 9
+    assert data["passes"][0]["block_order"] == [[0, 0, 2, 2], [0, 2, 2, 1], [2, 0, 2, 2], [2, 2, 2, 1], [4, 0, 1, 2],
+                                                [4, 2, 1, 1]]
     assert plan.total_batches == 8 * 6
     wide = plan_upscale(TINY, 8, 24, 4, None, block_batch=1)  # 1x3 grid: column-major
-    assert wide.to_dict()["block_order"] == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 2, 1, 1]]
+    assert wide.to_dict()["passes"][0]["block_order"] == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 2, 1, 1]]
     assert wide.evaluations == 39  # default: the reference's 20 Heun steps
+    heun3 = plan_upscale(TINY, 8, 24, 4, None, sampling=resolve_sampling(steps=3))
+    assert heun3.evaluations == 5  # counted from the sampler, not assumed
+
+
+def test_a_plan_is_frozen_and_typed():
+    import dataclasses
+
+    plan = plan_upscale(TINY, 40, 24, 8, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.fits = False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.passes[0].block_batch = (1, 1)
+    assert isinstance(plan.passes, tuple) and all(isinstance(p, PassPlan) for p in plan.passes)
 
 
 def test_a_plan_that_cannot_fit_even_offloaded_is_refused_with_its_figures():

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_infdit import TINY, load_tiny_infdit
+from tiny_infdit import TINY, load_tiny_infdit, plan_and_upscale
 
-from uniba.infdit import upscale
 from uniba.infdit.sampling import (
     SAMPLERS,
     count_evaluations,
@@ -39,10 +38,10 @@ def _image(h, w, seed=0):
 def test_block_wise_equals_whole_canvas_for_every_block_batch(model, sampler):
     lr = _image(24, 40)  # 3x5 blocks
     sigmas = get_sigmas_karras(4)
-    whole = upscale(model, lr, seed=11, sampler=sampler, sigmas=sigmas, block_batch=16)
+    whole = plan_and_upscale(model, lr, seed=11, sampler=sampler, sigmas=sigmas, block_batch=16)
     assert whole.abs().mean() > 0.1
     for block_batch, offload in ((1, "off"), ("2x3", "on")):  # one ragged, one offloaded
-        out = upscale(model, lr, seed=11, sampler=sampler, sigmas=sigmas, block_batch=block_batch,
+        out = plan_and_upscale(model, lr, seed=11, sampler=sampler, sigmas=sigmas, block_batch=block_batch,
                       offload_cache=offload)
         assert (out - whole).abs().max().item() <= 2e-5, (block_batch, offload)
 
@@ -50,14 +49,14 @@ def test_block_wise_equals_whole_canvas_for_every_block_batch(model, sampler):
 def test_ancestral_noise_comes_from_the_seed_on_the_cpu(model):
     lr = _image(16, 16)
     sigmas = get_sigmas_karras(3)
-    a = upscale(model, lr, seed=4, sampler=sample_euler_ancestral, sigmas=sigmas)
-    assert torch.equal(a, upscale(model, lr, seed=4, sampler=sample_euler_ancestral, sigmas=sigmas))
-    assert not torch.equal(a, upscale(model, lr, seed=5, sampler=sample_euler_ancestral, sigmas=sigmas))
+    a = plan_and_upscale(model, lr, seed=4, sampler=sample_euler_ancestral, sigmas=sigmas)
+    assert torch.equal(a, plan_and_upscale(model, lr, seed=4, sampler=sample_euler_ancestral, sigmas=sigmas))
+    assert not torch.equal(a, plan_and_upscale(model, lr, seed=5, sampler=sample_euler_ancestral, sigmas=sigmas))
     # the global RNG plays no part
     torch.manual_seed(123)
-    assert torch.equal(a, upscale(model, lr, seed=4, sampler=sample_euler_ancestral, sigmas=sigmas))
+    assert torch.equal(a, plan_and_upscale(model, lr, seed=4, sampler=sample_euler_ancestral, sigmas=sigmas))
     # the step noise is a stream of its own: not the x_T noise again
-    assert not torch.equal(a, upscale(model, lr, seed=4, sampler=sample_euler, sigmas=sigmas))
+    assert not torch.equal(a, plan_and_upscale(model, lr, seed=4, sampler=sample_euler, sigmas=sigmas))
 
 
 def test_cpu_noise_sampler_is_seeded_and_fresh_per_call():
@@ -125,7 +124,7 @@ def test_lr_conditioning_is_computed_once_per_image_not_per_evaluation(model, mo
                "clip_embed": model.clip_embed, "clip_tower": model.clip, "t_embed": model.t_embed}
     hooks = [module.register_forward_hook(counter(name)) for name, module in modules.items()]
     try:
-        upscale(model, _image(16, 24), steps=3, block_batch=1)  # 5 evaluations x 6 batches
+        plan_and_upscale(model, _image(16, 24), steps=3, block_batch=1)  # 5 evaluations x 6 batches
     finally:
         for h in hooks:
             h.remove()

@@ -9,11 +9,10 @@ import warnings
 
 import pytest
 import torch
-from tiny_infdit import load_tiny_infdit
+from tiny_infdit import load_tiny_infdit, plan_and_upscale
 from uniba_pack.nodes.comfy import host
 from uniba_pack.nodes.infdit_nodes import InfDiTUpscale
 
-from uniba.infdit import upscale
 from uniba.infdit.upscale import NoiseLeftWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,12 +39,12 @@ def _lr(*shape: int) -> torch.Tensor:
 ])
 def test_engine_upscale_names_the_bad_input(infdit, lr, kwargs, says) -> None:
     with pytest.raises(ValueError, match=says):
-        upscale(infdit, lr, **{"steps": 1, **kwargs})
+        plan_and_upscale(infdit, lr, **{"steps": 1, **kwargs})
 
 
 def test_schedule_that_stops_above_zero_is_said(infdit) -> None:
     with pytest.warns(NoiseLeftWarning, match=r"^sigmas: the schedule stops at sigma 1, not 0"):
-        upscale(infdit, _lr(1, 3, 16, 16), sigmas=torch.tensor([40.0, 10.0, 1.0]))
+        plan_and_upscale(infdit, _lr(1, 3, 16, 16), sigmas=torch.tensor([40.0, 10.0, 1.0]))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from tiny_infdit import write_tiny_infdit
 from uniba_pack.nodes import infdit_nodes, routes
 
 from uniba.infdit import plan as planner
+from uniba.infdit.sampling import get_sigmas_karras, sample_dpmpp_2m
 
 GIB = 2**30
 
@@ -24,7 +25,7 @@ def _query(**kw) -> dict[str, str]:
 @pytest.fixture
 def models_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIBA_MODELS_DIR", str(tmp_path))
-    routes._config_cache.clear()
+    routes._file_facts.clear()
     return tmp_path
 
 
@@ -34,22 +35,25 @@ def test_release_plan_equals_the_planner(models_dir) -> None:
                                   weights_resident=True).to_dict()
     assert {k: answer[k] for k in direct} == direct
     assert answer["model"] == "release" and answer["dtype"] == "float32"  # auto on the CPU is fp32
-    assert (answer["out_width"], answer["out_height"]) == (4096, 3072)
-    assert (answer["lr_width"], answer["lr_height"], answer["scale"]) == (1024, 768, 4)
+    last, first = answer["passes"][-1], answer["passes"][0]
+    assert (last["out_width"], last["out_height"]) == (4096, 3072)
+    assert (first["in_width"], first["in_height"], answer["scale"]) == (1024, 768, 4)
+    assert set(answer) == set(direct) | {"model", "dtype", "device"}  # one field per fact, no echo of the request
     assert json.loads(json.dumps(answer)) == answer  # plain JSON
 
 
 def test_free_memory_drives_block_batch_and_fit(models_dir) -> None:
     roomy = routes.plan_for_query(_query(), free_bytes=lambda: 80 * GIB)
     tight = routes.plan_for_query(_query(), free_bytes=lambda: 3 * GIB)
-    assert roomy["block_batch"][0] * roomy["block_batch"][1] > tight["block_batch"][0] * tight["block_batch"][1]
+    area = [a["passes"][-1]["block_batch"][0] * a["passes"][-1]["block_batch"][1] for a in (roomy, tight)]
+    assert area[0] > area[1]
     assert roomy["peak_bytes"] > tight["peak_bytes"]
     forced = routes.plan_for_query(_query(block_batch=16, offload_cache="off"), free_bytes=lambda: 3 * GIB)
-    assert forced["fits"] is False and forced["offload_cache"] is False
+    assert forced["fits"] is False and forced["passes"][-1]["offload_cache"] is False
     offloaded = routes.plan_for_query(_query(block_batch=1, offload_cache="on"), free_bytes=lambda: 3 * GIB)
-    assert offloaded["offload_cache"] is True
+    assert offloaded["passes"][-1]["offload_cache"] is True
     sixteen = routes.plan_for_query(_query(scale=16, width=256, height=192), free_bytes=lambda: 12 * GIB)
-    assert len(sixteen["passes"]) == 2 and sixteen["out_width"] == 4096
+    assert len(sixteen["passes"]) == 2 and sixteen["passes"][-1]["out_width"] == 4096
 
 
 def test_model_file_config_is_read_from_its_header(models_dir) -> None:
@@ -111,6 +115,13 @@ def test_model_must_be_listed_in_the_infdit_folder(models_dir) -> None:
     ({"block_batch": "0"}, "block_batch must be one of"),
     ({"offload_cache": "maybe"}, "offload_cache must be one of"),
     ({"dtype": "int8"}, "dtype must be one of"),
+    ({"steps": "\u00b2"}, "steps must be a whole number of steps between 1 and 200, got '\u00b2'"),
+    ({"steps": "\u0663"}, "steps must be a whole number"),  # an Arabic-Indic 3: a digit, but not ASCII
+    ({"steps": "9" * 5000}, r"steps must be .* \(5000 characters\)"),
+    ({"width": "1" * 5000}, r"width must be a whole number of pixels .* \(5000 characters\)"),
+    ({"height": "1e3"}, "whole number"),
+    ({"steps": "0"}, "between 1 and 200"),
+    ({"sampler": "no_such_sampler"}, "sampler must be one of"),
 ])
 def test_bad_queries_name_the_input(models_dir, query, message) -> None:
     q = _query(**{k: v for k, v in query.items() if v is not None})
@@ -149,6 +160,13 @@ def test_node_runs_the_plan_the_route_shows(models_dir, monkeypatch) -> None:
     answer = routes.plan_for_query(_query(model="tiny.safetensors", width=56, height=40, block_batch=2, steps=1),
                                    free_bytes=lambda: free)
     assert seen and {k: answer[k] for k in seen[0]} == seen[0]
+    # a wired sampler: the node counts its evaluations, and the route, told the sampler's name, counts the same
+    sigmas = get_sigmas_karras(4)
+    infdit_nodes.InfDiTUpscale().upscale(model, image, "4", 1, 0, "2", "auto", "none", sample_dpmpp_2m, sigmas)
+    wired = routes.plan_for_query(_query(model="tiny.safetensors", width=56, height=40, block_batch=2, steps=4,
+                                         sampler="dpmpp_2m"), free_bytes=lambda: free)
+    assert seen[-1]["evaluations"] == wired["evaluations"] == 4 and seen[0]["evaluations"] == 1
+    assert routes.plan_for_query(_query(steps=4), free_bytes=lambda: free)["evaluations"] == 7  # Heun: 2 x 4 - 1
 
 
 def test_handler_answers_json(models_dir) -> None:
@@ -156,7 +174,7 @@ def test_handler_answers_json(models_dir) -> None:
     from aiohttp.test_utils import make_mocked_request
 
     ok = asyncio.run(routes.infdit_plan(make_mocked_request("GET", "/uniba/infdit/plan?width=512&height=512")))
-    assert ok.status == 200 and json.loads(ok.body)["out_width"] == 2048
+    assert ok.status == 200 and json.loads(ok.body)["passes"][-1]["out_width"] == 2048
     bad = asyncio.run(routes.infdit_plan(make_mocked_request("GET", "/uniba/infdit/plan?width=512")))
     assert bad.status == 400 and "height is required" in json.loads(bad.body)["error"]
     for query in ("width=inf&height=512", "width=512&height=1e400", "width=NaN&height=512", "width=x&height=1"):
@@ -167,3 +185,44 @@ def test_handler_answers_json(models_dir) -> None:
 def test_route_registers_only_inside_comfyui() -> None:
     assert routes.register() is False
     assert routes.PLAN_ROUTE == "/uniba/infdit/plan"
+
+
+def test_file_reads_run_off_the_event_loop_with_a_time_limit(models_dir, monkeypatch) -> None:
+    """A model file that takes long to read delays only its own answer (a 400 naming it), never the event loop,
+    and it is read once however often the readout asks."""
+    import threading
+
+    write_tiny_infdit(models_dir / "infdit", "slow.safetensors")
+    release = threading.Event()
+    reads, loop_threads = [], []
+
+    def slow_config(path):
+        reads.append(threading.current_thread().name)
+        release.wait(5)
+        return planner.release_config()
+
+    monkeypatch.setattr(routes, "config_for_file", slow_config)
+
+    async def scenario():
+        loop_threads.append(threading.current_thread().name)
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.create_task(ticker())
+        query = _query(model="slow.safetensors")
+        first = await routes.answer_query(query, free_bytes=lambda: GIB, time_limit=0.3)
+        second = await routes.answer_query(query, free_bytes=lambda: GIB, time_limit=0.3)
+        tick.cancel()
+        return first, second, ticks
+
+    first, second, ticks = asyncio.run(scenario())
+    release.set()
+    for status, body in (first, second):
+        assert status == 400 and body["error"].startswith("model 'slow.safetensors' took more than 0.3 s to read")
+    assert ticks >= 20  # the event loop kept running while the file was being read
+    assert len(reads) == 1 and reads[0].startswith("uniba-plan") and reads[0] != loop_threads[0]

@@ -102,3 +102,42 @@ def test_extension_type_checks_against_the_frontend_types(tmp_path: Path) -> Non
     out = subprocess.run([NODE, str(tsc), "-p", "tsconfig.json"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, f"tsc --checkJs against frontend types {FRONTEND_TYPES}:\n{out.stdout[-4000:]}"
+
+
+def test_the_extension_reads_the_names_the_route_sends(tmp_path: Path, monkeypatch) -> None:
+    """The route's real JSON (a chained 8x plan) through the extension's logic: every figure it shows is read from
+    a field the plan has (no undefined, no NaN), so a renamed field on either side fails here."""
+    from uniba_pack.nodes import routes
+
+    monkeypatch.setenv("UNIBA_MODELS_DIR", str(tmp_path))
+    answer = routes.plan_for_query({"width": "384", "height": "256", "scale": "8", "steps": "3"},
+                                   free_bytes=lambda: 12 * 2**30)
+    (tmp_path / "plan.json").write_text(json.dumps(answer))
+    script = f"""
+import {{ readFileSync }} from "node:fs";
+import * as logic from {json.dumps((WEB / "js" / "uniba_logic.js").as_uri())};
+const plan = JSON.parse(readFileSync({json.dumps(str(tmp_path / "plan.json"))}, "utf8"));
+const calls = logic.modelCalls(plan), perPass = logic.batchesPerPass(plan);
+const total = calls * perPass.reduce((a, b) => a + b, 0);
+const mid = logic.progressState(plan, total - 1, total);
+console.log(JSON.stringify({{
+  lines: logic.formatPlan(plan).lines, calls, perPass, shape: logic.blockBatchShape(plan),
+  order: logic.batchOrder(plan).length, cells: logic.gridLayout(plan, 240, 120).cells.length,
+  pass: mid.pass, done: mid.done.flat().filter(Boolean).length,
+}}));
+"""
+    out = subprocess.run([NODE, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    last = answer["passes"][-1]
+    text = "\n".join(seen["lines"])
+    assert "undefined" not in text and "NaN" not in text and "?" not in text, text
+    assert f"Output {last['out_width']}×{last['out_height']} px, 2 passes (4x + 2x)" in text
+    assert f"Blocks {last['grid_cols']}×{last['grid_rows']} of {answer['block_px']} px" in text
+    assert seen["calls"] == answer["evaluations"] == 5  # Heun, 3 steps
+    assert seen["perPass"] == [p["batches_per_step"] for p in answer["passes"]]
+    assert seen["shape"] == last["block_batch"] and seen["order"] == len(last["block_order"])
+    assert seen["cells"] == last["grid_rows"] * last["grid_cols"] and seen["pass"] == 2
+    # one batch before the end: every block but the last batch's is done
+    _, _, rows, cols = last["block_order"][-1]
+    assert seen["done"] == last["grid_rows"] * last["grid_cols"] - rows * cols

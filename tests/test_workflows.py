@@ -225,3 +225,19 @@ def test_core_snapshot_is_recorded() -> None:
     snapshot = json.loads(wt.CORE_SNAPSHOT.read_text(encoding="utf-8"))
     assert {"KSampler", "CheckpointLoaderSimple", "SaveImage", "LoadImage", "VAEDecode"} <= set(snapshot)
     assert not set(snapshot) & set(NODE_CLASS_MAPPINGS), "a pack node id collides with a core node"
+
+
+@pytest.mark.parametrize("path", wt.workflow_files(), ids=lambda p: p.stem)
+def test_no_node_covers_another_at_the_default_zoom(path) -> None:
+    # every template in workflows/, also ones added later; the title bar counts (it is drawn above pos)
+    nodes = wt.load_workflow(path)["nodes"]
+    assert all(len(n["size"]) == 2 and min(n["size"]) > 0 for n in nodes)
+    assert wt.overlaps(nodes) == []
+
+
+def test_overlap_check_sees_a_covered_title_bar() -> None:
+    upscale = {"id": 1, "type": "InfDiTUpscale", "pos": [400, 0], "size": [340, 564]}
+    loader = {"id": 2, "type": "InfDiTLoader", "pos": [400, 580], "size": [340, 122]}  # title bar at 550-580
+    assert wt.overlaps([upscale, loader]) == ["1 InfDiTUpscale overlaps 2 InfDiTLoader"]
+    loader["pos"] = [400, 564 + wt.TITLE_HEIGHT]
+    assert wt.overlaps([upscale, loader]) == []

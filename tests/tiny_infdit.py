@@ -127,3 +127,21 @@ def load_tiny_infdit(config: InfDiTConfig = TINY, seed: int = 0):
     from uniba.infdit.keys import ours_to_sat
 
     return load_infdit({ours_to_sat(k): v for k, v in random_state_dict(config, seed=seed).items()})
+
+
+def plan_and_upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = 20, sampler=None,
+                     sigmas: torch.Tensor | None = None, block_batch="auto", offload_cache="auto",
+                     free_bytes: int | None = None, **run) -> torch.Tensor:
+    """Plan with :func:`uniba.infdit.plan_upscale` (block batch auto: from the free memory, as a caller without a
+    budget would) and run that plan: the shortest way for tests to upscale with a few settings."""
+    from uniba.infdit import plan_upscale, resolve_sampling, upscale
+    from uniba.memory import device_free_bytes
+
+    lr4 = lr if lr.ndim == 4 else lr[None]
+    if free_bytes is None and block_batch in (None, "auto", ""):
+        free_bytes = device_free_bytes(model.device)
+    plan = plan_upscale(model.config, lr4.shape[-2], lr4.shape[-1], scale, free_bytes=free_bytes,
+                        sampling=resolve_sampling(sampler, sigmas, steps), block_batch=block_batch,
+                        offload_cache="on" if offload_cache is True else "off" if offload_cache is False
+                        else offload_cache, dtype=model.dtype, weights_resident=True)
+    return upscale(model, lr, plan, **run)

@@ -26,6 +26,7 @@ GEMMA = "gemma-2-2b-it"
 DCAE = "dc-ae-f32c32-sana-1.1.safetensors"
 INFDIT = "mp_rank_00_model_states.pt"  # the released file name (see INFDIT_NOTE)
 ROW2 = 640  # y of the second row: decode, preview, upscale, save
+GAP = 20  # px between a node and the title bar of the node below it
 SDXL = "sd_xl_base_1.0.safetensors"
 
 # properties.models of every loader: newer frontends check the preselected file and offer its download
@@ -217,6 +218,10 @@ def build(name: str, spec: list[N], defs: dict[str, Any]) -> dict[str, Any]:
         if node.title:
             entry["title"] = node.title
         nodes.append(entry)
+    _stack_columns(nodes)
+    clashes = wt.overlaps(nodes)
+    if clashes:
+        raise SystemExit(f"{name}: nodes overlap at the default zoom: " + "; ".join(clashes))
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/uniba-ultrares/ComfyUI-UniBA/{name}")),
         "revision": 0, "last_node_id": max(by_id), "last_link_id": len(links),
@@ -224,6 +229,20 @@ def build(name: str, spec: list[N], defs: dict[str, Any]) -> dict[str, Any]:
         "extra": {"ds": {"scale": 0.6, "offset": [40, 60]}, "uniba": {"workflow": name}},
         "version": 0.4,
     }
+
+
+def _stack_columns(nodes: list[dict[str, Any]]) -> None:
+    """Nodes placed in one column (same x) keep their order and move down until each title bar clears the
+    node above by GAP: sizes come from the node definitions, so positions written by hand cannot know them."""
+    columns: dict[float, list[dict[str, Any]]] = {}
+    for node in nodes:
+        columns.setdefault(node["pos"][0], []).append(node)
+    for column in columns.values():
+        column.sort(key=lambda n: n["pos"][1])
+        for above, node in zip(column, column[1:]):
+            lowest = above["pos"][1] + above["size"][1] + wt.TITLE_HEIGHT + GAP
+            if node["pos"][1] < lowest:
+                node["pos"] = [node["pos"][0], lowest]
 
 
 def _sana_text_to_latent(first_id: int, unet: str, width: int, height: int, x0: float) -> list[N]:

@@ -301,3 +301,26 @@ def nodes_of_type(workflow: Mapping[str, Any], node_type: str) -> list[Mapping[s
 
 def used_types(workflows: Iterable[Mapping[str, Any]]) -> set[str]:
     return {n["type"] for w in workflows for n in w["nodes"]}
+
+
+# LiteGraph draws a node's title bar above its ``pos`` (LiteGraph.NODE_TITLE_HEIGHT, 30 px in frontends 1.27-1.58).
+TITLE_HEIGHT = 30
+
+
+def node_box(node: Mapping[str, Any]) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node on the canvas, title bar included."""
+    x, y = node["pos"]
+    w, h = node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def overlaps(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every pair of nodes whose boxes (title bar included) intersect, named by id, type and title."""
+    boxes = [(n, node_box(n)) for n in nodes]
+    found = []
+    for i, (a, (al, at, ar, ab)) in enumerate(boxes):
+        for b, (bl, bt, br, bb) in boxes[i + 1:]:
+            if al < br and bl < ar and at < bb and bt < ab:
+                name = [f"{n['id']} {n.get('title') or n['type']}" for n in (a, b)]
+                found.append(f"{name[0]} overlaps {name[1]}")
+    return found

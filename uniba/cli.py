@@ -14,7 +14,7 @@ import sys
 
 from . import __version__
 
-METHOD_CLIS = ("uniba.infdit.cli", "uniba.sana.cli", "uniba.hidiffusion.cli")
+METHOD_CLIS = ("uniba.infdit.cli", "uniba.sana.cli", "uniba.hidiffusion.cli", "uniba.fit")
 
 BENCHMARKS = {
     "infdit": ("uniba.infdit.bench", "Inf-DiT block-wise vs whole-canvas memory and time; presets; bf16"),

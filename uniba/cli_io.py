@@ -7,8 +7,9 @@ Rules (issue 11 items 1 and 2):
 * An output that is an input (the same file, after resolving links and hard links) is refused, and so
   is an existing output unless ``--overwrite`` is given. The output's folder must exist and accept a
   new file (probed by creating one), and its extension must name a format the command writes.
-* Outputs are written to a temporary file in the target folder and renamed into place only when the
-  write succeeded, so an interrupted or failed run leaves the old file (or nothing) behind.
+* Outputs are written through :func:`uniba.publish.publish`: a uniquely named temporary file in the target
+  folder, removed on error, Ctrl-C and SIGTERM, and published without replacing a file that appeared
+  meanwhile unless ``--overwrite`` was given.
 * Errors are :class:`CliError` (a ``ValueError``): ``python -m uniba`` prints them as one
   ``error: ...`` line without a traceback.
 """
@@ -16,7 +17,6 @@ Rules (issue 11 items 1 and 2):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
@@ -30,6 +30,7 @@ import torch
 
 from .checkpoint import CheckpointError, check_file
 from .devices import default_device
+from .publish import publish
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +158,6 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``target`` and rename it into place on success only."""
-    target = Path(target)
-    folder = Path(os.path.realpath(target)).parent
-    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.realpath(target) if target.is_symlink() else target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 # --------------------------------------------------------------------------- devices
 
 def resolve_device(text: str | None) -> torch.device:
@@ -237,8 +223,12 @@ def alpha_dropped(channels: int, path: str | os.PathLike) -> bool:
     return False
 
 
-def write_image(tensor: torch.Tensor, path: str | os.PathLike, what: str = "output image") -> None:
-    """(1, 3 or 4, H, W) in [-1, 1] -> an image file, atomically; refuses NaN/inf (they would save as black)."""
+def write_image(tensor: torch.Tensor, path: str | os.PathLike, what: str = "output image", *,
+                overwrite: bool = False) -> None:
+    """(1, 3 or 4, H, W) in [-1, 1] -> an image file, atomically; refuses NaN/inf (they would save as black).
+
+    Without ``overwrite`` a file that appeared under ``path`` while the work ran is never replaced.
+    """
     from PIL import Image
 
     from .guards import check_finite
@@ -250,4 +240,4 @@ def write_image(tensor: torch.Tensor, path: str | os.PathLike, what: str = "outp
         image = image[:3]
     array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     pil = Image.fromarray(array, "RGBA" if array.shape[-1] == 4 else "RGB")
-    atomic_write(path, lambda tmp: pil.save(tmp, format=fmt))
+    publish(path, lambda tmp: pil.save(tmp, format=fmt), overwrite=overwrite, what=what)

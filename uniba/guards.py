@@ -1,9 +1,10 @@
 """Checks every family shares, at the points where data enters or leaves the engine, so nothing fails silently.
 
-* Non-finite values (NaN, inf): in loaded weights (per tensor, naming file and tensor), in an input
-  image or latent, in what a sampler produces at a step, in a decoded image. A NaN that reaches a
-  saved image turns into black pixels without any message, so every path that ends in pixels
-  checks first and raises :class:`NonFiniteError` saying where the values came from.
+* Non-finite values (NaN, inf): in an input image or latent, in what a sampler produces at a step,
+  in a decoded image. A NaN that reaches a saved image turns into black pixels without any message,
+  so every path that ends in pixels checks first and raises :class:`NonFiniteError` saying where the
+  values came from (loaded weights are checked by :mod:`uniba.checkpoint`, with the same scan from
+  :mod:`uniba.finite`).
 * :class:`WorkTooLarge`: work refused before allocating because its estimate exceeds the budget.
 * Config values read from checkpoint metadata (:func:`config_from_metadata`): invalid JSON or
   impossible values become a :class:`~uniba.checkpoint.CheckpointError` naming the file.
@@ -21,21 +22,21 @@ import dataclasses
 import math
 import os
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
+from .checkpoint import CheckpointError
+from .finite import describe_non_finite, first_non_finite
+
 __all__ = [
-    "NonFiniteError", "WorkTooLarge", "check_finite", "check_state_dict_finite", "finite_denoiser", "check_step_finite",
+    "NonFiniteError", "WorkTooLarge", "check_finite", "finite_denoiser", "check_step_finite",
     "config_from_metadata", "validate_config", "check_image", "check_seed", "check_choice", "check_whole_number",
     "check_text",
 ]
 
 T = TypeVar("T")
-
-# Elements checked per isfinite() call: bounds the temporary bool tensor (16 MB) for huge weights.
-_CHUNK = 1 << 24
 
 
 class NonFiniteError(ValueError):
@@ -46,64 +47,13 @@ class WorkTooLarge(ValueError):
     """Work whose estimated memory exceeds the budget; refused before allocating (not an OOM to retry)."""
 
 
-def _first_non_finite(tensor: torch.Tensor) -> tuple[int, float] | None:
-    """(flat index, value) of the first NaN/inf element, or None. Works chunk by chunk on a flat view."""
-    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
-        return None
-    flat = tensor.detach().reshape(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start:start + _CHUNK]
-        if not chunk.is_complex():
-            # min/max propagate NaN and show +-inf: ~40x faster than isfinite, which runs only when this fails
-            try:
-                low, high = torch.aminmax(chunk)
-                if math.isfinite(float(low)) and math.isfinite(float(high)):
-                    continue
-            except (RuntimeError, NotImplementedError):
-                pass
-        try:
-            finite = torch.isfinite(chunk)
-        except (RuntimeError, NotImplementedError):  # e.g. float8 types without isfinite on this device
-            finite = torch.isfinite(chunk.float())
-        if not bool(finite.all()):
-            index = int((~finite).nonzero()[0, 0])
-            return start + index, float(chunk[index].float() if not chunk.is_complex() else chunk[index].abs())
-    return None
-
-
-def _describe_bad(tensor: torch.Tensor, found: tuple[int, float]) -> str:
-    flat = tensor.detach().reshape(-1)
-    bad = int((~torch.isfinite(flat.float() if not flat.is_complex() else flat)).sum()) if flat.numel() <= 1 << 26 \
-        else None
-    kind = "NaN" if math.isnan(found[1]) else "infinite"
-    count = f"{bad} of {flat.numel()} values are NaN or infinite" if bad is not None \
-        else "it holds NaN or infinite values"
-    position = tuple(int(i) for i in torch.unravel_index(torch.tensor(found[0]), tensor.shape)) \
-        if tensor.ndim else ()
-    return f"{count} (first: {kind} at index {position}, shape {tuple(tensor.shape)}, {tensor.dtype})"
-
-
 def check_finite(tensor: torch.Tensor, where: str, fix: str = "") -> torch.Tensor:
     """Raise :class:`NonFiniteError` naming ``where`` when ``tensor`` holds NaN or inf; return it otherwise."""
-    found = _first_non_finite(tensor)
+    found = first_non_finite(tensor)
     if found is not None:
-        message = f"{where}: {_describe_bad(tensor, found)}."
+        message = f"{where}: {describe_non_finite(tensor, found)}."
         raise NonFiniteError(message + (f" {fix}" if fix else ""))
     return tensor
-
-
-def check_state_dict_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike | None) -> None:
-    """Check every floating tensor of a loaded checkpoint; the error names the file and the tensor."""
-    from .checkpoint import CheckpointError
-
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        found = _first_non_finite(value)
-        if found is not None:
-            raise CheckpointError(
-                path, f"tensor '{key}' holds NaN or infinite values ({_describe_bad(value, found)}).",
-                "The file is corrupt or was saved after training diverged: download it again.")
 
 
 def check_step_finite(tensor: torch.Tensor, step: int, total: int, where: str, sigma: float | None = None) -> None:
@@ -126,7 +76,7 @@ def finite_denoiser(denoiser: Callable[..., torch.Tensor], sigmas: torch.Tensor,
 
     def checked(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         out = denoiser(x, sigma, **kwargs)
-        if _first_non_finite(out) is not None:
+        if first_non_finite(out) is not None:
             value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
             step = min(range(len(levels)), key=lambda i: abs(levels[i] - value)) if levels else 0
             check_step_finite(out, min(step, total - 1), total, where, value)
@@ -202,8 +152,6 @@ def validate_config(config: T, path: str | os.PathLike | None, source: str = "it
     (No field of the model configs can be zero or negative: widths, depths, head counts, patch and
     block sizes, epsilons, shifts, interpolation factors.)
     """
-    from .checkpoint import CheckpointError
-
     problems = _config_problems(config)
     if problems:
         raise CheckpointError(path, f"{source} has impossible values: {'; '.join(problems[:4])}.",
@@ -214,8 +162,6 @@ def validate_config(config: T, path: str | os.PathLike | None, source: str = "it
 def config_from_metadata(parse: Callable[[str], T], text: object, path: str | os.PathLike | None,
                          key: str = "config") -> T:
     """Parse a config stored as JSON in a file's metadata and validate it (CheckpointError naming the file)."""
-    from .checkpoint import CheckpointError
-
     if not isinstance(text, str):
         raise CheckpointError(path, f"has a '{key}' metadata entry that is not text ({type(text).__name__}).",
                               "Convert the original release again.")

@@ -372,13 +372,14 @@ def list_models(folder: str) -> list[str]:
     return sorted(names)
 
 
-def list_model_dirs(folder: str) -> list[str]:
-    """Sub-folders of a model folder (for Hugging Face style model folders such as a Gemma download)."""
+def list_model_dirs(folder: str, marker: str = "config.json") -> list[str]:
+    """Sub-folders of a model folder holding ``marker`` (Hugging Face model folders such as a Gemma download;
+    ``model_index.json`` for whole diffusers pipeline folders)."""
     bases = _fp.get_folder_paths(folder) if IN_COMFYUI else _headless_dirs(folder)
     found = []
     for base in bases:
         if os.path.isdir(base):
-            found += [d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json"))]
+            found += [d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, marker))]
     return sorted(set(found))
 
 
@@ -469,6 +470,17 @@ class _KDiffusionModel:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         return self.denoiser(x, sigma, **extra_args)
+
+
+def sampler_named(name: str) -> Any:
+    """The SAMPLER ComfyUI's KSamplerSelect gives for ``name``; a ValueError naming the choices otherwise."""
+    require_comfyui("a ComfyUI sampler by name")
+    import comfy.samplers  # optional dependency (ComfyUI): imported only when running inside it
+
+    names = list(comfy.samplers.KSampler.SAMPLERS)
+    if name not in names:
+        raise ValueError(f"sampler must be one of ComfyUI's samplers ({', '.join(names)}), got {name[:40]!r}")
+    return comfy.samplers.sampler_object(name)
 
 
 class k_diffusion_sampler:  # noqa: N801 - used like a function

@@ -27,7 +27,14 @@ from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 from uniba.devices import COMPUTE_DTYPES, allowed_dtypes
 from uniba.guards import check_finite
 from uniba.sana.checks import check_context_mask, check_sana_conditioning, check_sana_latent
-from uniba.sana.config import DEFAULT_SHIFT, LATENT_CHANNELS, LATENT_DOWNSCALE, LATENT_SCALE, SanaConfig
+from uniba.sana.config import (
+    DEFAULT_SHIFT,
+    LATENT_CHANNELS,
+    LATENT_DOWNSCALE,
+    LATENT_SCALE,
+    SPRINT_GUIDANCE,
+    SanaConfig,
+)
 from uniba.sana.loader import SanaCheckpoint, build_sana
 from uniba.sana.sampling import start_noise
 
@@ -84,7 +91,9 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
 
         def __init__(self, sana_config: SanaConfig) -> None:
             super().__init__({"sana_config": sana_config})
-            self.sampling_settings = {"shift": float(sana_config.flow_shift), "multiplier": 1000}
+            # Sprint samples in flow time and its transformer takes that time itself (uniba/sana/sprint.py)
+            self.sampling_settings = ({"shift": 1.0, "multiplier": 1.0} if sana_config.is_sprint else
+                                      {"shift": float(sana_config.flow_shift), "multiplier": 1000})
 
         def model_type(self, state_dict: Any, prefix: str = "") -> Any:
             return comfy.model_base.ModelType.FLOW
@@ -108,6 +117,11 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             mask = kwargs.get("attention_mask", None)
             if mask is not None:
                 out["context_mask"] = comfy.conds.CONDRegular(mask)
+            if self.diffusion_model.config.is_sprint:
+                # embedded guidance travels in the conditioning, as for Flux (Sana Sprint Guidance, FluxGuidance)
+                guidance = kwargs.get("guidance", None)
+                guidance = SPRINT_GUIDANCE if guidance is None else float(guidance)
+                out["guidance"] = comfy.conds.CONDRegular(torch.FloatTensor([guidance]))
             return out
 
 
@@ -134,6 +148,30 @@ def ksampler(sample_fn: Callable[..., torch.Tensor]) -> Any:
     """A SAMPLER (for SamplerCustom) running one of the engine's k-diffusion-shaped samplers."""
     host.require_comfyui("A Sana SAMPLER")
     return comfy.samplers.KSAMPLER(sample_fn)
+
+
+def dit_config(model: Any) -> SanaConfig | None:
+    """The engine config of the DiT inside a MODEL (ComfyUI's patcher or the headless one), or None."""
+    inner = getattr(model, "model", None)
+    for candidate in (getattr(inner, "diffusion_model", None), inner):
+        config = getattr(candidate, "config", None)
+        if isinstance(config, SanaConfig):
+            return config
+    return None
+
+
+def check_model_kind(model: Any, *, sprint: bool, node: str) -> None:
+    """One sentence when a Sana-Sprint MODEL reaches a regular Sana sampling node, or the reverse."""
+    config = dit_config(model)
+    if sprint and (config is None or not config.is_sprint):
+        what = "a regular Sana DiT" if config is not None else "not a Sana DiT"
+        raise ValueError(f"{node} needs a Sana-Sprint MODEL, but this one is {what}: load Sana_Sprint_* with "
+                         "'Sana DiT Loader (UniBA)' or 'Sana Pipeline Loader (UniBA)'; a regular Sana model samples "
+                         "with 'Sana Sampler (UniBA)'.")
+    if not sprint and config is not None and config.is_sprint:
+        raise ValueError(f"{node} samples regular Sana models, but this MODEL is Sana-Sprint (1-4 steps): use "
+                         "'Sana Sprint Sigmas (UniBA)' with 'Sana Sprint Sampler (UniBA)' in SamplerCustom, as the "
+                         "'Sprint text-to-image in 2 steps' template does.")
 
 
 def model_shift(model: Any) -> float:

@@ -293,19 +293,22 @@ def _check_readout(page: cdp.Page) -> None:
     _open_template(page, "upscale_render_4x")
     read = f"{NODES}.find(n => n.type === 'InfDiTUpscale')"
     # LoadImage's 256x192 example, once its preview has loaded (before that: the assumed 1024x1024) -> 4x
-    plan = page.wait_for(f"{read}?.__uniba?.plan?.lr_width === 256 && {read}.__uniba.plan", timeout=60)
-    assert (plan["out_width"], plan["out_height"]) == (1024, 768), plan
-    assert plan["lr_width"] == 256 and plan["lr_height"] == 192
+    plan = page.wait_for(f"{read}?.__uniba?.plan?.passes?.[0]?.in_width === 256 && {read}.__uniba.plan", timeout=60)
+    last = plan["passes"][-1]
+    assert (last["out_width"], last["out_height"]) == (1024, 768), plan
+    assert plan["passes"][0]["in_width"] == 256 and plan["passes"][0]["in_height"] == 192
     # a widget change re-plans
     page.evaluate(f"(() => {{ const n = {read}; const w = n.widgets.find(w => w.name === 'scale');"
                   f" w.value = '2'; n.onWidgetChanged?.('scale', '2', '4', w);"
                   f" const b = n.widgets.find(w => w.name === 'block_batch'); b.value = '1';"
                   f" n.onWidgetChanged?.('block_batch', '1', 'auto', b); }})()")
-    page.wait_for(f"{read}.__uniba.plan.out_width === 512 && {read}.__uniba.plan.batches_per_step > 1", timeout=30)
+    page.wait_for(f"{read}.__uniba.plan.passes.at(-1).out_width === 512"
+                  f" && {read}.__uniba.plan.passes.at(-1).batches_per_step > 1", timeout=30)
     # a progress_state event (as ComfyUI sends during a run, by node id) marks finished blocks in the grid
     node_id = page.evaluate(f"{read}.id")
     page.evaluate(f"(() => {{ const n = {read}; const p = n.__uniba.plan; const calls = 2 * 20 - 1;"
-                  f" const per = p.batches_per_step; window.comfyAPI.api.api.dispatchCustomEvent('progress_state',"
+                  f" const per = p.passes.at(-1).batches_per_step;"
+                  f" window.comfyAPI.api.api.dispatchCustomEvent('progress_state',"
                   f" {{prompt_id: 'x', nodes: {{'{node_id}': {{value: Math.floor(per / 2) + per * 3,"
                   f" max: calls * per, state: 'running', node_id: '{node_id}', display_node_id: '{node_id}',"
                   f" prompt_id: 'x'}}}}}}); }})()")
@@ -330,7 +333,7 @@ def test_real_run_reports_block_progress(session) -> None:
     with _on_failure_screenshot(page, "real_run"):
         _open_template(page, "upscale_render_4x")
         read = f"{NODES}.find(n => n.type === 'InfDiTUpscale')"
-        page.wait_for(f"{read}?.__uniba?.plan?.lr_width === 256", timeout=60)
+        page.wait_for(f"{read}?.__uniba?.plan?.passes?.[0]?.in_width === 256", timeout=60)
         page.evaluate(f"""(() => {{ const n = {read};
             for (const [name, value] of [['steps', 1], ['block_batch', '4'], ['scale', '2']]) {{
                 const w = n.widgets.find(w => w.name === name); const old = w.value; w.value = value;
@@ -352,8 +355,9 @@ def test_real_run_reports_block_progress(session) -> None:
             window.comfyAPI.api.api.addEventListener('execution_error', (e) => {{
                 window.__unibaFinished = 'error: ' + JSON.stringify(e.detail).slice(0, 2000); }});
         }})()""")
-        page.wait_for(f"{read}.__uniba.plan.out_width === 512 && {read}.__uniba.plan.block_batch[0] === 4", 30)
-        plan = page.evaluate(f"{read}.__uniba.plan")
+        page.wait_for(f"{read}.__uniba.plan.passes.at(-1).out_width === 512"
+                      f" && {read}.__uniba.plan.passes.at(-1).block_batch[0] === 4", 30)
+        plan = page.evaluate(f"{read}.__uniba.plan.passes.at(-1)")
         page.evaluate("app.queuePrompt(0, 1)")
         finished = page.wait_for("window.__unibaFinished", timeout=300)
         assert finished is True, finished

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_infdit import write_tiny_infdit  # noqa: E402
+from tiny_infdit import plan_and_upscale, write_tiny_infdit  # noqa: E402
 
-from uniba.infdit import load_infdit, upscale  # noqa: E402
+from uniba.infdit import load_infdit  # noqa: E402
 
 CKPT = "infdit_tiny_comfy.safetensors"
 
@@ -60,7 +60,7 @@ def _prompt(scale="4", steps=2, seed=3, block_batch="auto", offload="auto", colo
 def _engine(comfy_host, scale=4, steps=2, seed=3, width=40, height=36, channels=3) -> torch.Tensor:
     model = load_infdit(comfy_host.model_folder("infdit") / CKPT, torch.float32)
     lr = _image(11, width, height, channels).movedim(-1, 1) * 2 - 1
-    out = upscale(model, lr, scale=scale, steps=steps, seed=seed, block_batch=1)
+    out = plan_and_upscale(model, lr, scale=scale, steps=steps, seed=seed, block_batch=1)
     return ((out + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
@@ -107,3 +107,18 @@ def test_a_file_that_is_not_inf_dit_is_refused_by_name(infdit_host, run_prompt):
     prompt["1"]["inputs"]["model_name"] = "not_infdit.safetensors"
     with pytest.raises(AssertionError, match="not_infdit.safetensors: is not an Inf-DiT checkpoint"):
         run_prompt(prompt)
+
+
+def test_plan_route_counts_comfyui_samplers_by_name(infdit_host):
+    """The readout sends the wired KSamplerSelect name; the route counts that ComfyUI sampler's model calls the
+    way the node does (a dry run of the sampler itself), not from the steps alone."""
+    routes = __import__(infdit_host.pack_module.__name__ + ".nodes.routes", fromlist=["x"])
+    base = {"model": CKPT, "width": "40", "height": "36", "steps": "5"}
+
+    def evaluations(sampler: str) -> int:
+        return routes.plan_for_query({**base, "sampler": sampler}, free_bytes=lambda: 2**30)["evaluations"]
+
+    assert (evaluations("euler"), evaluations("heun"), evaluations("dpmpp_2s_ancestral")) == (5, 9, 9)
+    assert routes.plan_for_query(base, free_bytes=lambda: 2**30)["evaluations"] == 9  # none wired: EDM Heun
+    with pytest.raises(routes.BadRequest, match="sampler must be one of ComfyUI's samplers .*got 'heun_edm'"):
+        evaluations("heun_edm")

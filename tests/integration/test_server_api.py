@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import chromium_cdp as cdp  # noqa: E402
-from tiny_infdit import write_tiny_infdit  # noqa: E402
+from tiny_infdit import plan_and_upscale, write_tiny_infdit  # noqa: E402
 
-from uniba.infdit import load_infdit, upscale  # noqa: E402
+from uniba.infdit import load_infdit  # noqa: E402
 
 CKPT = "infdit_tiny_server.safetensors"
 INPUT = "uniba_server_input.png"
@@ -113,7 +113,7 @@ def _queue_and_listen(srv: cdp.ComfyServer, prompt: dict, timeout: float = 300.0
 def _engine_output(srv: cdp.ComfyServer) -> torch.Tensor:
     model = load_infdit(srv.base / "models" / "infdit" / CKPT, torch.float32)
     lr = torch.from_numpy(_input_image()).float().div(255).movedim(-1, 0)[None] * 2 - 1
-    out = upscale(model, lr, scale=4, steps=2, seed=3, block_batch=1)
+    out = plan_and_upscale(model, lr, scale=4, steps=2, seed=3, block_batch=1)
     return ((out + 1) / 2).clamp(0, 1)[0].movedim(0, -1)
 
 

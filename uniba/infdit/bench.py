@@ -33,6 +33,7 @@ import time
 import torch
 
 from ..memory import format_bytes
+from .blockwise import ROW_MAJOR
 
 BENCH_CONFIG = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "mlp_hidden": 512, "block_tokens": 16,
                 "lr_block_tokens": 8, "vector_dim": 64, "time_channels": 64, "rope_grid": 512}
@@ -107,7 +108,7 @@ def _estimate(side: int, block_batch: int | None) -> int:
     config = _config()
     grid = side // config.block_px
     n = grid if block_batch is None else min(block_batch, grid)
-    return denoiser_call_bytes(config, (grid, grid), (n, n), "row-major", False, torch.float32)
+    return denoiser_call_bytes(config, (grid, grid), (n, n), ROW_MAJOR, False, torch.float32)
 
 
 def _presets(side: int, accuracy_side: int, block_batch: int, repeats: int) -> None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..publish import publish
 from .sampling import FAST_PRESET, REFERENCE_PRESET, SAMPLERS, count_evaluations, get_sigmas_karras
 
 GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "data" / "infdit_tiny_a.safetensors"
@@ -130,8 +130,5 @@ def run(argv: list[str] | None = None) -> int:
     print(f"shipped fast preset: {FAST_PRESET[0]} {FAST_PRESET[1]} steps = {fast_evals} evaluations"
           + ("" if best == FAST_PRESET else "  (differs from this run's choice: update FAST_PRESET?)"))
     if args.json:
-        tmp = args.json + ".partial"
-        with open(tmp, "w") as fh:
-            json.dump(rows, fh, indent=1)
-        os.replace(tmp, args.json)
+        publish(args.json, lambda tmp: tmp.write_text(json.dumps(rows, indent=1)), overwrite=True)
     return 0

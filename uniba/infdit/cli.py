@@ -9,7 +9,7 @@ import re
 from ..cli_io import memory_size, positive_int, seed_int
 from ..devices import DTYPE_CHOICES, DTYPES, choose_dtype, torch_dtype_support
 from ..progress import TerminalProgress
-from .sampling import FAST_PRESET, PRESETS, SAMPLERS
+from .sampling import FAST_PRESET, PRESETS, SAMPLERS, Sampling, named_sampler, resolve_sampling
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -34,8 +34,8 @@ def _plan(args: argparse.Namespace) -> int:
             notes.append(f"note: --size {out_w}x{out_h} is not a multiple of --scale {args.scale}: planned for an "
                          f"input of {in_w}x{in_h} px ({in_w * args.scale}x{in_h * args.scale} px out); crop the "
                          "result, or give --input WxH")
-    plan = plan_upscale(config, in_h, in_w, args.scale, args.vram, block_batch=args.block_batch,
-                        offload_cache=args.offload_cache, dtype=DTYPES[args.dtype])
+    plan = plan_upscale(config, in_h, in_w, args.scale, free_bytes=args.vram, sampling=_sampling(args),
+                        block_batch=args.block_batch, offload_cache=args.offload_cache, dtype=DTYPES[args.dtype])
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -49,12 +49,17 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def _sampling(args: argparse.Namespace) -> Sampling:
+    """The sampler and schedule the command asks for (a preset or --sampler/--steps), evaluations counted."""
+    name, steps = PRESETS[args.preset] if args.preset else (args.sampler, args.steps)
+    return resolve_sampling(named_sampler(name), None, steps)
+
+
 def _upscale(args: argparse.Namespace) -> int:
     from ..cli_io import IMAGE_FORMATS, alpha_dropped, input_file, output_file, read_image, resolve_device, write_image
     from ..memory import device_free_bytes
     from .loader import load_infdit
     from .plan import config_for_file, plan_upscale
-    from .sampling import count_evaluations, get_sigmas_karras, named_sampler
     from .upscale import NO_CLIP_TOWER, upscale
 
     # every argument is checked before the weights load or anything is computed
@@ -70,27 +75,24 @@ def _upscale(args: argparse.Namespace) -> int:
     if config.clip is None and not args.clip:
         raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
     dtype = choose_dtype(args.dtype, device, torch_dtype_support(device))
-    name, steps = PRESETS[args.preset] if args.preset else (args.sampler, args.steps)
-    sampler, sigmas = named_sampler(name), get_sigmas_karras(steps)
     free = args.vram if args.vram else device_free_bytes(device)
     # one plan, checked before the weights load; the upscale runs exactly this plan
-    plan = plan_upscale(config, image.shape[-2], image.shape[-1], args.scale, free,
-                        block_batch=args.block_batch, offload_cache=args.offload_cache, dtype=dtype,
-                        evaluations=count_evaluations(sampler, sigmas))
+    plan = plan_upscale(config, image.shape[-2], image.shape[-1], args.scale, free_bytes=free,
+                        sampling=_sampling(args), block_batch=args.block_batch, offload_cache=args.offload_cache,
+                        dtype=dtype)
     plan.check_fits()
     model = load_infdit(args.model, dtype, clip=args.clip).to(device)
     if model.clip is None:  # a .pt planned with the release config turned out to lack the tower
         raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
     # the engine's unit: model evaluations x block batches
-    batches = sum(p["batches_per_step"] for p in plan.passes)
+    batches = sum(p.batches_per_step for p in plan.passes)
     bar = TerminalProgress(image.shape[0] * plan.total_batches, unit="batch",
                            desc=f"Inf-DiT {plan.evaluations} evaluations x {batches} block batches")
     try:
-        out = upscale(model, image, scale=args.scale, seed=args.seed, plan=plan, sampler=sampler, sigmas=sigmas,
-                      color_match=args.color_match, progress=bar)
+        out = upscale(model, image, plan, seed=args.seed, color_match=args.color_match, progress=bar)
     finally:
         bar.close()
-    write_image(out, args.output, "the upscaled image")  # refuses NaN/inf, writes atomically
+    write_image(out, args.output, "the upscaled image", overwrite=args.overwrite)  # refuses NaN/inf; no-replace
     print(f"wrote {args.output} ({out.shape[-1]}x{out.shape[-2]})")
     return 0
 
@@ -103,7 +105,8 @@ def _convert(args: argparse.Namespace) -> int:
     if args.clip:
         input_file(args.clip, "--clip")
     output_file(args.output, inputs=[args.input, args.clip], overwrite=args.overwrite, formats=SAFETENSORS_FORMATS)
-    model = convert_checkpoint(args.input, args.output, DTYPES.get(args.dtype), clip=args.clip)
+    model = convert_checkpoint(args.input, args.output, DTYPES.get(args.dtype), clip=args.clip,
+                               overwrite=args.overwrite)
     c = model.config
     print(f"wrote {args.output}: Inf-DiT {c.hidden_size} wide, {c.num_layers} layers, "
           f"CLIP tower {'included' if model.clip is not None else 'absent (add --clip to include it)'}")
@@ -126,6 +129,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto, n (n x n blocks per forward) or n_h x n_w (2x3)")
     common.add_argument("--offload-cache", default="auto", choices=("auto", "on", "off"))
     common.add_argument("--vram", type=memory_size, help="memory budget, e.g. 12GB (default: free device memory)")
+    common.add_argument("--sampler", default="heun", choices=tuple(SAMPLERS),
+                        help="heun = the reference (2 evaluations per step); the others take 1 per step")
+    common.add_argument("--steps", type=positive_int, default=20,
+                        help="steps of the Karras schedule (default 20 = reference)")
+    common.add_argument("--preset", choices=tuple(PRESETS),
+                        help=f"instead of --sampler/--steps: reference = heun 20 (39 evaluations), fast = "
+                             f"{FAST_PRESET[0]} {FAST_PRESET[1]} ({FAST_PRESET[1]} evaluations)")
 
     if "plan" not in subparsers.choices:
         plan = subparsers.add_parser("plan", parents=[common], help="memory plan of an upscale (no weights needed)")
@@ -143,13 +153,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("output")
     up.add_argument("--model", required=True, help="Inf-DiT checkpoint (.pt release or converted .safetensors)")
     up.add_argument("--clip", help="separate open_clip ViT-L-14 file if the checkpoint has no CLIP tower")
-    up.add_argument("--sampler", default="heun", choices=tuple(SAMPLERS),
-                    help="heun = the reference (2 evaluations per step); the others take 1 per step")
-    up.add_argument("--steps", type=positive_int, default=20,
-                    help="steps of the Karras schedule (default 20 = reference)")
-    up.add_argument("--preset", choices=tuple(PRESETS),
-                    help=f"instead of --sampler/--steps: reference = heun 20 (39 evaluations), fast = "
-                         f"{FAST_PRESET[0]} {FAST_PRESET[1]} ({FAST_PRESET[1]} evaluations)")
     up.add_argument("--seed", type=seed_int, default=0)
     up.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     up.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")

@@ -108,8 +108,12 @@ def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tenso
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
-                       clip: str | os.PathLike | None = None) -> InfDiT:
-    """Write the model of ``src`` to a safetensors file that loads without unpickling (config in metadata)."""
+                       clip: str | os.PathLike | None = None, *, overwrite: bool = True) -> InfDiT:
+    """Write the model of ``src`` to a safetensors file that loads without unpickling (config in metadata).
+
+    ``overwrite=False`` never replaces an existing ``dst``, even one that appeared during the conversion.
+    """
     model = load_infdit(src, dtype, clip=clip)
-    save_safetensors(model.state_dict(), dst, metadata={METADATA_KEY: model.config.to_json(), "format": "pt"})
+    save_safetensors(model.state_dict(), dst, metadata={METADATA_KEY: model.config.to_json(), "format": "pt"},
+                     overwrite=overwrite)
     return model

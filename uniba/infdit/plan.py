@@ -22,14 +22,17 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from ..memory import Budget, largest_unit
+from ..guards import check_choice
+from ..memory import Budget, format_bytes, largest_unit
+from .blockwise import ROW_MAJOR, batch_order, choose_traversal
 from .config import METADATA_KEY, InfDiTConfig, infer_config, release_config
-from .sampling import DEFAULT_STEPS, model_evaluations
+from .model import InfDiT
+from .sampling import Sampling, resolve_sampling
 
 # Calibrated on the CPU (fp32, torch SDPA's flash kernel) with ``python -m uniba bench infdit``: the
 # attention and MLP phases do not overlap, so fewer hidden-sized tensors are alive than are created.
@@ -42,8 +45,8 @@ SCALES = (2, 4, 8, 16)
 # including the route's; RoPE positions already wrap past 4096 px.
 MAX_OUTPUT_SIDE = 65536
 
-__all__ = ["UpscalePlan", "PlanDoesNotFit", "plan_upscale", "parse_block_batch", "release_config", "config_for_file",
-           "passes_for_scale", "min_input_side"]
+__all__ = ["UpscalePlan", "PassPlan", "PlanDoesNotFit", "plan_upscale", "parse_block_batch", "release_config",
+           "config_for_file", "passes_for_scale", "min_input_side"]
 
 
 def parse_block_batch(value: str | int | tuple[int, int] | list[int] | None) -> int | tuple[int, int] | None:
@@ -73,8 +76,6 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 def weights_bytes(config: InfDiTConfig, dtype: torch.dtype) -> int:
     """Bytes of the network's (and CLIP tower's) parameters in ``dtype``."""
-    from .model import InfDiT
-
     with torch.device("meta"):
         model = InfDiT(config)
     return sum(p.numel() for p in model.parameters()) * dtype_bytes(dtype)
@@ -130,55 +131,96 @@ class PlanDoesNotFit(ValueError):
     """Even the smallest work unit with the KV cache offloaded exceeds the memory budget."""
 
 
-@dataclass
-class UpscalePlan:
-    """The plan of one upscale, computed once and passed to :func:`uniba.infdit.upscale` (``plan=``).
+@dataclass(frozen=True)
+class PassPlan:
+    """One pass of an upscale: its sizes, block grid, traversal, block batch, cache placement and memory.
 
-    The top-level grid fields describe the last pass (the largest canvas); every entry of
-    ``passes`` carries its own grid, block batch, cache placement and batch count.
-    ``block_order``: the block batches of one evaluation of the last pass, in run order, as
-    ``[row, col, rows, cols]``; ``evaluations``: model evaluations per pass of the chosen sampler.
+    ``block_order``: the pass's block batches of one evaluation in run order, as ``(row, col, rows, cols)``.
     """
 
+    scale: int
+    in_height: int
+    in_width: int
+    padded_height: int
+    padded_width: int
     out_height: int
     out_width: int
-    passes: list[dict[str, Any]]
+    canvas_height: int
+    canvas_width: int
     grid_rows: int
     grid_cols: int
-    block_px: int
     traversal: str
     block_batch: tuple[int, int]
+    offload_cache: bool
     batches_per_step: int
     cache_bytes: int
     peak_bytes: int
+    minimum_bytes: int
+    block_order: tuple[tuple[int, int, int, int], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["block_batch"] = list(self.block_batch)
+        data["block_order"] = [list(rect) for rect in self.block_order]
+        return data
+
+
+@dataclass(frozen=True, eq=False)
+class UpscalePlan:
+    """The plan of one upscale, built once by :func:`plan_upscale` and run as is by :func:`uniba.infdit.upscale`.
+
+    ``passes`` carry everything per pass (the last one is the largest canvas); the plan itself carries
+    what holds for the whole run: the sampling (sampler, schedule, evaluations per pass), the memory
+    verdict and the warnings. It becomes a dict only at the route's JSON boundary (:meth:`to_dict`).
+    """
+
+    scale: int
+    passes: tuple[PassPlan, ...]
+    block_px: int
+    sampling: Sampling
+    peak_bytes: int
+    minimum_bytes: int
     weights_bytes: int
     free_bytes: int | None
-    fits: bool
-    offload_cache: bool
-    evaluations: int
-    block_order: list[list[int]]
-    minimum_bytes: int
     usable_bytes: int | None
-    extras: dict[str, Any] = field(default_factory=dict)
+    fits: bool
+    weights_resident: bool
+    rope_wraps: bool
+    rope_max_side_px: int
 
     @property
-    def steps_model_evals(self) -> int:
-        return self.evaluations
+    def last(self) -> PassPlan:
+        return self.passes[-1]
+
+    @property
+    def out_height(self) -> int:
+        return self.last.out_height
+
+    @property
+    def out_width(self) -> int:
+        return self.last.out_width
+
+    @property
+    def evaluations(self) -> int:
+        return self.sampling.evaluations
 
     @property
     def total_batches(self) -> int:
         """Block batches of one image over all passes and evaluations (the progress total)."""
-        return self.evaluations * sum(p["batches_per_step"] for p in self.passes)
+        return self.evaluations * sum(p.batches_per_step for p in self.passes)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("extras")
-        data["block_batch"] = list(self.block_batch)
-        data["steps_model_evals"] = self.evaluations  # the name older web extensions read
-        data.update(self.extras)
-        # the plan in words (figures, warnings, what to change): the route and readout show it as is
-        data["description"] = self.describe()
-        return data
+        """The plan as JSON-ready data: one field per fact, the sampler by its evaluations and schedule."""
+        return {
+            "scale": self.scale, "passes": [p.to_dict() for p in self.passes], "block_px": self.block_px,
+            "evaluations": self.evaluations, "sigmas": [float(s) for s in self.sampling.sigmas],
+            "peak_bytes": self.peak_bytes, "minimum_bytes": self.minimum_bytes, "weights_bytes": self.weights_bytes,
+            "free_bytes": self.free_bytes, "usable_bytes": self.usable_bytes, "fits": self.fits,
+            "weights_resident": self.weights_resident, "rope_wraps": self.rope_wraps,
+            "rope_max_side_px": self.rope_max_side_px,
+            # the plan in words (figures, warnings, what to change): the route and readout show it as is
+            "description": self.describe(),
+        }
 
     def describe(self) -> str:
         """The plan in words, for the CLI, the ComfyUI readout and the route: figures, warnings and fixes.
@@ -186,27 +228,26 @@ class UpscalePlan:
         When the free figure was taken with the weights already loaded (the node), the peak includes
         weights that are not part of that figure, so a peak above "free" can still fit; the text says so.
         """
-        from ..memory import format_bytes
 
         def count(n: int, noun: str) -> str:
             return f"{n} {noun}" + ("" if n == 1 else ("es" if noun.endswith("ch") else "s"))
 
+        last = self.last
         lines = [
             f"output {self.out_width}x{self.out_height} px in {count(len(self.passes), 'pass')}: "
-            + ", ".join(f"{p['in_width']}x{p['in_height']} -> {p['out_width']}x{p['out_height']} ({p['scale']}x)"
+            + ", ".join(f"{p.in_width}x{p.in_height} -> {p.out_width}x{p.out_height} ({p.scale}x)"
                         for p in self.passes),
-            f"last pass: {self.grid_rows}x{self.grid_cols} blocks of {self.block_px} px, traversal {self.traversal}, "
-            f"block batch {self.block_batch[0]}x{self.block_batch[1]} ({count(self.batches_per_step, 'batch')} per "
+            f"last pass: {last.grid_rows}x{last.grid_cols} blocks of {self.block_px} px, traversal {last.traversal}, "
+            f"block batch {last.block_batch[0]}x{last.block_batch[1]} ({count(last.batches_per_step, 'batch')} per "
             f"model call, {count(self.evaluations, 'model call')})",
-            f"KV cache {format_bytes(self.cache_bytes)} "
-            f"({'offloaded to host RAM' if self.offload_cache else 'on device'})",
+            f"KV cache {format_bytes(last.cache_bytes)} "
+            f"({'offloaded to host RAM' if last.offload_cache else 'on device'})",
         ]
         work = self.peak_bytes - self.weights_bytes
-        resident = bool(self.extras.get("weights_resident"))
         if self.free_bytes is None:
             lines.append(f"weights {format_bytes(self.weights_bytes)}, estimated peak {format_bytes(self.peak_bytes)} "
                          "(no memory budget given: --vram 12GB checks one)")
-        elif resident:
+        elif self.weights_resident:
             lines.append(
                 f"estimated peak {format_bytes(self.peak_bytes)} = weights {format_bytes(self.weights_bytes)} "
                 f"(already loaded, so not part of the {format_bytes(self.free_bytes)} free) + work "
@@ -218,9 +259,9 @@ class UpscalePlan:
                 f"{format_bytes(work)}) of {format_bytes(self.free_bytes)} free "
                 f"({format_bytes(self.usable_bytes or 0)} usable after the weights and a 10 % margin): "
                 f"{'fits' if self.fits else 'DOES NOT FIT'}")
-        if self.extras.get("rope_wraps"):
+        if self.rope_wraps:
             lines.append(f"warning: the output side {max(self.out_width, self.out_height)} px exceeds "
-                         f"{self.extras.get('rope_max_side_px', '?')} px, so RoPE positions wrap around (as in the "
+                         f"{self.rope_max_side_px} px, so RoPE positions wrap around (as in the "
                          "reference): expect repeated structure; upscale a smaller region or use a smaller scale")
         if not self.fits:
             lines.append("to fit: " + self.advice())
@@ -228,15 +269,13 @@ class UpscalePlan:
 
     def advice(self) -> str:
         """What to change when the plan does not fit, most effective first."""
-        from ..memory import format_bytes
-
         minimum_work = self.minimum_bytes - self.weights_bytes
         usable = self.usable_bytes or 0
         if minimum_work <= usable:
             options = []
-            if tuple(self.block_batch) != (1, 1):
+            if self.last.block_batch != (1, 1):
                 options.append("a smaller block batch (auto picks the largest that fits)")
-            if not self.offload_cache:
+            if not self.last.offload_cache:
                 options.append("offload_cache on (KV cache in host RAM)")
             return (" or ".join(options) or "block batch 1 with offload_cache on") + \
                 f": one block with the cache offloaded needs {format_bytes(minimum_work)} of work memory."
@@ -251,8 +290,6 @@ class UpscalePlan:
         halve the batch with an identical result. Raises :class:`PlanDoesNotFit` naming the figures
         and the fix.
         """
-        from ..memory import format_bytes
-
         if self.usable_bytes is None or self.minimum_bytes - self.weights_bytes <= self.usable_bytes:
             return
         raise PlanDoesNotFit(
@@ -267,9 +304,9 @@ def _peak(config: InfDiTConfig, grid: tuple[int, int], n: tuple[int, int], trave
           dtype: torch.dtype) -> tuple[int, int]:
     """(cache bytes on device, peak bytes above the weights) for one pass."""
     grid_h, grid_w = grid
-    strip = grid_w if traversal == "row-major" else grid_h
-    beside = n[0] if traversal == "row-major" else n[1]
-    along = n[1] if traversal == "row-major" else n[0]
+    strip = grid_w if traversal == ROW_MAJOR else grid_h
+    beside = n[0] if traversal == ROW_MAJOR else n[1]
+    along = n[1] if traversal == ROW_MAJOR else n[0]
     per_block = block_cache_bytes(config, dtype)
     whole = n[0] >= grid_h and n[1] >= grid_w
     cache = 0 if whole else cached_blocks(strip, beside, along) * per_block
@@ -289,19 +326,21 @@ def denoiser_call_bytes(config: InfDiTConfig, grid: tuple[int, int], n: tuple[in
     return above - sampler_rest
 
 
-def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int, free_bytes: int | None,
-                 block_batch: str | int | tuple[int, int] | None = "auto", offload_cache: str = "auto",
-                 dtype: torch.dtype = torch.bfloat16, *, weights_resident: bool = False,
-                 evaluations: int | None = None) -> UpscalePlan:
-    """Plan an upscale: passes, traversal, block batch and memory, from the free bytes of the device.
+def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int, free_bytes: int | None, *,
+                 sampling: Sampling | None = None, block_batch: str | int | tuple[int, int] | None = "auto",
+                 offload_cache: str = "auto", dtype: torch.dtype = torch.bfloat16,
+                 weights_resident: bool = False) -> UpscalePlan:
+    """The one builder of an Inf-DiT plan: passes, traversal, block batch and memory from the free bytes.
 
-    ``block_batch`` goes through :func:`parse_block_batch`; ``evaluations``: model evaluations per
-    pass of the sampler that will run (default: the reference's Heun, 20 steps = 39).
+    The node, the route, the CLI and the engine's callers all come here with what each of them has:
+    the model's config and dtype, the input size, the scale, the free bytes (None: no budget),
+    ``block_batch`` (through :func:`parse_block_batch`), ``offload_cache`` (auto/on/off) and the
+    ``sampling`` that will run (:func:`~uniba.infdit.sampling.resolve_sampling`; default: the
+    reference's Heun, 20 steps = 39 evaluations), whose evaluation count sizes the progress.
     ``weights_resident``: the free figure was taken with the weights already loaded (the node).
     """
-    from .blockwise import batch_order
-
-    if min(lr_height, lr_width) < 1:
+    scale = check_choice(scale, SCALES, "scale")
+    if isinstance(lr_height, bool) or isinstance(lr_width, bool) or min(int(lr_height), int(lr_width)) < 1:
         raise ValueError(f"the input is {lr_width}x{lr_height} px: it has no pixels")
     if max(lr_height, lr_width) * int(scale) > MAX_OUTPUT_SIDE:
         # the block order alone would take hours and gigabytes; past 4096 px RoPE positions wrap anyway
@@ -310,6 +349,7 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
                          "scale.")
     if offload_cache not in ("auto", "on", "off"):
         raise ValueError(f"offload_cache must be auto, on or off, got {offload_cache!r}")
+    sampling = resolve_sampling() if sampling is None else sampling
     requested = parse_block_batch(block_batch)
     factors = passes_for_scale(int(scale), config.native_scale)
     weights = weights_bytes(config, dtype)
@@ -322,7 +362,7 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
     for f in factors:
         ph, pw = padded_input(h, f, config), padded_input(w, f, config)
         grid = (ph * f // config.block_px, pw * f // config.block_px)
-        traversal = "row-major" if grid[1] <= grid[0] else "column-major"
+        traversal = choose_traversal(*grid)
 
         def clip(n: int | tuple[int, int], grid: tuple[int, int] = grid) -> tuple[int, int]:
             n_h, n_w = (n, n) if isinstance(n, int) else n
@@ -342,30 +382,26 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
             n = requested
         n_hw = clip(n)
         cache, above = _peak(config, grid, n_hw, traversal, offload, dtype)
-        passes.append({
-            "scale": f, "in_height": h, "in_width": w, "padded_height": ph, "padded_width": pw,
-            "out_height": h * f, "out_width": w * f, "canvas_height": ph * f, "canvas_width": pw * f,
-            "grid_rows": grid[0], "grid_cols": grid[1], "traversal": traversal, "block_batch": list(n_hw),
-            "offload_cache": offload, "batches_per_step": math.ceil(grid[0] / n_hw[0]) * math.ceil(grid[1] / n_hw[1]),
-            "cache_bytes": cache, "peak_bytes": above + weights, "minimum_bytes": cost(1, True) + weights,
-        })
+        order = batch_order(grid[0], grid[1], n_hw, traversal)
+        passes.append(PassPlan(
+            scale=f, in_height=h, in_width=w, padded_height=ph, padded_width=pw, out_height=h * f, out_width=w * f,
+            canvas_height=ph * f, canvas_width=pw * f, grid_rows=grid[0], grid_cols=grid[1], traversal=traversal,
+            block_batch=n_hw, offload_cache=offload,
+            batches_per_step=math.ceil(grid[0] / n_hw[0]) * math.ceil(grid[1] / n_hw[1]), cache_bytes=cache,
+            peak_bytes=above + weights, minimum_bytes=cost(1, True) + weights,
+            block_order=tuple((r.row0, r.col0, r.n_h, r.n_w) for r in order),
+        ))
         h, w = h * f, w * f
 
+    peak = max(p.peak_bytes for p in passes)
     last = passes[-1]
-    peak = max(p["peak_bytes"] for p in passes)
-    minimum = max(p["minimum_bytes"] for p in passes)
-    order = batch_order(last["grid_rows"], last["grid_cols"], tuple(last["block_batch"]), last["traversal"])
     return UpscalePlan(
-        out_height=lr_height * int(scale), out_width=lr_width * int(scale), passes=passes,
-        grid_rows=last["grid_rows"], grid_cols=last["grid_cols"], block_px=config.block_px,
-        traversal=last["traversal"], block_batch=tuple(last["block_batch"]), batches_per_step=last["batches_per_step"],
-        cache_bytes=last["cache_bytes"], peak_bytes=peak, weights_bytes=weights,
-        free_bytes=None if free_bytes is None else int(free_bytes),
-        fits=usable is None or peak - weights <= usable, offload_cache=last["offload_cache"],
-        evaluations=model_evaluations(DEFAULT_STEPS) if evaluations is None else int(evaluations),
-        block_order=[[r.row0, r.col0, r.n_h, r.n_w] for r in order], minimum_bytes=minimum, usable_bytes=usable,
-        extras={"rope_wraps": max(last["canvas_height"], last["canvas_width"]) > config.max_side_px,
-                "rope_max_side_px": config.max_side_px, "weights_resident": bool(weights_resident)},
+        scale=int(scale), passes=tuple(passes), block_px=config.block_px, sampling=sampling, peak_bytes=peak,
+        minimum_bytes=max(p.minimum_bytes for p in passes), weights_bytes=weights,
+        free_bytes=None if free_bytes is None else int(free_bytes), usable_bytes=usable,
+        fits=usable is None or peak - weights <= usable, weights_resident=bool(weights_resident),
+        rope_wraps=max(last.canvas_height, last.canvas_width) > config.max_side_px,
+        rope_max_side_px=config.max_side_px,
     )
 
 

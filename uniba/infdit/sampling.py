@@ -12,11 +12,15 @@ draws it on a seeded CPU generator, so a run is identical on every device and bl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
+
+from ..guards import check_whole_number
 
 # The reference's ConcatSRHeunEDMSampler (configs/text2image-sr.yaml).
 SIGMA_MIN = 0.002
@@ -334,6 +338,50 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
+@dataclass(frozen=True, eq=False)
+class Sampling:
+    """The sampler of a run, its schedule (1-D float32 on the CPU) and the model evaluations they make per pass.
+
+    Built only by :func:`resolve_sampling`, so the evaluation count every plan carries is the one
+    the wired sampler really makes on that schedule.
+    """
+
+    sampler: Sampler
+    sigmas: torch.Tensor
+    evaluations: int
+
+
+class NoiseLeftWarning(UserWarning):
+    """The schedule stops above sigma 0: the result keeps that much noise."""
+
+
+def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError("sigmas must be a 1-D tensor of at least two noise levels (e.g. from KarrasScheduler), "
+                         f"got {getattr(sigmas, 'shape', type(sigmas).__name__)}")
+    sigmas = sigmas.detach().float().cpu()
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any() or sigmas[0] <= 0 or (sigmas[1:] > sigmas[:-1]).any():
+        raise ValueError(f"sigmas must be finite, positive at the start and non-increasing, got {sigmas.tolist()}")
+    if sigmas[-1] > 0:
+        warnings.warn(f"sigmas: the schedule stops at sigma {float(sigmas[-1]):.4g}, not 0, so the image keeps that "
+                      "much noise (e.g. the high half of SplitSigmas). End the schedule at 0 for a clean image.",
+                      NoiseLeftWarning, stacklevel=3)
+    return sigmas
+
+
+def resolve_sampling(sampler: Sampler | None = None, sigmas: torch.Tensor | None = None,
+                     steps: int = DEFAULT_STEPS) -> Sampling:
+    """The sampling of a run: ``sampler`` (default: the reference's EDM Heun), ``sigmas`` (default: the
+    reference's Karras schedule of ``steps`` steps), and the evaluations they make, counted once."""
+    if sigmas is None:
+        sigmas = get_sigmas_karras(check_whole_number(steps, "steps"))
+    if sampler is not None and not callable(sampler):
+        raise TypeError(f"sampler must be a k-diffusion sampler function, got {type(sampler).__name__}")
+    sampler = sample_heun_edm if sampler is None else sampler
+    sigmas = _check_sigmas(sigmas)
+    return Sampling(sampler, sigmas, count_evaluations(sampler, sigmas))
+
+
 # (sampler, steps). The reference: EDM Heun, 20 steps = 39 evaluations. The fast preset: the cheapest
 # candidate of ``python -m uniba bench infdit-solvers`` at least as close to a 200-step solution as the
 # reference on both benchmark models (README, "Fewer evaluations").
@@ -356,4 +404,5 @@ def evaluations_per_step(name: str, steps: int) -> int:
 
 __all__ = ["get_sigmas_karras", "model_evaluations", "sample_heun_edm", "sample_euler", "sample_euler_ancestral",
            "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_3m_sde", "sample_unipc", "cpu_noise_sampler",
-           "count_evaluations", "run_sampler", "SAMPLERS", "named_sampler", "get_ancestral_step"]
+           "count_evaluations", "run_sampler", "Sampling", "resolve_sampling", "NoiseLeftWarning", "SAMPLERS",
+           "named_sampler", "get_ancestral_step"]

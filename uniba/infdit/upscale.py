@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from ..guards import check_choice, check_image, check_seed, check_whole_number, finite_denoiser
-from ..memory import device_free_bytes, is_out_of_memory
+from ..memory import is_out_of_memory
 from ..progress import ProgressFn, check_cancel
 from .blockwise import BatchCallback, BlockwiseDenoiser
+from .config import InfDiTConfig
 from .model import BlockRect, InfDiT, upsample_lr
-from .plan import SCALES, UpscalePlan, min_input_side, parse_block_batch, passes_for_scale, plan_upscale
-from .sampling import DEFAULT_STEPS, Sampler, count_evaluations, get_sigmas_karras, run_sampler, sample_heun_edm
+from .plan import SCALES, PassPlan, UpscalePlan, min_input_side
+from .sampling import DEFAULT_STEPS, NoiseLeftWarning, Sampler, get_sigmas_karras, run_sampler, sample_heun_edm
 
 log = logging.getLogger(__name__)
 
@@ -159,54 +160,22 @@ def check_upscale_arguments(scale: object, seed: object, steps: object) -> tuple
     return (check_choice(scale, SCALES, "scale"), check_seed(seed, "seed"), check_whole_number(steps, "steps"))
 
 
-class NoiseLeftWarning(UserWarning):
-    """The schedule stops above sigma 0: the result keeps that much noise."""
-
-
-def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError("sigmas must be a 1-D tensor of at least two noise levels (e.g. from KarrasScheduler), "
-                         f"got {getattr(sigmas, 'shape', type(sigmas).__name__)}")
-    sigmas = sigmas.detach().float().cpu()
-    if not torch.isfinite(sigmas).all() or (sigmas < 0).any() or sigmas[0] <= 0 or (sigmas[1:] > sigmas[:-1]).any():
-        raise ValueError(f"sigmas must be finite, positive at the start and non-increasing, got {sigmas.tolist()}")
-    if sigmas[-1] > 0:
-        warnings.warn(f"sigmas: the schedule stops at sigma {float(sigmas[-1]):.4g}, not 0, so the image keeps that "
-                      "much noise (e.g. the high half of SplitSigmas). End the schedule at 0 for a clean image.",
-                      NoiseLeftWarning, stacklevel=3)
-    return sigmas
-
-
-def resolve_sampling(sampler: Sampler | None, sigmas: torch.Tensor | None, steps: int) -> tuple[Sampler, torch.Tensor]:
-    """The sampler (default: EDM Heun) and schedule (default: the reference's Karras schedule of ``steps``)."""
-    if sigmas is None:
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        sigmas = get_sigmas_karras(steps)
-    if sampler is not None and not callable(sampler):
-        raise TypeError(f"sampler must be a k-diffusion sampler function, got {type(sampler).__name__}")
-    return (sample_heun_edm if sampler is None else sampler), _check_sigmas(sigmas)
-
-
-def _check_plan(plan: UpscalePlan, lr: torch.Tensor, scale: int, config, evaluations: int) -> None:
+def _check_plan(plan: UpscalePlan, lr: torch.Tensor, config: InfDiTConfig) -> None:
+    if not isinstance(plan, UpscalePlan):
+        raise TypeError(f"plan must be an UpscalePlan from uniba.infdit.plan_upscale, got {type(plan).__name__}")
     first = plan.passes[0]
-    factors = [p["scale"] for p in plan.passes]
-    if ((first["in_height"], first["in_width"]) != tuple(lr.shape[-2:])
-            or factors != passes_for_scale(int(scale), config.native_scale) or plan.block_px != config.block_px):
-        raise ValueError(f"the plan is for a {first['in_width']}x{first['in_height']} input at "
-                         f"{plan.out_width // first['in_width']}x with {plan.block_px}-px blocks, not for this "
-                         f"{lr.shape[-1]}x{lr.shape[-2]} input at {scale}x: plan it for this image")
-    if plan.evaluations != evaluations:
-        raise ValueError(f"the plan counts {plan.evaluations} model evaluations per pass but the sampler makes "
-                         f"{evaluations}: plan with evaluations={evaluations}")
+    if (first.in_height, first.in_width) != tuple(lr.shape[-2:]) or plan.block_px != config.block_px:
+        raise ValueError(f"the plan is for a {first.in_width}x{first.in_height} input with {plan.block_px}-px "
+                         f"blocks, not for this {lr.shape[-1]}x{lr.shape[-2]} input with {config.block_px}-px "
+                         "blocks: plan it for this image and model")
 
 
-def _pass_inputs(model: InfDiT, rgb: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pass_inputs(model: InfDiT, rgb: torch.Tensor, p: PassPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(LR the network conditions on, upsampled LR of the concatenated channels, image CLIP embeds)."""
     config = model.config
-    f, h, w = p["scale"], p["in_height"], p["in_width"]
-    padded = reflect_pad(rgb, p["padded_height"], p["padded_width"])
-    height, width = p["canvas_height"], p["canvas_width"]
+    f, h, w = p.scale, p.in_height, p.in_width
+    padded = reflect_pad(rgb, p.padded_height, p.padded_width)
+    height, width = p.canvas_height, p.canvas_width
     concat_lr = upsample_lr(padded, height, width)
     if f == config.native_scale:
         return padded, concat_lr, rgb
@@ -225,52 +194,36 @@ def _noise_seed(seed: int, image: int, pass_index: int) -> int:
 
 
 @torch.no_grad()
-def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEFAULT_STEPS, seed: int = 0,
-            noise: torch.Tensor | None = None, clip_embedding: torch.Tensor | None = None,
-            block_batch: str | int | tuple[int, int] | None = "auto", offload_cache: str | bool = "auto",
-            progress: ProgressFn | None = None, color_match: str = "none", free_bytes: int | None = None,
-            is_oom: Callable[[BaseException], bool] = is_out_of_memory, plan: UpscalePlan | None = None,
-            sampler: Sampler | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
-    """Upscale ``lr`` (B, 3 or 4, h, w) in [-1, 1] by ``scale`` (2, 4, 8, 16) to (B, C, h*scale, w*scale).
+def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0, noise: torch.Tensor | None = None,
+            clip_embedding: torch.Tensor | None = None, progress: ProgressFn | None = None, color_match: str = "none",
+            is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
+    """Upscale ``lr`` (B, 3 or 4, h, w) in [-1, 1] as ``plan`` says, to (B, C, h*scale, w*scale).
 
+    ``plan``: the :class:`~uniba.infdit.plan.UpscalePlan` of this input and model, from
+    :func:`~uniba.infdit.plan.plan_upscale`: its passes, block batches and cache placement, and its
+    sampling (any k-diffusion sampler ``sample_x(model, x, sigmas, extra_args, callback, disable)`` on
+    its schedule) are run as they are. Ancestral/SDE samplers get CPU noise seeded from ``seed``.
     The result is not clipped (like the reference's ``sample()``): clip it to [-1, 1] when saving.
 
-    ``plan``: an :class:`~uniba.infdit.plan.UpscalePlan` for this input and scale, used as is (the
-    node and the CLI plan once); without it the upscale plans from ``block_batch`` (auto, n, "2x3"
-    or (n_h, n_w)), ``offload_cache`` (auto/on/off or a bool) and ``free_bytes``.
-    ``sampler``: any k-diffusion sampler function ``sample_x(model, x, sigmas, extra_args, callback,
-    disable)`` (default: the reference's EDM Heun); ``sigmas``: its 1-D schedule (default: the
-    reference's Karras schedule of ``steps`` steps); ancestral/SDE samplers get CPU noise seeded from
-    ``seed``. ``noise`` (B, 3, H, W) on the padded canvas replaces the seeded x_T draw (single-pass
-    scales only) and ``clip_embedding`` (B or 1, vector_dim) the CLIP tower's embedding, so results
-    can be compared exactly with the reference. ``progress(done, total, preview)`` is called after
-    every block batch; raising from it cancels (the cache is freed). ``color_match``: ``"none"``
-    (reference) or ``"wavelet"`` (keep the input's low frequencies). Inputs smaller than one block
-    are padded and cropped back with a :class:`SmallInputWarning`.
+    ``noise`` (B, 3, H, W) on the padded canvas replaces the seeded x_T draw (single-pass scales only)
+    and ``clip_embedding`` (B or 1, vector_dim) the CLIP tower's embedding, so results can be compared
+    exactly with the reference. ``progress(done, total, preview)`` is called after every block batch;
+    raising from it cancels (the cache is freed). ``color_match``: ``"none"`` (reference) or
+    ``"wavelet"`` (keep the input's low frequencies). Inputs smaller than one block are padded and
+    cropped back with a :class:`SmallInputWarning`.
     """
     lr = _check_input(lr)
-    scale, seed, steps = check_upscale_arguments(scale, seed, steps)
+    seed = check_seed(seed, "seed")
+    config, device = model.config, model.device
+    _check_plan(plan, lr, config)
     if color_match not in ("none", "wavelet"):
         raise ValueError(f"color_match must be none or wavelet, got {color_match!r}")
-    config, device = model.config, model.device
-    factors = passes_for_scale(int(scale), config.native_scale)
-    if noise is not None and len(factors) > 1:
+    if noise is not None and len(plan.passes) > 1:
         raise ValueError("noise= can only be given for a single pass (scale 2 or 4)")
     if clip_embedding is None and model.clip is None:
         raise ValueError(NO_CLIP_TOWER)
-    sampler, sigmas = resolve_sampling(sampler, sigmas, steps)
-    evaluations = count_evaluations(sampler, sigmas)
-    if plan is None:
-        if isinstance(offload_cache, bool):
-            offload_cache = "on" if offload_cache else "off"
-        requested = parse_block_batch(block_batch)
-        if free_bytes is None and requested is None:
-            free_bytes = device_free_bytes(device)
-        plan = plan_upscale(config, lr.shape[-2], lr.shape[-1], int(scale), free_bytes, block_batch=requested,
-                            offload_cache=offload_cache, dtype=model.dtype, weights_resident=True,
-                            evaluations=evaluations)
-    _check_plan(plan, lr, int(scale), config, evaluations)
     _warn_about_sizes(plan, config, lr.shape[-2:])
+    sampler, sigmas = plan.sampling.sampler, plan.sampling.sigmas
 
     ticker = _Progress(progress, lr.shape[0] * plan.total_batches, config.block_px)
     generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -284,7 +237,7 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
                 emb = clip_embedding[index:index + 1] if clip_embedding.shape[0] > 1 else clip_embedding
             else:
                 emb = model.clip.embed(clip_source)
-            canvas = (p["canvas_height"], p["canvas_width"])
+            canvas = (p.canvas_height, p.canvas_width)
             if noise is not None:
                 if tuple(noise.shape[-2:]) != canvas:
                     raise ValueError(f"noise must be (B, 3, {canvas[0]}, {canvas[1]}) for this input, "
@@ -295,10 +248,10 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
             ticker.start_pass(concat_lr)
             out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
                                 noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
-                                seed=_noise_seed(seed, index, pass_index), block_batch=tuple(p["block_batch"]),
-                                offload_cache=p["offload_cache"], on_batch=ticker.on_batch, is_oom=is_oom,
+                                seed=_noise_seed(seed, index, pass_index), block_batch=p.block_batch,
+                                offload_cache=p.offload_cache, on_batch=ticker.on_batch, is_oom=is_oom,
                                 between_layers=lambda: check_cancel(progress))
-            out = out[:, :, :p["out_height"], :p["out_width"]]
+            out = out[:, :, :p.out_height, :p.out_width]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)
             # a chained pass reads an image, as the reference would after saving; the last pass is
@@ -313,17 +266,17 @@ def upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = DEF
 
 def _warn_about_sizes(plan: UpscalePlan, config, lr_size: tuple[int, int]) -> None:
     first = plan.passes[0]
-    smallest = min_input_side(config, first["scale"])
+    smallest = min_input_side(config, first.scale)
     if min(lr_size) < smallest:
         warnings.warn(f"the input is {lr_size[1]}x{lr_size[0]} px, smaller than one {config.block_px}-px block at "
-                      f"{first['scale']}x ({smallest} px): it is padded to {first['padded_width']}x"
-                      f"{first['padded_height']} and the output cropped back; expect weaker detail",
+                      f"{first.scale}x ({smallest} px): it is padded to {first.padded_width}x"
+                      f"{first.padded_height} and the output cropped back; expect weaker detail",
                       SmallInputWarning, stacklevel=3)
-    if plan.extras.get("rope_wraps"):
+    if plan.rope_wraps:
         warnings.warn(f"the output side {max(plan.out_height, plan.out_width)} px exceeds {config.max_side_px} px: "
                       "RoPE positions wrap around (as in the reference); expect repeated structure",
                       RopeWrapWarning, stacklevel=3)
 
 
-__all__ = ["upscale", "sample_canvas", "wavelet_color_match", "reflect_pad", "resolve_sampling", "RopeWrapWarning",
-           "SmallInputWarning", "NoiseLeftWarning", "check_upscale_arguments"]
+__all__ = ["upscale", "sample_canvas", "wavelet_color_match", "reflect_pad", "RopeWrapWarning", "SmallInputWarning",
+           "NoiseLeftWarning", "check_upscale_arguments"]

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from typing import Any
 
 from ..checkpoint import check_keys, save_safetensors
 from ..devices import DTYPES
+
+
+def _kind(config: Any) -> str:
+    """What the file is, in the words of the release names (Sprint needs its own sampler nodes)."""
+    return "Sana-Sprint DiT (sCM, 1-4 steps)" if config.is_sprint else "Sana DiT"
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -22,8 +28,10 @@ def _convert(args: argparse.Namespace) -> int:
     state = ours_to_original(ckpt.state_dict) if args.to == "original" else ckpt.state_dict
     if args.dtype != "keep":
         state = {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}
-    save_safetensors(state, args.output, metadata={METADATA_KEY: ckpt.config.to_json()})
-    print(f"wrote {args.output}: {len(state)} tensors, {args.to} keys, config {ckpt.config.to_json()}")
+    save_safetensors(state, args.output, metadata={METADATA_KEY: ckpt.config.to_json()},
+                     overwrite=args.overwrite)
+    print(f"wrote {args.output}: {_kind(ckpt.config)}, {len(state)} tensors, {args.to} keys, "
+          f"config {ckpt.config.to_json()}")
     return 0
 
 
@@ -34,7 +42,8 @@ def _info(args: argparse.Namespace) -> int:
     input_file(args.input, "input", allow_dir=True)
     ckpt = read_sana_checkpoint(args.input)
     params = sum(v.numel() for v in ckpt.state_dict.values())
-    print(f"{args.input}: {ckpt.source_format} format, {str(ckpt.stored_dtype).removeprefix('torch.')}, "
+    print(f"{args.input}: {_kind(ckpt.config)}, {ckpt.source_format} format, "
+          f"{str(ckpt.stored_dtype).removeprefix('torch.')}, "
           f"{params / 1e6:.1f} M parameters")
     for key, value in asdict(ckpt.config).items():
         print(f"  {key}: {value}")
@@ -46,13 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert-sana", help="convert a Sana DiT (.pth or diffusers) to one safetensors file",
         description="Read a Sana DiT checkpoint safely (original .pth/.safetensors or diffusers file/folder) and "
                     "write it as a single .safetensors file with its config in the metadata.")
-    convert.add_argument("input", help="checkpoint file or diffusers transformer folder")
+    convert.add_argument("input", help="checkpoint file, diffusers transformer folder or whole <name>_diffusers folder")
     convert.add_argument("output", help="output .safetensors path")
     convert.add_argument("--to", choices=["diffusers", "original"], default="diffusers", help="key names to write")
     convert.add_argument("--dtype", choices=("keep", *DTYPES), default="keep", help="cast the weights")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     convert.set_defaults(func=_convert)
 
-    info = subparsers.add_parser("sana-info", help="show the format and inferred config of a Sana DiT checkpoint")
-    info.add_argument("input")
+    info = subparsers.add_parser(
+        "sana-info", help="show the kind (Sana or Sana-Sprint), format and inferred config of a Sana DiT checkpoint")
+    info.add_argument("input", help="checkpoint file, diffusers transformer folder or whole <name>_diffusers folder")
     info.set_defaults(func=_info)

@@ -35,6 +35,8 @@ class _DefaultOps:
 __all__ = ["SanaConfig", "SanaDiT", "sincos_position_embedding", "timestep_embedding"]
 
 FP16_MAX = 65504.0
+# key of the per-call options dict (ComfyUI's transformer_options) listing the blocks to run with identity attention
+PERTURBED_BLOCKS_OPTION = "uniba_sana_perturbed_blocks"
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -181,7 +183,9 @@ class LinearAttention(nn.Module):
         out = out[..., :-1] / (out[..., -1:] + self.eps)
         return out.transpose(1, 2).reshape(b, n, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, identity: bool = False) -> torch.Tensor:
+        if identity:  # perturbed-attention guidance: each token attends only to itself (diffusers' PAG processor)
+            return self.to_out[0](self.to_v(x))
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
@@ -245,12 +249,12 @@ class SanaBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, c, **factory) / c**0.5)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None, t0: torch.Tensor,
-                height: int, width: int) -> torch.Tensor:
+                height: int, width: int, identity_attention: bool = False) -> torch.Tensor:
         b, n, c = x.shape
         table = self.scale_shift_table.to(x.device, x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + t0.reshape(b, 6, c)).chunk(6, 1)
         h = F.layer_norm(x, (c,), eps=1e-6) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attn1(h)
+        x = x + gate_msa * self.attn1(h, identity_attention)
         x = x + self.attn2(x, context, bias)
         h = F.layer_norm(x, (c,), eps=1e-6) * (1 + scale_mlp) + shift_mlp
         # tokens (B, N, C) are the channels-last layout of (B, C, H, W): no copies around the convs
@@ -263,9 +267,12 @@ class SanaDiT(nn.Module):
 
     * ``x``: latent ``(B, 32, H, W)``; ``timestep``: ``sigma * 1000`` (``(B,)`` or scalar), truncated
       to an integer as the original ``SanaMS.forward`` does (``truncate_timestep``);
-    * ``context``: Gemma-2 embeddings ``(B, L, 2304)``; ``context_mask``: ``(B, L)``, 1 = keep.
+    * ``context``: Gemma-2 embeddings ``(B, L, 2304)``; ``context_mask``: ``(B, L)``, 1 = keep;
     * Sana-Sprint (``config.guidance_embeds``): ``timestep`` is the flow time in [0, 1] (not truncated) and
-      ``guidance`` the embedded guidance scale (``SPRINT_GUIDANCE`` when None), scaled by ``guidance_embeds_scale``.
+      ``guidance`` the embedded guidance scale (``SPRINT_GUIDANCE`` when None), scaled by ``guidance_embeds_scale``;
+    * optional ``control``: ``{"output": [residual per block]}`` from :class:`uniba.sana.controlnet.SanaControlNet`
+      (ComfyUI's ControlNet hands it over under this name); ``transformer_options[PERTURBED_BLOCKS_OPTION]``:
+      the block indices whose self-attention is replaced by identity (PAG's perturbed pass).
     Returns the predicted velocity ``v = noise - x0`` with the shape of ``x``.
     """
 
@@ -358,10 +365,16 @@ class SanaDiT(nn.Module):
                 mask = mask.repeat(b // mask.shape[0], 1)
             bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
+        options = kwargs.get("transformer_options") or {}
+        perturbed = options.get(PERTURBED_BLOCKS_OPTION, ())
+        residuals = (kwargs.get("control") or {}).get("output") or ()
         for index, block in enumerate(self.transformer_blocks):
             if index and self.between_blocks is not None:
                 self.between_blocks()
-            tokens = block(tokens, context, bias, t0, h, w)
+            tokens = block(tokens, context, bias, t0, h, w, index in perturbed)
+            # ControlNet residual i is added after block i + 1 (diffusers' SanaTransformer2DModel wiring)
+            if 0 < index <= len(residuals) and residuals[index - 1] is not None:
+                tokens = tokens + residuals[index - 1].to(tokens.dtype)
 
         table = self.scale_shift_table.to(tokens.device, dtype)
         shift, scale = (table[None] + t[:, None]).chunk(2, dim=1)

@@ -66,6 +66,9 @@ COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
 )
 CHI_TEXT = "\n".join(COMPLEX_HUMAN_INSTRUCTION)
 
+# Working memory of one prompt's encoding above the weights (at most 300 tokens plus the instruction), as
+# requested from the host before encoding.
+ENCODE_WORK_BYTES = 256 * 1024**2
 _GEMMA_FINGERPRINT = "layers.0.pre_feedforward_layernorm.weight"
 _IGNORED = ("lm_head.weight", "spiece_model")
 

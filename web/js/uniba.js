@@ -3,8 +3,8 @@
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 import {
-  INFDIT_LOADER, INFDIT_UPSCALE, batchOrder, estimateImageSize, formatPlan, gridLayout, planQuery, progressEntries,
-  progressState, resolveNode,
+  INFDIT_LOADER, INFDIT_UPSCALE, batchOrder, estimateImageSize, formatPlan, gridLayout, lastPass, planQuery,
+  progressEntries, progressState, resolveNode, wiredSampling,
 } from "./uniba_logic.js";
 
 const EXTENSION = "uniba.InfDiT";
@@ -22,7 +22,7 @@ const ASSUMED_SIZE = [1024, 1024];
  * @property {HTMLPreElement} text
  * @property {HTMLCanvasElement} canvas
  * @property {unknown} widget
- * @property {any} plan the route's answer (uniba.infdit.plan.UpscalePlan.to_dict() + request echo) or {error}
+ * @property {any} plan the route's answer (uniba.infdit.plan.UpscalePlan.to_dict() + model, dtype, device) or {error}
  * @property {string | null | undefined} query
  * @property {boolean} [assumed]
  * @property {number} ticket
@@ -84,6 +84,7 @@ function currentQuery(node) {
   const [width, height] = known ?? ASSUMED_SIZE;
   const loader = upstream(node, "model");
   const fromLoader = (loader?.comfyClass ?? loader?.type) === INFDIT_LOADER;
+  const { sampler, steps } = wiredSampling(adapt(node));
   return {
     assumed: !known,
     query: planQuery({
@@ -91,7 +92,8 @@ function currentQuery(node) {
       dtype: fromLoader ? widgetValue(loader, "dtype") : undefined,
       width, height,
       scale: widgetValue(node, "scale"),
-      steps: widgetValue(node, "steps"),
+      steps,
+      sampler,
       block_batch: widgetValue(node, "block_batch"),
       offload_cache: widgetValue(node, "offload_cache"),
     }),
@@ -117,8 +119,9 @@ function draw(node) {
   const canvas = state.canvas;
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
-  if (!plan || plan.error || !(plan.grid_rows > 0)) return;
-  const grid = gridLayout(plan, canvas.width, canvas.height, plan.grid_rows * plan.grid_cols > 400 ? 0 : 1);
+  if (!plan || plan.error) return;
+  const { grid_rows: rows, grid_cols: cols } = lastPass(plan);
+  const grid = gridLayout(plan, canvas.width, canvas.height, rows * cols > 400 ? 0 : 1);
   const order = batchOrder(plan);
   const current = progress && progress.doneBatches < order.length ? order[progress.doneBatches] : [];
   const isCurrent = new Set(current.map(([r, c]) => `${r},${c}`));
@@ -202,7 +205,7 @@ function showProgress(locator, value, max) {
   /** @type {ReadoutNode | null} */
   const node = resolveNode(app.graph, locator);
   if (!node?.__uniba?.plan || node.__uniba.plan.error) return;
-  node.__uniba.progress = progressState(node.__uniba.plan, value, max, Number(widgetValue(node, "steps")));
+  node.__uniba.progress = progressState(node.__uniba.plan, value, max);
   draw(node);
 }
 

@@ -4,7 +4,6 @@
 export const PLAN_ROUTE = "/uniba/infdit/plan";
 export const INFDIT_UPSCALE = "InfDiTUpscale";
 export const INFDIT_LOADER = "InfDiTLoader";
-export const BLOCK_PX = 128;
 
 const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"];
 
@@ -23,104 +22,57 @@ export function formatBytes(bytes) {
   return `${sign}${value.toFixed(digits)} ${UNITS[unit]}`;
 }
 
-/** "row_major", "rows", "row-major" -> "rows"; anything starting with "col" -> "columns". */
+/** The planner's traversal ("row-major" / "column-major", uniba.infdit.blockwise) as the axis it walks. */
 export function traversalAxis(traversal) {
-  return String(traversal ?? "").toLowerCase().startsWith("col") ? "columns" : "rows";
-}
-
-/** The planner's block batch as [n_h, n_w] (it may also come as a single number). */
-export function blockBatchShape(plan) {
-  const bb = plan?.block_batch;
-  if (Array.isArray(bb) && bb.length === 2) return [Math.max(1, bb[0] | 0), Math.max(1, bb[1] | 0)];
-  const n = Math.max(1, Number(bb) | 0);
-  return [n, n];
-}
-
-/** Number of block batches one diffusion step runs (ragged edges included). */
-export function batchesPerStep(plan) {
-  if (Array.isArray(plan?.block_order) && plan.block_order.length > 0) return plan.block_order.length;
-  if (Number.isFinite(plan?.batches_per_step) && plan.batches_per_step > 0) return plan.batches_per_step;
-  const [nh, nw] = blockBatchShape(plan);
-  return Math.ceil(plan.grid_rows / nh) * Math.ceil(plan.grid_cols / nw);
+  return traversal === "column-major" ? "columns" : "rows";
 }
 
 /**
- * The block batches of one step in the order the engine runs them; each entry lists the [row, col] blocks of
- * that batch. The planner sends the order itself (`block_order`: [row, col, rows, cols] rectangles in run order);
- * answers from an older route without it fall back to the traversal rule: row traversal walks batch rows top to
- * bottom, left to right inside a row; column traversal walks batch columns left to right.
+ * The last pass of a plan (the largest canvas, the one the readout draws). The route sends the JSON of
+ * uniba.infdit.plan.UpscalePlan: run-wide facts at the top, everything per pass in `passes[i]`.
+ */
+export function lastPass(plan) {
+  return plan.passes[plan.passes.length - 1];
+}
+
+/** The last pass's block batch as [n_h, n_w]. */
+export function blockBatchShape(plan) {
+  const [nh, nw] = lastPass(plan).block_batch;
+  return [nh, nw];
+}
+
+/** Number of block batches one model call of the last pass runs (ragged edges included). */
+export function batchesPerStep(plan) {
+  return lastPass(plan).batches_per_step;
+}
+
+/**
+ * The block batches of one model call of the last pass in the order the engine runs them, as the planner sends
+ * them (`block_order`: [row, col, rows, cols] rectangles in run order); each entry lists its [row, col] blocks.
  */
 export function batchOrder(plan) {
-  if (Array.isArray(plan?.block_order) && plan.block_order.length > 0) {
-    return plan.block_order.map(([row, col, rows, cols]) => {
-      const blocks = [];
-      for (let r = row; r < Math.min(plan.grid_rows, row + rows); r++) {
-        for (let c = col; c < Math.min(plan.grid_cols, col + cols); c++) blocks.push([r, c]);
-      }
-      return blocks;
-    });
-  }
-  return derivedBatchOrder(plan);
-}
-
-function derivedBatchOrder(plan) {
-  const rows = plan.grid_rows;
-  const cols = plan.grid_cols;
-  const [nh, nw] = blockBatchShape(plan);
-  const batchRows = Math.ceil(rows / nh);
-  const batchCols = Math.ceil(cols / nw);
-  const batches = [];
-  const blocksOf = (br, bc) => {
+  return lastPass(plan).block_order.map(([row, col, rows, cols]) => {
     const blocks = [];
-    for (let r = br * nh; r < Math.min(rows, (br + 1) * nh); r++) {
-      for (let c = bc * nw; c < Math.min(cols, (bc + 1) * nw); c++) blocks.push([r, c]);
+    for (let r = row; r < row + rows; r++) {
+      for (let c = col; c < col + cols; c++) blocks.push([r, c]);
     }
     return blocks;
-  };
-  if (traversalAxis(plan.traversal) === "columns") {
-    for (let bc = 0; bc < batchCols; bc++) for (let br = 0; br < batchRows; br++) batches.push(blocksOf(br, bc));
-  } else {
-    for (let br = 0; br < batchRows; br++) for (let bc = 0; bc < batchCols; bc++) batches.push(blocksOf(br, bc));
-  }
-  return batches;
-}
-
-/** Number of passes (the planner lists them; older answers gave a count). */
-export function passCount(plan) {
-  return Array.isArray(plan?.passes) ? Math.max(1, plan.passes.length) : Math.max(1, Number(plan?.passes) | 0);
-}
-
-/**
- * Model calls per pass, as the planner counts them for the chosen sampler and steps (`evaluations`, a number or
- * one per pass: the last pass is the one drawn). Older route answers: Inf-DiT's Heun sampler evaluates twice per
- * step except the last (39 for 20 steps).
- */
-export function modelCalls(plan, steps) {
-  const evaluations = Array.isArray(plan?.evaluations) ? plan.evaluations.at(-1) : plan?.evaluations;
-  const sameSteps = plan?.steps === undefined || !(Number(steps) > 0) || Number(plan.steps) === Number(steps);
-  if (Number.isFinite(evaluations) && evaluations > 0 && sameSteps) return evaluations;
-  if (Number.isFinite(steps) && steps > 0) return Math.max(1, 2 * steps - 1);
-  return Math.max(1, Number(plan?.steps_model_evals) || 1);
-}
-
-/**
- * Block batches per model call of every pass, as the planner lists them (`passes[i].batches_per_step`); answers
- * from an older route without them: earlier passes estimated from their canvas size.
- */
-export function batchesPerPass(plan) {
-  const last = batchesPerStep(plan);
-  if (!Array.isArray(plan?.passes) || plan.passes.length < 2) return new Array(passCount(plan)).fill(last);
-  if (plan.passes.every((p) => Number.isFinite(p?.batches_per_step) && p.batches_per_step > 0)) {
-    return plan.passes.map((p, i) => (i === plan.passes.length - 1 ? last : p.batches_per_step));
-  }
-  const [nh, nw] = blockBatchShape(plan);
-  const px = plan.block_px || BLOCK_PX;
-  return plan.passes.map((p, i) => {
-    if (i === plan.passes.length - 1) return last;
-    const rows = Math.ceil(p.canvas_height / px);
-    const cols = Math.ceil(p.canvas_width / px);
-    return Math.ceil(rows / Math.min(nh, rows)) * Math.ceil(cols / Math.min(nw, cols));
   });
+}
+
+/** Number of passes. */
+export function passCount(plan) {
+  return plan.passes.length;
+}
+
+/** Model calls per pass, as the planner counted them for the wired sampler and schedule. */
+export function modelCalls(plan) {
+  return plan.evaluations;
+}
+
+/** Block batches per model call of every pass. */
+export function batchesPerPass(plan) {
+  return plan.passes.map((p) => p.batches_per_step);
 }
 
 /**
@@ -131,10 +83,10 @@ export function batchesPerPass(plan) {
  * ones (images in a batch, a node that ticks per step). The grid shows the last pass.
  * Returns {pass, passes, call, calls, doneBatches, batches, done: boolean[rows][cols], fraction}.
  */
-export function progressState(plan, value, max, steps) {
+export function progressState(plan, value, max) {
   const perPass = batchesPerPass(plan);
   const passes = perPass.length;
-  const calls = modelCalls(plan, steps);
+  const calls = modelCalls(plan);
   const units = perPass.map((b) => b * calls);
   const total = units.reduce((a, b) => a + b, 0);
   const fraction = max > 0 ? Math.min(1, Math.max(0, value / max)) : 0;
@@ -148,7 +100,8 @@ export function progressState(plan, value, max, steps) {
   const finished = left >= units[pass];
   const call = finished ? calls : Math.floor(left / batches) + 1;
   const doneBatches = finished ? batches : left % batches;
-  const done = Array.from({ length: plan.grid_rows }, () => new Array(plan.grid_cols).fill(false));
+  const { grid_rows: rows, grid_cols: cols } = lastPass(plan);
+  const done = Array.from({ length: rows }, () => new Array(cols).fill(false));
   if (pass === passes - 1) {
     batchOrder(plan).slice(0, doneBatches).forEach((blocks) => {
       for (const [r, c] of blocks) done[r][c] = true;
@@ -162,8 +115,8 @@ export function progressState(plan, value, max, steps) {
  * Returns {x, y, width, height, cell, cells: [{row, col, x, y, w, h}]} in box coordinates.
  */
 export function gridLayout(plan, boxWidth, boxHeight, gap = 1) {
-  const rows = Math.max(1, plan.grid_rows | 0);
-  const cols = Math.max(1, plan.grid_cols | 0);
+  const rows = Math.max(1, lastPass(plan).grid_rows | 0);
+  const cols = Math.max(1, lastPass(plan).grid_cols | 0);
   const cell = Math.max(1, Math.floor(Math.min(boxWidth / cols, boxHeight / rows)));
   const width = cell * cols;
   const height = cell * rows;
@@ -193,16 +146,17 @@ function fitLine(plan) {
 export function formatPlan(plan) {
   if (!plan) return { lines: ["Inf-DiT plan: waiting for the input size"], fits: null, status: "unknown" };
   if (plan.error) return { lines: [`Inf-DiT plan: ${plan.error}`], fits: false, status: "error" };
+  const last = lastPass(plan);
   const [nh, nw] = blockBatchShape(plan);
-  const blockPx = plan.block_px || BLOCK_PX;
-  const axis = traversalAxis(plan.traversal);
+  const walk = traversalAxis(last.traversal) === "columns" ? "column" : "row";
   const passes = passCount(plan);
-  const chain = Array.isArray(plan.passes) ? ` (${plan.passes.map((p) => `${p.scale}x`).join(" + ")})` : "";
+  const chain = ` (${plan.passes.map((p) => `${p.scale}x`).join(" + ")})`;
+  const where = last.offload_cache ? "offloaded to host RAM" : `on ${String(plan.device ?? "the device").split(":")[0]}`;
   const lines = [
-    `Output ${plan.out_width}×${plan.out_height} px, ${passes} pass${passes === 1 ? "" : "es"}${chain}`,
-    `Blocks ${plan.grid_cols}×${plan.grid_rows} of ${blockPx} px, ${axis === "columns" ? "column" : "row"} by ${axis === "columns" ? "column" : "row"}`,
-    `Block batch ${nw}×${nh} (${batchesPerStep(plan)} per model call), KV cache ${plan.offload_cache ? "offloaded" : "on GPU"}`,
-    `Peak ≈ ${formatBytes(plan.peak_bytes)} (weights ${formatBytes(plan.weights_bytes)}, cache ${formatBytes(plan.cache_bytes)})`,
+    `Output ${last.out_width}×${last.out_height} px, ${passes} pass${passes === 1 ? "" : "es"}${chain}`,
+    `Blocks ${last.grid_cols}×${last.grid_rows} of ${plan.block_px} px, ${walk} by ${walk}`,
+    `Block batch ${nw}×${nh} (${batchesPerStep(plan)} per model call, ${plan.evaluations} model calls), KV cache ${where}`,
+    `Peak ≈ ${formatBytes(plan.peak_bytes)} (weights ${formatBytes(plan.weights_bytes)}, cache ${formatBytes(last.cache_bytes)})`,
     fitLine(plan),
   ];
   if (plan.rope_wraps) lines.push("Beyond the trained size: positions wrap, expect repeated structure");
@@ -213,7 +167,7 @@ export function formatPlan(plan) {
 }
 
 /** The route's query string for a set of inputs; null while the input size is unknown. */
-export function planQuery({ model, dtype, width, height, scale, steps, block_batch, offload_cache }) {
+export function planQuery({ model, dtype, width, height, scale, steps, sampler, block_batch, offload_cache }) {
   if (!(width > 0 && height > 0)) return null;
   const params = new URLSearchParams();
   if (model) params.set("model", model);
@@ -222,6 +176,7 @@ export function planQuery({ model, dtype, width, height, scale, steps, block_bat
   params.set("height", String(Math.round(height)));
   params.set("scale", String(scale ?? "4"));
   if (Number.isFinite(Number(steps)) && Number(steps) > 0) params.set("steps", String(Number(steps)));
+  if (sampler) params.set("sampler", String(sampler));
   params.set("block_batch", String(block_batch ?? "auto"));
   params.set("offload_cache", String(offload_cache ?? "auto"));
   return `${PLAN_ROUTE}?${params.toString()}`;
@@ -282,6 +237,28 @@ export function estimateImageSize(node, depth = 0) {
     default:
       return null;
   }
+}
+
+// ComfyUI's one-sampler nodes and the KSamplerSelect name of the sampler each makes.
+const SAMPLER_NODES = {
+  SamplerEulerAncestral: "euler_ancestral", SamplerEulerAncestralCFGPP: "euler_ancestral_cfg_pp",
+  SamplerLMS: "lms", SamplerDPMPP_2M_SDE: "dpmpp_2m_sde", SamplerDPMPP_3M_SDE: "dpmpp_3m_sde",
+  SamplerDPMPP_SDE: "dpmpp_sde", SamplerDPMPP_2S_Ancestral: "dpmpp_2s_ancestral",
+};
+
+/**
+ * What the InfDiTUpscale node will sample with, read from the graph the way the node reads its inputs: the
+ * `sampler` input's sampler name (KSamplerSelect or a one-sampler node; none: the reference's Heun) and the
+ * steps of the `sigmas` input's scheduler (its `steps` widget; none wired: the node's own `steps`). `node` is an
+ * adapter as for estimateImageSize. Returns {sampler, steps}; the route counts the model calls from them.
+ */
+export function wiredSampling(node) {
+  const samplerNode = node.input("sampler");
+  const sigmasNode = node.input("sigmas");
+  let sampler;
+  if (samplerNode) sampler = samplerNode.widget("sampler_name") ?? SAMPLER_NODES[samplerNode.type];
+  const steps = sigmasNode ? sigmasNode.widget("steps") : node.widget("steps");
+  return { sampler, steps };
 }
 
 /** A short key of everything the plan depends on, to refetch only when it changes. */
