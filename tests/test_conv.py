@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from uniba.conv import Conv2d, conv2d
+from uniba.infdit.blockwise import denoise
 
 
 class _HalfConvRecorder(TorchDispatchMode):
@@ -92,7 +93,7 @@ def test_no_model_sends_half_precision_to_torch_cpu_conv() -> None:
         lr = torch.rand((1, 3, px // 4, px // 4), generator=gen) * 2 - 1
         emb = F.normalize(torch.randn((1, infdit.config.vector_dim), generator=gen), dim=-1)
         with _HalfConvRecorder() as rec:
-            out = infdit.denoise(torch.randn((1, 3, px, px), generator=gen), 1.0, lr, emb, block_batch=(2, 2))
+            out = denoise(infdit, torch.randn((1, 3, px, px), generator=gen), 1.0, lr, emb, block_batch=(2, 2))
             if infdit.clip is not None:
                 infdit.clip.embed(lr)
         assert torch.isfinite(out.float()).all()

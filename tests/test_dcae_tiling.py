@@ -10,9 +10,10 @@ import torch
 from tiny_sana_te_vae import tiny_dcae_state_dict
 
 from uniba.dcae import tiling
+from uniba.dcae.blocks import EfficientViTBlock, ResBlock, UpBlock
 from uniba.dcae.config import RES_BLOCK, VIT_BLOCK, DCAEConfig
 from uniba.dcae.loader import load_dcae
-from uniba.dcae.model import DCAE, EfficientViTBlock, ResBlock, UpBlock
+from uniba.dcae.model import DCAE
 from uniba.memory import GIB, MIB, OutOfMemoryAtMinimum
 
 EXACT = 1e-5  # fp32: max |tiled - one pass| allowed, relative to the output's range (images: [-1, 1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_infdit import TINY, load_tiny_infdit
 
-from uniba.infdit.blockwise import COLUMN_MAJOR, ROW_MAJOR, BlockwiseDenoiser, batch_order, next_rect
+from uniba.infdit.blockwise import COLUMN_MAJOR, ROW_MAJOR, BlockwiseDenoiser, batch_order, denoise, next_rect
 from uniba.infdit.plan import cached_blocks
 from uniba.memory import OutOfMemoryAtMinimum
 
@@ -30,12 +30,12 @@ def _inputs(model, grid_h, grid_w, seed=0):
 @pytest.mark.parametrize("grid", [(5, 3), (3, 5)])
 def test_every_batch_size_traversal_and_offload_matches_whole_canvas(model, grid):
     x, sigma, lr, vec = _inputs(model, *grid)
-    whole = model.denoise(x, sigma, lr, vec)
+    whole = denoise(model, x, sigma, lr, vec)
     assert whole.abs().mean() > 0.1
     for block_batch in (1, 2, 3, (2, 3), (1, 4), 16):  # 2, 3, (2, 3) leave ragged last batches
         for traversal in (ROW_MAJOR, COLUMN_MAJOR):
             for offload in (False, True):
-                out = model.denoise(x, sigma, lr, vec, block_batch=block_batch, traversal=traversal,
+                out = denoise(model, x, sigma, lr, vec, block_batch=block_batch, traversal=traversal,
                                     offload_cache=offload)
                 diff = (out - whole).abs().max().item()
                 assert diff <= 1e-5, (block_batch, traversal, offload, diff)
@@ -86,7 +86,7 @@ def test_next_rect_respects_dependencies_after_shrinking():
 
 def test_out_of_memory_halves_the_batch_with_identical_output(model):
     x, sigma, lr, vec = _inputs(model, 4, 4)
-    reference = model.denoise(x, sigma, lr, vec, block_batch=4)
+    reference = denoise(model, x, sigma, lr, vec, block_batch=4)
     real_forward = model.forward_blocks
     sizes = []
 
@@ -116,7 +116,7 @@ def test_out_of_memory_at_one_block_says_what_to_do(model):
     model.forward_blocks = always
     try:
         with pytest.raises(OutOfMemoryAtMinimum, match="smallest size"):
-            model.denoise(x, sigma, lr, vec, block_batch=2)
+            denoise(model, x, sigma, lr, vec, block_batch=2)
     finally:
         del model.forward_blocks
 
@@ -138,5 +138,5 @@ def test_cancel_stops_within_one_batch_and_frees_the_cache(model):
         denoiser(x, sigma)
     assert len(seen) == 2
     # the model is still usable and gives the same result as before
-    before = model.denoise(x, sigma, lr, vec, block_batch=1)
-    assert torch.equal(model.denoise(x, sigma, lr, vec, block_batch=1), before)
+    before = denoise(model, x, sigma, lr, vec, block_batch=1)
+    assert torch.equal(denoise(model, x, sigma, lr, vec, block_batch=1), before)

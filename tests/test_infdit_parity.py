@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from tiny_infdit import load_golden
 
-from uniba.infdit import get_sigmas_karras, load_infdit, sample_heun_edm
-from uniba.infdit.blockwise import BlockwiseDenoiser
+from uniba.infdit import get_sigmas_karras, sample_heun_edm
+from uniba.infdit.blockwise import BlockwiseDenoiser, denoise
 from uniba.infdit.model import upsample_lr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,10 +20,8 @@ def golden(request):
     from pathlib import Path
 
     data = Path(__file__).resolve().parent / "data"
-    tensors = load_file(str(data / "infdit_tiny_a.safetensors"))
-    g = {k[len("golden."):]: v for k, v in tensors.items() if k.startswith("golden.")}
+    model, g = load_golden(data / "infdit_tiny_a.safetensors")
     sidecar = json.loads((data / "infdit_tiny_a.json").read_text())
-    model = load_infdit(data / "infdit_tiny_a.safetensors")
     return model, g, sidecar
 
 
@@ -72,7 +70,7 @@ def test_lr_windows(golden):
 
 def test_single_denoiser_call(golden):
     model, g, _ = golden
-    out = model.denoise(g["denoise_x"], g["sigma"], g["lr_image"], g["vector"])
+    out = denoise(model, g["denoise_x"], g["sigma"], g["lr_image"], g["vector"])
     assert _max(out, g["denoise_out"]) <= 1e-4
     assert _max(out, g["denoise_out_fp64"]) <= 1e-5  # in fact ~1e-6: the fp32 noise floor
 
@@ -89,9 +87,9 @@ def test_rope_positions_far_into_a_canvas(golden):
     offset = tuple(sidecar["canvas"]["offset_for_denoise_out_offset"])
     ids = g["rope_position_ids_offset"][0]
     assert ids[0].tolist() == [offset[0] % 256, offset[1] % 256]
-    out = model.denoise(g["denoise_x"], g["sigma"], g["lr_image"], g["vector"], position_offset=offset)
+    out = denoise(model, g["denoise_x"], g["sigma"], g["lr_image"], g["vector"], position_offset=offset)
     assert _max(out, g["denoise_out_offset"]) <= 1e-4
-    blockwise = model.denoise(g["denoise_x"], g["sigma"], g["lr_image"], g["vector"], block_batch=(2, 1),
+    blockwise = denoise(model, g["denoise_x"], g["sigma"], g["lr_image"], g["vector"], block_batch=(2, 1),
                               position_offset=offset)
     assert _max(blockwise, g["denoise_out_offset"]) <= 1e-4
 
@@ -100,7 +98,7 @@ def test_rope_positions_far_into_a_canvas(golden):
     (1, "row-major", False), (2, "column-major", True), ((1, 3), "row-major", True), (3, "column-major", False)])
 def test_blockwise_equals_golden_whole_canvas(golden, block_batch, traversal, offload):
     model, g, _ = golden
-    out = model.denoise(g["denoise_x"], g["sigma"], g["lr_image"], g["vector"], block_batch=block_batch,
+    out = denoise(model, g["denoise_x"], g["sigma"], g["lr_image"], g["vector"], block_batch=block_batch,
                         traversal=traversal, offload_cache=offload)
     assert _max(out, g["denoise_out"]) <= 1e-4
 
@@ -113,7 +111,7 @@ def test_sampler_matches_reference(golden):
 
     def denoiser(x, sigma):
         calls.append(float(sigma[0]))
-        return model.denoise(x, sigma, g["lr_image"], g["vector"], concat_lr=g["concat_lr"])
+        return denoise(model, x, sigma, g["lr_image"], g["vector"], concat_lr=g["concat_lr"])
 
     x_t = g["concat_lr"] + sigmas[0] * g["noise"]
     assert _max(x_t, g["sample_x_T"]) == 0.0

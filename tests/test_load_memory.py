@@ -22,15 +22,15 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 CHILD = r"""
 import json, sys, torch
 torch.set_num_threads(1)
-from uniba.bench_load import PeakRss, _model_bytes, _touch
+from uniba.bench_load import PeakRss, model_bytes, touch_pages
 from uniba.checkpoint import load_model, read_state_dict
 path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 build = lambda: torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(32)])
 meter = PeakRss()
 meter.start()
 model = load_model(build, read_state_dict(path), path=path, family="test", dtype=dtype)
-_touch(model)
-print(json.dumps({"peak": meter.peak_above_baseline(), "model": _model_bytes(model),
+touch_pages(model)
+print(json.dumps({"peak": meter.peak_above_baseline(), "model": model_bytes(model),
                   "dtype": str(next(model.parameters()).dtype)}))
 """
 

@@ -129,6 +129,21 @@ def load_tiny_infdit(config: InfDiTConfig = TINY, seed: int = 0):
     return load_infdit({ours_to_sat(k): v for k, v in random_state_dict(config, seed=seed).items()})
 
 
+GOLDEN_A = Path(__file__).resolve().parent / "data" / "infdit_tiny_a.safetensors"
+
+
+def load_golden(path: Path = GOLDEN_A, dtype: torch.dtype | None = None) -> tuple[InfDiT, dict[str, torch.Tensor]]:
+    """The golden fixture: the tiny reference model (SAT keys) and its ``golden.*`` reference tensors, split
+    here so the engine's loader never sees fixture keys."""
+    from safetensors.torch import load_file
+
+    from uniba.infdit import load_infdit
+
+    tensors = load_file(str(path))
+    golden = {k[len("golden."):]: v for k, v in tensors.items() if k.startswith("golden.")}
+    return load_infdit({k: v for k, v in tensors.items() if not k.startswith("golden.")}, dtype), golden
+
+
 def plan_and_upscale(model: InfDiT, lr: torch.Tensor, *, scale: int = 4, steps: int = 20, sampler=None,
                      sigmas: torch.Tensor | None = None, block_batch="auto", offload_cache="auto",
                      free_bytes: int | None = None, **run) -> torch.Tensor:

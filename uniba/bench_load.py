@@ -22,12 +22,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch  # noqa: F401 - imported before the baseline, so the load does not count it
 import torch
 
+from . import dcae, infdit, sana
 from .devices import DTYPES, dtype_name
+from .infdit.blockwise import denoise
 
 # Where tests/make_release_size.py puts each format, and which loader reads it.
 KNOWN_FILES: tuple[tuple[str, str], ...] = (
@@ -67,7 +72,7 @@ class PeakRss:
         return max(0, _status_kib("VmHWM") * 1024 - self.baseline)
 
 
-def _model_bytes(module: torch.nn.Module) -> int:
+def model_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct storages behind a module's parameters and buffers."""
     seen: dict[int, int] = {}
     for tensor in list(module.parameters()) + list(module.buffers()):
@@ -76,7 +81,7 @@ def _model_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def _touch(module: torch.nn.Module) -> None:
+def touch_pages(module: torch.nn.Module) -> None:
     """Read one byte of every memory page of every parameter and buffer."""
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
@@ -85,44 +90,30 @@ def _touch(module: torch.nn.Module) -> None:
                 flat.view(torch.uint8)[::4096].sum()
 
 
-def _load(kind: str, path: str, dtype: torch.dtype | None) -> tuple[Any, torch.nn.Module]:
+def _loader(kind: str) -> Callable[..., Any]:
+    """The family's load function; reaching it imports its module (the families export lazily)."""
     if kind == "infdit":
-        from .infdit import load_infdit
-
-        model = load_infdit(path, dtype)
-        return model, model
+        return infdit.load_infdit
     if kind == "sana":
-        from .sana import load_sana
-
-        model = load_sana(path, dtype)
-        return model, model
+        return sana.load_sana
     if kind == "dcae":
-        try:
-            from .dcae import load_dcae
-        except ImportError:
-            from .sana import load_dcae
-        model = load_dcae(path, dtype)
-        return model, model
+        return dcae.load_dcae
     if kind == "gemma":
-        from .sana import load_text_encoder
-
-        encoder = load_text_encoder(path, dtype)
-        return encoder, encoder.model
+        return sana.load_text_encoder
     raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def _load(kind: str, path: str, dtype: torch.dtype | None) -> tuple[Any, torch.nn.Module]:
+    loaded = _loader(kind)(path, dtype)
+    return loaded, (loaded.model if kind == "gemma" else loaded)
 
 
 def _warm_imports(kind: str) -> None:
     """Import everything the load needs before the baseline, so imports are not counted as load memory."""
     if kind == "gemma":
-        import transformers  # noqa: F401
+        # transformers is optional and heavy: only the Gemma load imports it
         from transformers import Gemma2Model, GemmaTokenizer  # noqa: F401
-    import safetensors.torch  # noqa: F401
-
-    from . import checkpoint  # noqa: F401
-    try:
-        from . import dcae, infdit, sana  # noqa: F401
-    except ImportError:
-        from . import infdit, sana  # noqa: F401
+    _loader(kind)
 
 
 def _forward(kind: str, loaded: Any, seed: int = 0) -> torch.Tensor:
@@ -138,7 +129,7 @@ def _forward(kind: str, loaded: Any, seed: int = 0) -> torch.Tensor:
                 emb = model.clip.embed(lr)
             else:
                 emb = torch.nn.functional.normalize(torch.randn((1, model.config.vector_dim), generator=gen), dim=-1)
-            return model.denoise(x, 1.0, lr, emb, block_batch=(2, 2)).float()
+            return denoise(model, x, 1.0, lr, emb, block_batch=(2, 2)).float()
         if kind == "sana":
             model = loaded
             x = torch.randn((1, model.config.in_channels, 16, 16), generator=gen)
@@ -150,9 +141,7 @@ def _forward(kind: str, loaded: Any, seed: int = 0) -> torch.Tensor:
             latent = torch.randn((1, 32, 8, 8), generator=gen)
             return loaded.decode(latent).float()
         if kind == "gemma":
-            from .sana import encode_prompt
-
-            emb, mask = encode_prompt(loaded, ["a red fox in a snowy forest at sunrise, soft golden light"])
+            emb, mask = sana.encode_prompt(loaded, ["a red fox in a snowy forest at sunrise, soft golden light"])
             return (emb * mask[..., None]).float()
     raise ValueError(kind)
 
@@ -169,11 +158,11 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     # Memory-mapped weights are read lazily: touch every page, as the first forward would, so the peak
     # counts what the model really occupies once in use.
-    _touch(module)
+    touch_pages(module)
     ready = time.perf_counter() - start
     result: dict[str, Any] = {
         "kind": kind, "path": path, "load_s": seconds, "ready_s": ready, "peak_bytes": meter.peak_above_baseline(),
-        "model_bytes": _model_bytes(module), "dtype": dtype_name(next(module.parameters()).dtype),
+        "model_bytes": model_bytes(module), "dtype": dtype_name(next(module.parameters()).dtype),
     }
     if spec.get("forward_out"):
         meter.start()
@@ -200,8 +189,6 @@ def _format_of(path: Path) -> str:
         return "safetensors shards"
     if path.suffix in (".safetensors", ".sft"):
         return "safetensors"
-    import zipfile
-
     return "zip pickle" if zipfile.is_zipfile(path) else "legacy pickle"
 
 
@@ -220,12 +207,9 @@ def run_child(kind: str, path: Path, dtype: str | None, forward_out: str | None 
     return {"kind": kind, "path": str(path), "error": " | ".join(tail) or f"exit code {proc.returncode}"}
 
 
-def run_comfy_child(path: Path, dtype: str | None, threads: int = 2) -> dict[str, Any]:
-    """The Sana DiT Loader node inside a booted ComfyUI (``COMFYUI_DIR``; ``COMFYUI_PYTHON`` runs it)."""
-    script = Path(__file__).resolve().parents[1] / "tests" / "integration" / "bench_comfy_load.py"
-    if not script.is_file():
-        return {"kind": "sana (ComfyUI)", "path": str(path),
-                "error": "the ComfyUI path needs a checkout of the pack (tests/integration/bench_comfy_load.py)"}
+def run_comfy_child(script: Path, path: Path, dtype: str | None, threads: int = 2) -> dict[str, Any]:
+    """The Sana DiT Loader node inside a booted ComfyUI: ``script`` (the pack checkout's ComfyUI-side child,
+    given with ``--comfyui-child``) runs under ``COMFYUI_PYTHON`` with ``COMFYUI_DIR``."""
     spec = {"path": str(path), "dtype": dtype or "auto", "threads": threads}
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -267,7 +251,12 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-dtypes", default="bf16",
                         help="comma-separated half dtypes the forward smoke compares with fp32 (bf16, fp16)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--comfyui-child", type=Path,
+                        help="with COMFYUI_DIR: also load Sana through the node in ComfyUI, run by this script (the "
+                             "pack checkout's tests/integration/bench_comfy_load.py; COMFYUI_PYTHON runs it)")
     args = parser.parse_args(argv)
+    if args.comfyui_child is not None and not args.comfyui_child.is_file():
+        parser.error(f"--comfyui-child {args.comfyui_child} does not exist")
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     bad = [d for d in dtypes if d != "stored" and d not in DTYPES]
@@ -296,13 +285,13 @@ def run(argv: list[str] | None = None) -> int:
     print(header)
     failures = 0
     runs = [(kind, path, dtype, False) for kind, path in targets for dtype in dtypes]
-    if os.environ.get("COMFYUI_DIR"):
+    if os.environ.get("COMFYUI_DIR") and args.comfyui_child:
         runs += [(kind, path, dtype, True) for kind, path, dtype, _ in runs if kind == "sana"]
     else:
-        print("(COMFYUI_DIR is not set: the ComfyUI loader path for Sana is skipped)")
+        print("(the ComfyUI loader path for Sana needs COMFYUI_DIR and --comfyui-child; skipped)")
     for kind, path, dtype, via_comfy in runs:
         wanted = None if dtype == "stored" else dtype
-        result = (run_comfy_child(path, wanted, args.threads) if via_comfy
+        result = (run_comfy_child(args.comfyui_child, path, wanted, args.threads) if via_comfy
                   else run_child(kind, path, wanted, threads=args.threads))
         name = str(path.relative_to(args.paths[0])) if args.paths[0] in path.parents else str(path)
         name = ("ComfyUI: " if via_comfy else "") + name[-(43 if via_comfy else 52):]

@@ -1,12 +1,11 @@
 """Child process of ``python -m uniba bench load`` for the ComfyUI loader path (needs ``COMFYUI_DIR``).
 
-Not a test (not collected: no ``test_`` prefix). Boots ComfyUI in-process on the CPU with this pack as its only
-custom node (as tests/integration/conftest.py does), resets the peak-RSS mark, then runs the pack's
-**Sana DiT Loader** node on one file and prints ``RESULT {json}`` with load time, peak RSS above the booted
-baseline and the size of the model ComfyUI holds. The engine (``uniba``) never imports ComfyUI; this lives
-in tests/integration/ with the other code that touches ComfyUI.
+Boots ComfyUI in-process on the CPU with this pack as its only custom node (as tests/integration/conftest.py
+does), resets the peak-RSS mark, then runs the pack's **Sana DiT Loader** node on one file and prints
+``RESULT {json}`` with load time, peak RSS above the booted baseline and the size of the model ComfyUI holds.
+Not a test (not collected: no ``test_`` prefix); the engine runs it only when given its path:
 
-    COMFYUI_DIR=/path/to/ComfyUI python tests/integration/bench_comfy_load.py '{"path": "...", "dtype": "auto"}'
+    COMFYUI_DIR=/path/to/ComfyUI python -m uniba bench load DIR --comfyui-child tests/integration/bench_comfy_load.py
 """
 
 from __future__ import annotations
@@ -57,7 +56,8 @@ def main() -> int:
         import folder_paths
         import torch
 
-        from uniba.bench_load import PeakRss, _model_bytes, _short, _touch
+        from uniba.bench_load import PeakRss, model_bytes, touch_pages
+        from uniba.devices import dtype_name
 
         torch.set_num_threads(int(spec.get("threads") or 2))
         folder_paths.add_model_folder_path("diffusion_models", str(path.parent), is_default=True)
@@ -69,10 +69,10 @@ def main() -> int:
                                  weight_dtype=spec.get("dtype") or "auto")
         seconds = time.perf_counter() - start
         module = patcher.model.diffusion_model
-        _touch(module)
+        touch_pages(module)
         result = {"kind": "sana (ComfyUI)", "path": str(path), "load_s": seconds,
                   "ready_s": time.perf_counter() - start, "peak_bytes": meter.peak_above_baseline(),
-                  "model_bytes": _model_bytes(module), "dtype": _short(next(module.parameters()).dtype)}
+                  "model_bytes": model_bytes(module), "dtype": dtype_name(next(module.parameters()).dtype)}
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

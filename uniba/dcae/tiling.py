@@ -2,7 +2,7 @@
 
 Which operations of our DC-AE (:mod:`uniba.dcae.model`) are global and which are local:
 
-* global: only the ReLU linear attention inside :class:`~uniba.dcae.model.LiteMLA` (every
+* global: only the ReLU linear attention inside :class:`~uniba.dcae.blocks.LiteMLA` (every
   EfficientViT block): each output pixel sees ``sum_n phi(k_n) v_n^T`` and ``sum_n phi(k_n)`` over
   the whole image. There is no GroupNorm, BatchNorm statistic or global pooling anywhere.
 * local: every convolution (3x3, the depthwise 5x5 multi-scale aggregation, 1x1), RMSNorm over the
@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +42,34 @@ from torch import nn
 from uniba.memory import free_device_cache, is_out_of_memory, largest_unit, retry_on_oom
 from uniba.progress import ProgressFn, report
 
-from .config import VIT_BLOCK
-from .model import DCAE, DownBlock, EfficientViTBlock, ResBlock, UpBlock, linear_attention_sums
+from .blocks import Decoder, DownBlock, EfficientViTBlock, Encoder, ResBlock, UpBlock, linear_attention_sums
+from .config import VIT_BLOCK, DCAEConfig
 
 DEFAULT_TILE_PX = 768  # the tile cap when no memory budget is known (4096 px fp32 planned at ~4.5 GB)
 
 
 # --------------------------------------------------------------------------- steps
+
+class AutoEncoder(Protocol):
+    """What the tiler uses of a :class:`~uniba.dcae.model.DCAE` (which calls the tiler from ``decode``/``encode``)."""
+
+    config: DCAEConfig
+    encoder: Encoder
+    decoder: Decoder
+
+    @property
+    def spatial_ratio(self) -> int: ...
+
+    @property
+    def weight_dtype(self) -> torch.dtype: ...
+
+    @property
+    def weight_device(self) -> torch.device: ...
+
+    def encode_full(self, image: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor: ...
+
+    def decode_full(self, latent: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor: ...
+
 
 def activation_bytes_per_pixel(widths: tuple[int, ...], dtype: torch.dtype) -> float:
     """Working bytes per full-resolution pixel of the full-resolution stage (the decoder tail's tiles).
@@ -148,7 +170,7 @@ def _block_step(name: str, module: nn.Module, channels_in: int, channels_out: in
     raise TypeError(f"no tiling rule for {type(module).__name__}")
 
 
-def decoder_steps(model: DCAE) -> list[Step]:
+def decoder_steps(model: AutoEncoder) -> list[Step]:
     """The decode pass as steps: conv_in, the attention stages block by block, the fused conv tail."""
     config, decoder = model.config, model.decoder
     widths, ratio = config.decoder_widths, model.spatial_ratio
@@ -183,7 +205,7 @@ def decoder_steps(model: DCAE) -> list[Step]:
     return steps
 
 
-def encoder_steps(model: DCAE) -> list[Step]:
+def encoder_steps(model: AutoEncoder) -> list[Step]:
     """The encode pass as steps: the fused conv head down to the first attention stage, then block by block."""
     config, encoder = model.config, model.encoder
     widths, ratio = config.encoder_widths, model.spatial_ratio
@@ -319,7 +341,7 @@ def _crop(x: torch.Tensor, step: Step, ys: tuple[int, int], xs: tuple[int, int],
 class _Runner:
     """Runs the sweeps of a pass on the model's device and counts their tiles for the progress bar."""
 
-    def __init__(self, model: DCAE, progress: ProgressFn | None,
+    def __init__(self, model: AutoEncoder, progress: ProgressFn | None,
                  preview: Callable[[torch.Tensor], torch.Tensor] | None, preview_step: Step) -> None:
         self.device, self.dtype = model.weight_device, model.weight_dtype
         self.progress, self.preview, self.preview_step = progress, preview, preview_step
@@ -390,7 +412,7 @@ def _remaining_tiles(steps: list[Step], shapes: list[tuple[int, int, int, int, i
                for i in range(start, len(steps)))
 
 
-def run_pass(model: DCAE, x: torch.Tensor, steps: list[Step], *,
+def run_pass(model: AutoEncoder, x: torch.Tensor, steps: list[Step], *,
              full: Callable[[torch.Tensor, ProgressFn | None], torch.Tensor],
              tile_size: int | None, budget_bytes: int | None, progress: ProgressFn | None,
              output_device: torch.device | str | None, is_oom: Callable[[BaseException], bool],
@@ -447,7 +469,8 @@ def run_pass(model: DCAE, x: torch.Tensor, steps: list[Step], *,
     return current
 
 
-def decode_exact(model: DCAE, latent: torch.Tensor, *, tile_size: int | None = None, budget_bytes: int | None = None,
+def decode_exact(model: AutoEncoder, latent: torch.Tensor, *, tile_size: int | None = None,
+                 budget_bytes: int | None = None,
                  progress: ProgressFn | None = None, output_device: torch.device | str | None = None,
                  is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
     """Latents (B, C, h, w) -> images (B, 3, 32h, 32w) in fp32, equal to ``model.decode_full`` at any tile size."""
@@ -460,7 +483,8 @@ def decode_exact(model: DCAE, latent: torch.Tensor, *, tile_size: int | None = N
                      preview=preview, what="decode")
 
 
-def encode_exact(model: DCAE, image: torch.Tensor, *, tile_size: int | None = None, budget_bytes: int | None = None,
+def encode_exact(model: AutoEncoder, image: torch.Tensor, *, tile_size: int | None = None,
+                 budget_bytes: int | None = None,
                  progress: ProgressFn | None = None, output_device: torch.device | str | None = None,
                  is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> latents in fp32, equal to ``model.encode_full`` at any tile size."""

@@ -2,8 +2,11 @@
 
 Three parts (``--only`` picks one): **memory** (below), **presets** (the default = the reference's
 Heun 20, the fast preset and Heun 10, timed side by side in one process on the mid-size config, with
-their distance to a 200-step solution) and **precision** (the golden tiny model's 20-step sample in
-bf16 and fp32 against the reference's float64 result).
+their distance to a 200-step solution) and **precision** (with ``--golden FILE``: a tiny model's
+20-step sample in bf16 and fp32 against the reference's float64 result stored beside its weights).
+
+The models are built here from :data:`BENCH_CONFIG` with seeded random weights, or read from the file
+given; ``bench infdit-solvers`` uses the same problems.
 
 A mid-size random Inf-DiT (same architecture, smaller widths) upsamples three output sizes, each
 side twice the previous one. Every measurement runs in a fresh subprocess (so one run cannot
@@ -31,30 +34,93 @@ import sys
 import time
 
 import torch
+from safetensors.torch import load_file
 
 from ..memory import format_bytes
-from .blockwise import ROW_MAJOR
+from .blockwise import ROW_MAJOR, denoise
+from .config import InfDiTConfig
+from .loader import load_infdit
+from .model import InfDiT, upsample_lr
+from .plan import denoiser_call_bytes
+from .sampling import FAST_PRESET, REFERENCE_PRESET, SAMPLERS, count_evaluations, get_sigmas_karras
+from .upscale import sample_canvas
 
 BENCH_CONFIG = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "mlp_hidden": 512, "block_tokens": 16,
                 "lr_block_tokens": 8, "vector_dim": 64, "time_channels": 64, "rope_grid": 512}
 DEFAULT_SIDES = (256, 512, 1024)
+REFERENCE_STEPS = 200
+# Reference tensors stored beside the weights in a --golden file (the parity fixture's layout).
+GOLDEN_PREFIX = "golden."
+
+# (label, model, LR image, CLIP vector, start noise): one sampling problem of the solver comparisons
+Problem = tuple[str, InfDiT, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _config():
-    from .config import InfDiTConfig
-
+def bench_config() -> InfDiTConfig:
+    """The mid-size config the benchmarks build: the release's architecture with smaller widths."""
     return InfDiTConfig(**BENCH_CONFIG)
 
 
-def random_model(config, gen: torch.Generator):
+def random_model(config: InfDiTConfig, gen: torch.Generator) -> InfDiT:
     """The benchmarks' random Inf-DiT: weights scaled by fan-in so activations stay O(1) through the layers."""
-    from .model import InfDiT
-
     model = InfDiT(config).eval().requires_grad_(False)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
     return model
+
+
+def mid_problem(side: int) -> Problem:
+    """The mid-size random model with a seeded LR image, CLIP vector and noise for a ``side`` px output."""
+    config = bench_config()
+    gen = torch.Generator().manual_seed(0)
+    model = random_model(config, gen)
+    lr = torch.rand(1, 3, side // config.native_scale, side // config.native_scale, generator=gen) * 2 - 1
+    vector = torch.nn.functional.normalize(torch.randn(1, config.vector_dim, generator=gen), dim=-1)
+    noise = torch.randn(1, 3, side, side, generator=gen)
+    return f"mid-size random ({side}x{side} px)", model, lr, vector, noise
+
+
+def read_golden(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[InfDiT, dict[str, torch.Tensor]]:
+    """A ``--golden`` file: Inf-DiT weights plus reference tensors under ``golden.`` (lr_image, vector, noise,
+    sample_out_fp64), as the parity tests' ``tests/data/infdit_tiny_a.safetensors`` holds them."""
+    tensors = load_file(os.fspath(path))
+    golden = {k[len(GOLDEN_PREFIX):]: v for k, v in tensors.items() if k.startswith(GOLDEN_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(GOLDEN_PREFIX)}
+    missing = {"lr_image", "vector", "noise", "sample_out_fp64"} - set(golden)
+    if missing:
+        raise ValueError(f"--golden {path}: has no {', '.join(sorted(GOLDEN_PREFIX + m for m in missing))} "
+                         "tensors; pass a file with reference tensors beside the weights, such as "
+                         "tests/data/infdit_tiny_a.safetensors of a source checkout.")
+    return load_infdit(weights, dtype), golden
+
+
+def golden_problem(path: str | os.PathLike) -> Problem:
+    model, golden = read_golden(path)
+    return "golden tiny", model, golden["lr_image"], golden["vector"], golden["noise"]
+
+
+def solve(problem: Problem, name: str, steps: int) -> torch.Tensor:
+    """The problem's sample with sampler ``name`` on the reference's Karras schedule of ``steps`` steps."""
+    _, model, lr, vector, noise = problem
+    return sample_canvas(model, lr, clip_embedding=vector, noise=noise, sampler=SAMPLERS[name],
+                         sigmas=get_sigmas_karras(steps), seed=0)
+
+
+def measure(problems: list[Problem], candidates: list[tuple[str, int]]) -> list[dict]:
+    """Rows of (model, sampler, steps, evaluations, rel_l2, max_abs, seconds) for every problem x candidate,
+    against a :data:`REFERENCE_STEPS`-step Heun solution from the same noise."""
+    rows = []
+    for problem in problems:
+        reference = solve(problem, "heun", REFERENCE_STEPS).double()
+        for name, steps in candidates:
+            start = time.perf_counter()
+            out = solve(problem, name, steps).double()
+            rows.append({"model": problem[0], "sampler": name, "steps": steps,
+                         "evaluations": count_evaluations(SAMPLERS[name], get_sigmas_karras(steps)),
+                         "rel_l2": ((out - reference).norm() / reference.norm()).item(),
+                         "max_abs": (out - reference).abs().max().item(), "seconds": time.perf_counter() - start})
+    return rows
 
 
 def _status(field: str) -> int:
@@ -67,10 +133,8 @@ def _status(field: str) -> int:
 
 def _child(side: int, mode: str, block_batch: int, threads: int) -> dict:
     """Runs in the subprocess: one denoiser call, returns peak bytes above the resident baseline and seconds."""
-    from .model import upsample_lr
-
     torch.set_num_threads(threads)
-    config = _config()
+    config = bench_config()
     gen = torch.Generator().manual_seed(0)
     model = random_model(config, gen)
     lr = torch.rand(1, 3, side // 4, side // 4, generator=gen) * 2 - 1
@@ -80,13 +144,13 @@ def _child(side: int, mode: str, block_batch: int, threads: int) -> dict:
     concat = upsample_lr(lr, side, side)
     # warm up kernels on a small canvas so one-off allocations are not counted
     s = config.block_px
-    model.denoise(x[..., :s, :s], 5.0, lr[..., : s // 4, : s // 4], emb, concat_lr=concat[..., :s, :s])
+    denoise(model, x[..., :s, :s], 5.0, lr[..., : s // 4, : s // 4], emb, concat_lr=concat[..., :s, :s])
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     before = _status("VmRSS")
     start = time.perf_counter()
     n = None if mode == "whole" else block_batch
-    model.denoise(x, 5.0, lr, emb, block_batch=n, concat_lr=concat)
+    denoise(model, x, 5.0, lr, emb, block_batch=n, concat_lr=concat)
     seconds = time.perf_counter() - start
     return {"peak": _status("VmHWM") - before, "seconds": seconds}
 
@@ -103,9 +167,7 @@ def _measure(side: int, mode: str, block_batch: int, threads: int) -> dict:
 
 
 def _estimate(side: int, block_batch: int | None) -> int:
-    from .plan import denoiser_call_bytes
-
-    config = _config()
+    config = bench_config()
     grid = side // config.block_px
     n = grid if block_batch is None else min(block_batch, grid)
     return denoiser_call_bytes(config, (grid, grid), (n, n), ROW_MAJOR, False, torch.float32)
@@ -113,16 +175,11 @@ def _estimate(side: int, block_batch: int | None) -> int:
 
 def _presets(side: int, accuracy_side: int, block_batch: int, repeats: int) -> None:
     """Default (Heun 20) vs fast preset vs Heun 10: seconds side by side, evaluations, accuracy."""
-    from .bench_solvers import _mid_problem, measure
-    from .sampling import FAST_PRESET, REFERENCE_PRESET, SAMPLERS, count_evaluations, get_sigmas_karras
-
     presets = [("default (reference)", REFERENCE_PRESET), ("fast preset", FAST_PRESET), ("Heun 10", ("heun", 10))]
-    accuracy = {(r["sampler"], r["steps"]): r for r in measure([_mid_problem(accuracy_side)],
+    accuracy = {(r["sampler"], r["steps"]): r for r in measure([mid_problem(accuracy_side)],
                                                                [key for _, key in presets])}
-    _, model, lr, vector, noise = _mid_problem(side)
+    _, model, lr, vector, noise = mid_problem(side)
     seconds = {key: float("inf") for _, key in presets}
-    from .upscale import sample_canvas
-
     for _ in range(repeats):  # interleaved, best of: the machine's load drifts during a run
         for _, key in presets:
             start = time.perf_counter()
@@ -149,24 +206,18 @@ def _presets(side: int, accuracy_side: int, block_batch: int, repeats: int) -> N
           f"evaluations = {base_evals / fast_evals:.1f}x; measured here {measured:.2f}x")
 
 
-def _precision() -> None:
-    """The golden tiny model's 20-step sample in fp32 and bf16 against the reference's float64 result."""
-    from safetensors.torch import load_file
-
-    from .bench_solvers import GOLDEN
-    from .loader import load_infdit
-    from .upscale import sample_canvas
-
-    if not GOLDEN.exists():
-        print(f"\n(precision: golden tiny model not found at {GOLDEN})")
+def _precision(path: str | None) -> None:
+    """A ``--golden`` model's 20-step sample in fp32 and bf16 against the reference's float64 result."""
+    if path is None:
+        print("\n(precision: needs --golden FILE, e.g. tests/data/infdit_tiny_a.safetensors of a source checkout)")
         return
-    golden = {k[len("golden."):]: v for k, v in load_file(str(GOLDEN)).items() if k.startswith("golden.")}
+    golden = read_golden(path)[1]
     reference = golden["sample_out_fp64"].double()
     print("\nprecision: golden tiny model, 20 Heun steps (39 evaluations), vs the reference's float64 sample "
           f"(values up to {reference.abs().max().item():.2f})")
     rows, outs = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        model = load_infdit(GOLDEN, dtype=dtype)
+        model = read_golden(path, dtype)[0]
         out = sample_canvas(model, golden["lr_image"], clip_embedding=golden["vector"], noise=golden["noise"],
                             block_batch=2).double()
         outs[name] = out
@@ -183,6 +234,8 @@ def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniba bench infdit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("memory", "presets", "precision"), help="run one part only")
+    parser.add_argument("--golden", help="for the precision part: Inf-DiT weights with golden.* reference tensors "
+                                         "(tests/data/infdit_tiny_a.safetensors in a source checkout)")
     parser.add_argument("--preset-side", type=int, default=256, help="output side of the preset timing (px)")
     parser.add_argument("--sides", type=int, nargs=3, default=DEFAULT_SIDES, help="three output sides in px")
     parser.add_argument("--block-batch", type=int, default=2, help="n for the block-wise runs (n x n blocks)")
@@ -198,7 +251,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.only in (None, "presets"):
         _presets(args.preset_side, 128, args.block_batch, max(1, args.repeats))
     if args.only in (None, "precision"):
-        _precision()
+        _precision(args.golden)
     return 0
 
 
@@ -206,7 +259,7 @@ def _memory(args: argparse.Namespace) -> int:
     if not os.path.exists("/proc/self/clear_refs"):
         print("this benchmark measures peak RSS through /proc (Linux only)", file=sys.stderr)
         return 2
-    config = _config()
+    config = bench_config()
     print(f"Inf-DiT bench: random config hidden {config.hidden_size}, {config.num_layers} layers, "
           f"{config.block_px}-px blocks, fp32 on CPU, {args.threads} threads, one denoiser call per run; "
           f"block-wise n={args.block_batch}")

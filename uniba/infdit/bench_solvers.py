@@ -6,75 +6,27 @@ solution (399 evaluations) of the same ODE: relative L2 distance and largest abs
 against the number of model evaluations. The reference's Heun 20 (39 evaluations) sets the bar;
 the cheapest candidate at least as close on every model (both metrics) is the fast preset.
 
-Models: the golden tiny model of the parity tests (tests/data/infdit_tiny_a.safetensors, with its
-LR image, CLIP vector and noise) and the mid-size random config of ``bench infdit``. Both have
-random weights: a proxy for the release, whose trained denoiser is smoother. The denoiser is the
-production :class:`~uniba.infdit.blockwise.BlockwiseDenoiser` (whole canvas in one batch, which is
-exactly equal to any block batch).
+Models: the mid-size random config of ``bench infdit`` and, with ``--golden FILE``, a tiny model
+stored with its LR image, CLIP vector and noise (the parity tests' tests/data/infdit_tiny_a.safetensors
+in a source checkout). Both have random weights: a proxy for the release, whose trained denoiser is
+smoother. The denoiser is the production :class:`~uniba.infdit.blockwise.BlockwiseDenoiser` (whole
+canvas in one batch, which is exactly equal to any block batch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
-from pathlib import Path
 
 import torch
 
 from ..publish import publish
+from .bench import REFERENCE_STEPS, golden_problem, measure, mid_problem
 from .sampling import FAST_PRESET, REFERENCE_PRESET, SAMPLERS, count_evaluations, get_sigmas_karras
 
-GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "data" / "infdit_tiny_a.safetensors"
-REFERENCE_STEPS = 200
 CANDIDATES = ([("heun", 20), ("heun", 10)] + [("euler", n) for n in (8, 10, 12, 15, 20)]
               + [("dpmpp_2m", n) for n in (8, 10, 12, 15, 20)] + [("unipc_bh1", n) for n in (10, 15)]
               + [(name, n) for name in ("dpmpp_3m", "unipc") for n in (8, 10, 12, 14, 15, 16, 17, 18, 20)])
-
-
-def _golden_problem():
-    from safetensors.torch import load_file
-
-    from .loader import load_infdit
-
-    tensors = load_file(str(GOLDEN))
-    model = load_infdit(GOLDEN)
-    return "golden tiny", model, tensors["golden.lr_image"], tensors["golden.vector"], tensors["golden.noise"]
-
-
-def _mid_problem(side: int):
-    from .bench import _config, random_model
-
-    config = _config()
-    gen = torch.Generator().manual_seed(0)
-    model = random_model(config, gen)
-    lr = torch.rand(1, 3, side // config.native_scale, side // config.native_scale, generator=gen) * 2 - 1
-    vector = torch.nn.functional.normalize(torch.randn(1, config.vector_dim, generator=gen), dim=-1)
-    noise = torch.randn(1, 3, side, side, generator=gen)
-    return f"mid-size random ({side}x{side} px)", model, lr, vector, noise
-
-
-def _solve(model, lr, vector, noise, name: str, steps: int) -> torch.Tensor:
-    from .upscale import sample_canvas
-
-    return sample_canvas(model, lr, clip_embedding=vector, noise=noise, sampler=SAMPLERS[name],
-                         sigmas=get_sigmas_karras(steps), seed=0)
-
-
-def measure(problems, candidates=CANDIDATES) -> list[dict]:
-    """Rows of (model, sampler, steps, evaluations, rel_l2, max_abs, seconds) for every problem x candidate."""
-    rows = []
-    for label, model, lr, vector, noise in problems:
-        reference = _solve(model, lr, vector, noise, "heun", REFERENCE_STEPS).double()
-        for name, steps in candidates:
-            start = time.perf_counter()
-            out = _solve(model, lr, vector, noise, name, steps).double()
-            rows.append({"model": label, "sampler": name, "steps": steps,
-                         "evaluations": count_evaluations(SAMPLERS[name], get_sigmas_karras(steps)),
-                         "rel_l2": ((out - reference).norm() / reference.norm()).item(),
-                         "max_abs": (out - reference).abs().max().item(), "seconds": time.perf_counter() - start})
-    return rows
 
 
 def cheapest_as_close_as_reference(rows: list[dict]) -> tuple[str, int] | None:
@@ -96,18 +48,15 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=128, help="output side of the mid-size problem (px)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1 on a shared CPU)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--golden", help="also measure this tiny model with golden.* LR image, vector and noise "
+                                         "(tests/data/infdit_tiny_a.safetensors in a source checkout)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    problems = []
-    if GOLDEN.exists():
-        problems.append(_golden_problem())
-    else:
-        print(f"(golden tiny model not found at {GOLDEN}: a source checkout has it; measuring the mid-size only)",
-              file=sys.stderr)
-    problems.append(_mid_problem(args.side))
+    problems = [golden_problem(args.golden)] if args.golden else []
+    problems.append(mid_problem(args.side))
     print(f"Inf-DiT solvers vs a {REFERENCE_STEPS}-step EDM Heun solution from the same noise (Karras schedule "
           f"40 -> 0.002, rho 7; fp32 CPU, {args.threads} thread(s)). Random weights: a proxy for the release.")
-    rows = measure(problems)
+    rows = measure(problems, CANDIDATES)
     header = f"{'model':<28} {'sampler':<10} {'steps':>5} {'evals':>5} {'rel L2':>9} {'max abs':>9} {'vs Heun 20':>10}"
     print(header)
     print("-" * len(header))

@@ -93,7 +93,6 @@ def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tenso
         state = read_state_dict(path)
         if path.lower().endswith((".safetensors", ".sft")):
             metadata = read_safetensors_metadata(path)
-    state = {k: v for k, v in state.items() if not k.startswith("golden.")}
     config, mapped = prepare_state_dict(state, metadata, path)
     if clip is not None:
         clip_state, _ = _clip_state(clip)

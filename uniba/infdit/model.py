@@ -359,27 +359,6 @@ class InfDiT(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return x.proj(out.transpose(1, 2).reshape(b, nh, nw, n_tok, -1))
 
-    # ------------------------------------------------------------------ whole-canvas API
-
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, lr: torch.Tensor,
-                clip_embedding: torch.Tensor, block_batch: int | tuple[int, int] | None = None, *,
-                concat_lr: torch.Tensor | None = None, traversal: str = "auto",
-                offload_cache: bool = False, position_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
-        """One EDM denoiser call D(x; sigma) on a whole HR canvas (images in [-1, 1], NCHW).
-
-        ``block_batch=None`` computes the whole canvas in one batch (the reference's ``full`` mode);
-        an int ``n`` or ``(n_h, n_w)`` runs UniBA block batches with a KV cache. ``concat_lr``
-        defaults to the bicubic upsampling of ``lr`` (the 2x mode passes its own). ``position_offset``
-        shifts the RoPE positions, in patches. A convenience over
-        :class:`~uniba.infdit.blockwise.BlockwiseDenoiser`, the one orchestration a sampler uses.
-        """
-        from .blockwise import BlockwiseDenoiser
-
-        denoiser = BlockwiseDenoiser(self, lr, clip_embedding, canvas=tuple(x.shape[-2:]), concat_lr=concat_lr,
-                                     block_batch=block_batch, traversal=traversal, offload_cache=offload_cache,
-                                     position_offset=position_offset)
-        return denoiser(x, sigma)
-
 
 def upsample_lr(lr: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The concatenated LR channels: torchvision-style bicubic resize (antialias, a=-0.5), clipped to [-1, 1]."""

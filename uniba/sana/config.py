@@ -8,7 +8,6 @@ buffer holds it; diffusers files need their ``config.json`` or the file name).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -216,35 +215,6 @@ def hints_from_name(name: str) -> dict[str, Any]:
     if "2kpx" in lowered or "2048" in lowered or "_2k" in lowered:
         return {"use_pe": True, "pe_base_size": 64, "pe_interpolation": 1.0}
     return {}
-
-
-def pe_from_buffer(pos_embed: Any, hidden_size: int) -> dict[str, Any]:
-    """Read use_pe/base size/interpolation from an original checkpoint's ``pos_embed`` buffer.
-
-    The buffer is all zeros in NoPE releases and holds the training-size sincos table otherwise;
-    the interpolation is found by comparing with the tables of the released values.
-    """
-    import torch
-
-    tokens = int(pos_embed.shape[-2])
-    base = math.isqrt(tokens)
-    if base * base != tokens:
-        return {}
-    table = pos_embed.detach().reshape(tokens, -1).float()
-    if not bool(table.abs().amax() > 0):
-        return {"use_pe": False, "pe_base_size": base}
-    from .model import sincos_position_embedding
-
-    best, best_err = 1.0, float("inf")
-    for interp in (1.0, 2.0, 0.5, 4.0, base / 64, base / 32):
-        ref = sincos_position_embedding(hidden_size, base, base, base, interp, torch.device("cpu"), torch.float32)
-        err = float((ref - table).abs().amax())
-        if err < best_err:
-            best, best_err = interp, err
-    hints = {"use_pe": True, "pe_base_size": base, "pe_interpolation": float(best)}
-    if base >= 128:
-        hints["flow_shift"] = SHIFT_4K
-    return hints
 
 
 # Present exactly in Sana-Sprint transformers (our keys): the guidance embedder's first layer.

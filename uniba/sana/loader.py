@@ -10,6 +10,7 @@ dropped.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from ..checkpoint import (
     wrong_family_error,
 )
 from . import keys as sana_keys
-from .config import SanaConfig, config_from_diffusers, hints_from_name, infer_config, pe_from_buffer
-from .model import SanaDiT
+from .config import SHIFT_4K, SanaConfig, config_from_diffusers, hints_from_name, infer_config
+from .model import SanaDiT, sincos_position_embedding
 
 FAMILY = "Sana DiT"
 METADATA_KEY = "sana_config"
@@ -93,6 +94,31 @@ def _metadata_config(path: Path) -> dict[str, Any]:
                                       "Convert the original release again with python -m uniba convert-sana.")
             return data
     return {}
+
+
+def pe_from_buffer(pos_embed: Any, hidden_size: int) -> dict[str, Any]:
+    """Read use_pe/base size/interpolation from an original checkpoint's ``pos_embed`` buffer.
+
+    The buffer is all zeros in NoPE releases and holds the training-size sincos table otherwise;
+    the interpolation is found by comparing with the tables of the released values.
+    """
+    tokens = int(pos_embed.shape[-2])
+    base = math.isqrt(tokens)
+    if base * base != tokens:
+        return {}
+    table = pos_embed.detach().reshape(tokens, -1).float()
+    if not bool(table.abs().amax() > 0):
+        return {"use_pe": False, "pe_base_size": base}
+    best, best_err = 1.0, float("inf")
+    for interp in (1.0, 2.0, 0.5, 4.0, base / 64, base / 32):
+        ref = sincos_position_embedding(hidden_size, base, base, base, interp, torch.device("cpu"), torch.float32)
+        err = float((ref - table).abs().amax())
+        if err < best_err:
+            best, best_err = interp, err
+    hints = {"use_pe": True, "pe_base_size": base, "pe_interpolation": float(best)}
+    if base >= 128:
+        hints["flow_shift"] = SHIFT_4K
+    return hints
 
 
 def read_sana_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor],
