@@ -67,6 +67,20 @@ def test_cpu_noise_sampler_is_seeded_and_fresh_per_call():
     assert not torch.equal(a, b) and torch.equal(a, second(s, s))
 
 
+def test_position_noise_of_a_part_is_that_part_of_the_whole_canvas():
+    """Ancestral noise is seeded per block position: a rank's band draws what one process draws there."""
+    from uniba.infdit.sampling import position_noise_sampler
+
+    s = torch.tensor(1.0)
+    whole = position_noise_sampler(torch.zeros(1, 3, 12, 16), 9, 4)
+    part = position_noise_sampler(torch.zeros(1, 3, 8, 8), 9, 4, origin=(1, 2))
+    for _ in range(2):
+        a, b = whole(s, s), part(s, s)
+        assert torch.equal(b, a[..., 4:12, 8:16])
+    assert not torch.equal(a, whole(s, s))  # fresh per call
+    assert a.std().item() == pytest.approx(1.0, abs=0.25)
+
+
 @pytest.mark.parametrize("name,steps,evaluations", [("heun", 20, 39), ("heun", 10, 19), ("euler", 8, 8),
                                                      ("euler_ancestral", 8, 8), ("dpmpp_2m", 10, 10),
                                                      ("dpmpp_3m", 10, 10), ("unipc", 10, 10), ("unipc_bh1", 6, 6)])
@@ -119,7 +133,8 @@ def test_lr_conditioning_is_computed_once_per_image_not_per_evaluation(model, mo
     def counter(name):
         return lambda *args: calls.__setitem__(name, calls[name] + 1)
 
-    # the LR K/V projection is two F.linear calls on key_value's halves; its key norm runs once per image
+    # the LR K/V maps are projected one padded LR block line at a time (2 x 3 blocks, column-major: 3 + 2
+    # padded columns, the 2 padding lines need no proj_lr); kept for the sampling, each line once per image
     modules = {"proj_lr": model.lr_xattn.proj_lr, "lr_k_norm": model.lr_xattn.k_norm,
                "clip_embed": model.clip_embed, "clip_tower": model.clip, "t_embed": model.t_embed}
     hooks = [module.register_forward_hook(counter(name)) for name, module in modules.items()]
@@ -128,19 +143,31 @@ def test_lr_conditioning_is_computed_once_per_image_not_per_evaluation(model, mo
     finally:
         for h in hooks:
             h.remove()
-    assert calls == {"proj_lr": 1, "lr_k_norm": 1, "clip_embed": 1, "clip_tower": 1, "t_embed": 5}
+    assert calls == {"proj_lr": 3, "lr_k_norm": 5, "clip_embed": 1, "clip_tower": 1, "t_embed": 5}
 
 
-def test_lr_condition_maps_own_no_more_memory_than_they_show(model):
-    """K and V maps live for the whole sampling (1.41 GiB in bf16 at a 4096 px release output): neither may be
-    a view that keeps a larger projection output alive (a chunk of one (..., 2C) tensor kept 1.5x)."""
-    lr = _image(16, 24)
-    emb = torch.nn.functional.normalize(torch.randn(1, model.config.vector_dim), dim=-1)
-    with torch.no_grad():
-        cond = model.condition(lr, emb)
-    for name in ("k_map", "v_map"):
-        t = getattr(cond, name)
-        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+def test_lr_maps_per_strip_hold_only_the_lines_unfinished_blocks_read(model):
+    """Not kept, the maps are a strip of n + 2 padded LR block lines, projected again by every evaluation,
+    with the same numbers as maps kept whole; a line owns no more memory than it shows."""
+    from uniba.infdit.blockwise import BlockwiseDenoiser
+
+    g = torch.Generator().manual_seed(2)
+    lr = torch.rand(1, 3, 48, 16, generator=g) * 2 - 1  # 6 x 2 blocks, row-major
+    x = torch.randn(1, 3, 192, 64, generator=g)
+    emb = torch.nn.functional.normalize(torch.randn(1, model.config.vector_dim, generator=g), dim=-1)
+    kept = BlockwiseDenoiser(model, lr, emb, block_batch=1, keep_lr_maps=True)
+    whole = kept(x, 3.0)
+    assert kept.lr_lines.peak_lines == 6 + 2 and kept.lr_lines.projected == 8
+    for k, v in kept.lr_lines.lines.values():
+        for t in (k, v):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    for n in (1, 2):
+        stats = {}
+        strip = BlockwiseDenoiser(model, lr, emb, block_batch=n, keep_lr_maps=False, stats=stats)
+        for _ in range(2):
+            assert (strip(x, 3.0) - whole).abs().max().item() <= 1e-6
+        assert stats["peak_lr_lines"] == n + 2  # the lines of the batch and the one on each side
+        assert strip.lr_lines.projected == 2 * 8 and not strip.lr_lines.lines
 
 
 def test_the_fast_preset_rule_picks_the_cheapest_candidate_as_close_as_heun_20_on_every_model():

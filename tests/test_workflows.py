@@ -13,7 +13,7 @@ from uniba_pack.nodes import NODE_CLASS_MAPPINGS
 
 EXPECTED = {
     "sana_1024_to_4096_infdit", "sana_4k_native", "sdxl_hidiffusion_2048", "sdxl_hidiffusion_to_4096_infdit",
-    "upscale_render_4x",
+    "upscale_render_4x", "sana_sprint_2step",
 }
 
 
@@ -78,7 +78,7 @@ def test_loaders_preselect_the_release_files_and_declare_their_download(name: st
         if node["type"] == "SanaDiTLoader":
             widget, directory = "unet_name", "diffusion_models"
             expected = chosen[widget]
-            assert re.fullmatch(r"Sana_1600M_(1024px|4Kpx)_BF16\.pth", expected), expected
+            assert re.fullmatch(r"Sana_1600M_(1024px|4Kpx)_BF16\.pth|Sana_Sprint_1\.6B_1024px\.pth", expected), expected
         else:
             widget, expected, directory = RELEASE_FILES[node["type"]]
         assert chosen[widget] == expected, (node["type"], chosen[widget])
@@ -128,6 +128,21 @@ def test_sana_4k_settings(defs: dict) -> None:
     assert "4K" in _widgets(w, "SanaDiTLoader", defs)["unet_name"]
     assert _widgets(w, "SanaVAEDecode", defs)["tile_size"] == 0  # 0 = tiles chosen from free memory
     assert _widgets(w, "SanaSampler", defs)["solver"] == "flow_dpm_solver"
+
+
+def test_sana_sprint_settings(defs: dict) -> None:
+    w = _load("sana_sprint_2step")
+    assert _widgets(w, "SanaDiTLoader", defs)["unet_name"] == "Sana_Sprint_1.6B_1024px.pth"
+    assert _widgets(w, "SanaSprintSigmas", defs) == {"steps": 2, "max_timesteps": 1.5708,
+                                                      "intermediate_timesteps": 1.3}
+    assert _widgets(w, "SanaSprintGuidance", defs)["guidance"] == 4.5
+    assert _widgets(w, "SamplerCustom", defs)["cfg"] == 1.0  # Sprint has no CFG: the negative is never run
+    prompt = wt.to_api(w, defs)
+    sampler = next(n for n in prompt.values() if n["class_type"] == "SamplerCustom")
+    kinds = {name: prompt[value[0]]["class_type"] for name, value in sampler["inputs"].items()
+             if isinstance(value, list)}
+    assert kinds == {"model": "SanaDiTLoader", "positive": "SanaSprintGuidance", "negative": "ConditioningZeroOut",
+                     "sampler": "SanaSprintSampler", "sigmas": "SanaSprintSigmas", "latent_image": "SanaEmptyLatent"}
 
 
 @pytest.mark.parametrize("name,scale", [("sdxl_hidiffusion_2048", None), ("sdxl_hidiffusion_to_4096_infdit", "2")])

@@ -22,6 +22,7 @@ import workflow_tools as wt  # noqa: E402
 
 SANA_1K = "Sana_1600M_1024px_BF16.pth"
 SANA_4K = "Sana_1600M_4Kpx_BF16.pth"
+SPRINT_1K = "Sana_Sprint_1.6B_1024px.pth"
 GEMMA = "gemma-2-2b-it"
 DCAE = "dc-ae-f32c32-sana-1.1.safetensors"
 INFDIT = "mp_rank_00_model_states.pt"  # the released file name (see INFDIT_NOTE)
@@ -39,6 +40,8 @@ MODEL_DOWNLOADS: dict[str, tuple[str, str]] = {
               "diffusion_models"),
     SANA_4K: (f"{HF}/Efficient-Large-Model/Sana_1600M_4Kpx_BF16/resolve/main/checkpoints/{SANA_4K}",
               "diffusion_models"),
+    SPRINT_1K: (f"{HF}/Efficient-Large-Model/Sana_Sprint_1.6B_1024px/resolve/main/checkpoints/{SPRINT_1K}",
+                "diffusion_models"),
     GEMMA: (f"{HF}/Efficient-Large-Model/gemma-2-2b-it", "text_encoders"),
     DCAE: (f"{HF}/mit-han-lab/dc-ae-f32c32-sana-1.1/resolve/main/model.safetensors", "vae"),
     INFDIT: ("https://github.com/zai-org/Inf-DiT", "infdit"),
@@ -100,6 +103,22 @@ the shift is chosen for the resolution when `shift` is 0). The DC-AE decode is t
 **Sana 1.6B 4Kpx** (models/diffusion_models/): `{SANA_4K}` from
 [Efficient-Large-Model/Sana_1600M_4Kpx_BF16](https://huggingface.co/Efficient-Large-Model/Sana_1600M_4Kpx_BF16)
 (`checkpoints/` folder). It is a bf16 release: keep `weight_dtype` on auto/bf16 (fp16 overflows).
+
+{SANA_TE_VAE_NOTE}
+""",
+    "sana_sprint_2step": f"""\
+# Sana-Sprint 1.6B, text to image in 2 steps
+
+Sana-Sprint is distilled (sCM) to render 1024 px in 1-4 steps. **Sana Sprint Sigmas** gives the release's
+2-step schedule (TrigFlow times 1.5708 -> 1.3 -> 0), **Sana Sprint Sampler** runs the sCM steps in
+SamplerCustom. Sprint has no CFG and no negative prompt: its guidance (4.5) is embedded and set with
+**Sana Sprint Guidance**; keep SamplerCustom's `cfg` at 1.0 (the zeroed negative is then never evaluated).
+
+**Sana-Sprint 1.6B** (models/diffusion_models/): `{SPRINT_1K}` from
+[Efficient-Large-Model/Sana_Sprint_1.6B_1024px](https://huggingface.co/Efficient-Large-Model/Sana_Sprint_1.6B_1024px)
+(`checkpoints/` folder; the 0.6B release works the same). A whole `Sana_Sprint_1.6B_1024px_diffusers` folder
+works too, in **Sana DiT Loader** or in **Sana Pipeline Loader** (which also gives the text encoder and VAE).
+It is a bf16 release: keep `weight_dtype` on auto/bf16.
 
 {SANA_TE_VAE_NOTE}
 """,
@@ -264,6 +283,29 @@ def _sana_text_to_latent(first_id: int, unet: str, width: int, height: int, x0: 
     ]
 
 
+def _sana_sprint(first_id: int, x0: float) -> list[N]:
+    i = first_id
+    return [
+        N(i, "SanaDiTLoader", (x0, 0), {"unet_name": SPRINT_1K, "weight_dtype": "auto"}),
+        N(i + 1, "SanaTextEncoderLoader", (x0, 170), {"model_name": GEMMA, "dtype": "auto"}),
+        N(i + 2, "SanaTextEncode", (x0 + 380, 0), {"text": PROMPT, "use_chi": True},
+          links={"text_encoder": (i + 1, 0)}, title="Prompt", size=(400, 220)),
+        N(i + 3, "SanaSprintGuidance", (x0 + 380, 260), {"guidance": 4.5}, links={"conditioning": (i + 2, 0)}),
+        N(i + 4, "ConditioningZeroOut", (x0 + 380, 380), links={"conditioning": (i + 2, 0)},
+          title="No negative (cfg 1)"),
+        N(i + 5, "SanaEmptyLatent", (x0, 340), {"width": 1024, "height": 1024, "batch_size": 1}),
+        N(i + 6, "SanaSprintSigmas", (x0 + 820, 0), {"steps": 2, "max_timesteps": 1.5708,
+                                                     "intermediate_timesteps": 1.3}, links={"model": (i, 0)}),
+        N(i + 7, "SanaSprintSampler", (x0 + 820, 170)),
+        N(i + 8, "SamplerCustom", (x0 + 1200, 0),
+          {"add_noise": True, "noise_seed": 42, "noise_seed:control": "fixed", "cfg": 1.0},
+          links={"model": (i, 0), "positive": (i + 3, 0), "negative": (i + 4, 0), "sampler": (i + 7, 0),
+                 "sigmas": (i + 6, 0), "latent_image": (i + 5, 0)}),
+        N(i + 9, "SanaVAELoader", (x0 + 820, 330), {"vae_name": DCAE, "dtype": "auto"}),
+        N(i + 10, "SanaVAEDecode", (x0, ROW2), {"tile_size": 0}, links={"samples": (i + 8, 0), "vae": (i + 9, 0)}),
+    ]
+
+
 def _sdxl_hidiffusion(first_id: int, x0: float) -> list[N]:
     i = first_id
     return [
@@ -309,6 +351,11 @@ def specs() -> dict[str, list[N]]:
         "sana_4k_native": [
             _note(1, NOTES["sana_4k_native"], (-500, 0)), *sana4k,
             N(10, "SaveImage", (380, ROW2), {"filename_prefix": "uniba/sana_4k"}, links={"images": (9, 0)},
+              size=(480, 520)),
+        ],
+        "sana_sprint_2step": [
+            _note(1, NOTES["sana_sprint_2step"], (-500, 0)), *_sana_sprint(2, 0),
+            N(13, "SaveImage", (380, ROW2), {"filename_prefix": "uniba/sana_sprint"}, links={"images": (12, 0)},
               size=(480, 520)),
         ],
         "sdxl_hidiffusion_2048": [

@@ -18,11 +18,12 @@ denoiser call and is freed in ``finally`` (also on Cancel).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from ..memory import is_out_of_memory, retry_on_oom
-from .model import BlockRect, InfDiT, upsample_lr
+from .model import BlockRect, InfDiT, LRCondition, upsample_lr
 
 BatchCallback = Callable[[BlockRect, torch.Tensor], None]
 
@@ -35,27 +36,36 @@ def choose_traversal(grid_h: int, grid_w: int) -> str:
     return ROW_MAJOR if grid_w <= grid_h else COLUMN_MAJOR
 
 
-def _next_rect_row_major(done: list[list[bool]], n_h: int, n_w: int) -> BlockRect:
-    grid_h, grid_w = len(done), len(done[0])
-    r0, c0 = next((i, j) for i in range(grid_h) for j in range(grid_w) if not done[i][j])
-    c1 = c0
-    while c1 < min(c0 + n_w, grid_w) and not done[r0][c1]:
-        c1 += 1
-    r1 = r0 + 1
-    while (r1 < min(r0 + n_h, grid_h) and not any(done[r1][c0:c1])
-           and (c0 == 0 or done[r1][c0 - 1])):
-        r1 += 1
-    return BlockRect(r0, r1, c0, c1)
-
-
-def next_rect(done: list[list[bool]], n_h: int, n_w: int, traversal: str) -> BlockRect:
+def next_rect(done: list[list[bool]], n_h: int, n_w: int, traversal: str, start: int = 0) -> BlockRect:
     """The next batch: starts at the first unfinished block in traversal order, at most n_h x n_w blocks,
-    shrunk so that every block's top, left and top-left neighbours are finished or inside it."""
+    shrunk so that every block's top, left and top-left neighbours are finished or inside it.
+
+    ``start``: a line (row for row-major, column for column-major) before which every block is
+    finished, so a call costs one line of the grid, not the whole grid.
+    """
+    rows = traversal == ROW_MAJOR
+    lines, across = (len(done), len(done[0])) if rows else (len(done[0]), len(done))
+    n_line, n_across = (n_h, n_w) if rows else (n_w, n_h)
+
+    def finished(line: int, pos: int) -> bool:
+        return done[line][pos] if rows else done[pos][line]
+
+    l0, p0 = next((a, b) for a in range(start, lines) for b in range(across) if not finished(a, b))
+    p1 = p0
+    while p1 < min(p0 + n_across, across) and not finished(l0, p1):
+        p1 += 1
+    l1 = l0 + 1
+    while (l1 < min(l0 + n_line, lines) and not any(finished(l1, b) for b in range(p0, p1))
+           and (p0 == 0 or finished(l1, p0 - 1))):
+        l1 += 1
+    return BlockRect(l0, l1, p0, p1) if rows else BlockRect(p0, p1, l0, l1)
+
+
+def first_unfinished_line(done: list[list[bool]], traversal: str, start: int = 0) -> int:
+    """The first line (row for row-major, column for column-major) from ``start`` with an unfinished block."""
     if traversal == ROW_MAJOR:
-        return _next_rect_row_major(done, n_h, n_w)
-    transposed = [list(col) for col in zip(*done)]
-    r = _next_rect_row_major(transposed, n_w, n_h)
-    return BlockRect(r.col0, r.col1, r.row0, r.row1)
+        return next((i for i in range(start, len(done)) if not all(done[i])), len(done))
+    return next((j for j in range(start, len(done[0])) if not all(row[j] for row in done)), len(done[0]))
 
 
 class BlockKVCache:
@@ -67,10 +77,14 @@ class BlockKVCache:
         self.blocks: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.peak_blocks = 0
 
-    def needed(self, i: int, j: int, done: list[list[bool]]) -> bool:
+    def needed(self, i: int, j: int, done: list[list[bool]], finishing: BlockRect | None = None) -> bool:
+        """Whether an unfinished block reads block (i, j): its right, lower or lower-right neighbour
+        (the blocks of ``finishing`` count as finished)."""
         for di, dj in ((0, 1), (1, 0), (1, 1)):
             a, b = i + di, j + dj
-            if a < self.grid_h and b < self.grid_w and not done[a][b]:
+            if a < self.grid_h and b < self.grid_w and not done[a][b] and not (
+                    finishing is not None and finishing.row0 <= a < finishing.row1
+                    and finishing.col0 <= b < finishing.col1):
                 return True
         return False
 
@@ -88,6 +102,82 @@ class BlockKVCache:
 
     def clear(self) -> None:
         self.blocks.clear()
+
+
+class LRLineCache:
+    """The LR cross-attention K/V maps, projected one padded LR block line at a time as batches read them.
+
+    A line is one padded LR block row across the grid's columns (row-major traversal) or one column
+    across its rows (column-major). A batch reads the lines of its blocks and the one on each side.
+    ``keep=True`` keeps every line once projected, for the whole sampling (each is projected once per
+    image); ``keep=False`` drops the lines before the first unfinished block's after every batch, so
+    only a strip of ``n + 2`` lines is alive and each evaluation projects the map again: 1/512 of a
+    release block's compute, instead of maps that grow with the area (22 GiB in bf16 at 16384 px).
+    The lines are projected in one shape whatever the batch, so every batch size, rank and setting
+    reads the same numbers.
+    """
+
+    def __init__(self, model: InfDiT, lr: torch.Tensor, own: BlockRect, traversal: str, keep: bool) -> None:
+        self.model, self.lr, self.keep = model, lr, keep
+        self.rows = traversal == ROW_MAJOR
+        # the lines span the blocks computed here (a rank's band) and one padding block on each side
+        self.across = (own.col0, own.col1 + 2) if self.rows else (own.row0, own.row1 + 2)
+        self.lines: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.projected = 0
+        self.peak_lines = 0
+
+    def _line(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self.lines:
+            span = (index, index + 1)
+            self.lines[index] = self.model.lr_kv(self.lr, *((span, self.across) if self.rows else (self.across, span)))
+            self.projected += 1
+            self.peak_lines = max(self.peak_lines, len(self.lines))
+        return self.lines[index]
+
+    def windows(self, rect: BlockRect) -> tuple[torch.Tensor, torch.Tensor]:
+        lrb = self.model.config.lr_block_tokens
+        lo, hi = (rect.row0, rect.row1) if self.rows else (rect.col0, rect.col1)
+        a, b = (rect.col0, rect.col1) if self.rows else (rect.row0, rect.row1)
+        lines = [self._line(i) for i in range(lo, hi + 2)]
+        axis, other = (1, 2) if self.rows else (2, 1)
+        out = []
+        for which in (0, 1):
+            t = torch.cat([line[which] for line in lines], dim=axis)
+            out.append(self.model.lr_unfold(t.narrow(other, (a - self.across[0]) * lrb, (b - a + 2) * lrb)))
+        return out[0], out[1]
+
+    def evict(self, first: int) -> None:
+        """Drop the lines before ``first``, the first block line with an unfinished block (nothing when kept)."""
+        if self.keep:
+            return
+        for index in [i for i in self.lines if i < first]:
+            del self.lines[index]
+
+    def clear(self) -> None:
+        self.lines.clear()
+
+
+class BlockExchange(Protocol):
+    """K/V of blocks computed elsewhere (another rank's band) in, boundary blocks out, per denoiser call.
+
+    :class:`uniba.infdit.ranks.BandExchange` implements it with point-to-point send/recv.
+    """
+
+    def sends(self, i: int, j: int) -> bool:
+        """Whether block (i, j) of this band is read by another band (its K/V is sent once finished)."""
+        ...
+
+    def receive(self, cache: BlockKVCache, rect: BlockRect) -> None:
+        """Put into ``cache.blocks`` every neighbour of ``rect`` outside this band that is not there yet."""
+        ...
+
+    def send(self, blocks: dict[tuple[int, int], list]) -> None:
+        """Send the finished boundary blocks (per layer (k, v)) to the band that reads them."""
+        ...
+
+    def end_call(self) -> None:
+        """One denoiser call is over (received blocks of this call are used up)."""
+        ...
 
 
 class _BatchKV:
@@ -166,8 +256,9 @@ class BlockwiseDenoiser:
 
     The one orchestration of the network: the sampler in :func:`uniba.infdit.upscale`, the
     whole-canvas :meth:`InfDiT.denoise`, the tests and the benchmarks all call it. Built once per
-    image (pass): everything that does not depend on sigma (the concatenated LR channels, the LR
-    cross-attention K/V, the CLIP vector) is computed here, once, and reused by every evaluation.
+    image (pass): what does not depend on sigma (the concatenated LR channels, the CLIP vector) is
+    computed here, once; the LR cross-attention K/V maps are projected line by line as batches read
+    them and kept for every evaluation (``keep_lr_maps``) or only as a strip (:class:`LRLineCache`).
     Per evaluation only the adaLN modulations are computed (once, not per batch); per batch the
     RoPE tables (once, shared by every layer).
 
@@ -177,6 +268,9 @@ class BlockwiseDenoiser:
     denoised_rect)`` runs after every finished batch (progress, preview, Cancel), ``between_layers()``
     between the transformer layers inside a batch (Cancel; its pending cache entries are dropped). ``stats``, when
     given, receives the traversal, the batch rectangles and the peak number of cached blocks.
+    ``state_device``: where ``x``, the result and the concatenated LR live (default: the model's
+    device; the host when the sampler's canvases do not fit the device): each batch's pixels visit
+    the model's device and its result comes back.
     Extra keyword arguments of a call (``seed``, ``model_options``: what ComfyUI's samplers pass
     in ``extra_args``) are accepted and ignored.
     """
@@ -187,7 +281,9 @@ class BlockwiseDenoiser:
                  offload_cache: bool = False, on_batch: BatchCallback | None = None,
                  is_oom: Callable[[BaseException], bool] = is_out_of_memory,
                  on_oom: Callable[[], None] | None = None, position_offset: tuple[int, int] = (0, 0),
-                 stats: dict | None = None, between_layers: Callable[[], None] | None = None) -> None:
+                 stats: dict | None = None, between_layers: Callable[[], None] | None = None,
+                 keep_lr_maps: bool = True, state_device: torch.device | None = None, own: BlockRect | None = None,
+                 exchange: BlockExchange | None = None) -> None:
         c = model.config
         if canvas is None:
             canvas = (lr.shape[-2] * c.native_scale, lr.shape[-1] * c.native_scale)
@@ -204,25 +300,43 @@ class BlockwiseDenoiser:
         if traversal not in (ROW_MAJOR, COLUMN_MAJOR):
             raise ValueError(f"traversal must be auto, {ROW_MAJOR} or {COLUMN_MAJOR}, got {traversal!r}")
         self.model, self.canvas, self.traversal = model, (height, width), traversal
-        self.block_batch = resolve_block_batch(block_batch, *self.grid)
+        self.own = BlockRect(0, self.grid[0], 0, self.grid[1]) if own is None else own
+        o = self.own
+        if not (0 <= o.row0 < o.row1 <= self.grid[0] and 0 <= o.col0 < o.col1 <= self.grid[1]):
+            raise ValueError(f"own blocks {self.own} are not inside the {self.grid[0]}x{self.grid[1]} block grid")
+        self.exchange = exchange
+        self.region_px = (self.own.n_h * c.block_px, self.own.n_w * c.block_px)
+        self.block_batch = resolve_block_batch(block_batch, self.own.n_h, self.own.n_w)
         self.offload_cache, self.on_batch, self.is_oom, self.on_oom = offload_cache, on_batch, is_oom, on_oom
         self.position_offset, self.stats, self.between_layers = position_offset, stats, between_layers
-        device = model.device
-        self.concat_lr = (upsample_lr(lr, height, width) if concat_lr is None else concat_lr).to(device)
-        storage = torch.device("cpu") if offload_cache else None
+        self.state_device = model.device if state_device is None else torch.device(state_device)
+        if concat_lr is None:
+            concat_lr = upsample_lr(lr, height, width)[self._pixels(self.own)]
+        if tuple(concat_lr.shape[-2:]) != self.region_px:
+            raise ValueError(f"concat_lr must be {self.region_px[0]}x{self.region_px[1]} (the blocks computed here), "
+                             f"got {tuple(concat_lr.shape[-2:])}")
+        self.concat_lr = concat_lr.to(self.state_device)
+        self.lr_lines = LRLineCache(model, lr.to(device=model.device, dtype=model.dtype), self.own, traversal,
+                                    keep_lr_maps)
         with torch.no_grad():
-            self.cond = model.condition(lr, clip_embedding, storage=storage)
+            self.cond = LRCondition(windows=self.lr_lines.windows, clip_vector=model.clip_vector(clip_embedding))
+
+    def _pixels(self, rect: BlockRect) -> tuple[slice, ...]:
+        """The pixels of ``rect`` in a tensor of the blocks computed here (``own``)."""
+        bp, o = self.model.config.block_px, self.own
+        return (slice(None), slice(None), slice((rect.row0 - o.row0) * bp, (rect.row1 - o.row0) * bp),
+                slice((rect.col0 - o.col0) * bp, (rect.col1 - o.col0) * bp))
 
     def batches_per_evaluation(self) -> int:
-        return len(batch_order(*self.grid, self.block_batch, self.traversal))
+        return len(batch_order(self.own.n_h, self.own.n_w, self.block_batch, self.traversal))
 
     def precondition(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
         """(sigma, c_skip, c_out, c_in) of shape (B,) for a call, with the canvas checked."""
         c = self.model.config
         if x.shape[1] != c.out_channels:
             raise ValueError(f"x must have {c.out_channels} channels, got {x.shape[1]}")
-        if tuple(x.shape[-2:]) != self.canvas:
-            raise ValueError(f"x must be a {self.canvas[0]}x{self.canvas[1]} canvas, got {tuple(x.shape[-2:])}")
+        if tuple(x.shape[-2:]) != self.region_px:
+            raise ValueError(f"x must be a {self.region_px[0]}x{self.region_px[1]} canvas, got {tuple(x.shape[-2:])}")
         sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         if sigma_t.numel() == 1:
             sigma_t = sigma_t.expand(x.shape[0])
@@ -245,37 +359,39 @@ class BlockwiseDenoiser:
         """The canvas, batch by batch; the network input c_in [x, up(lr)] is built per batch, never whole."""
         model = self.model
         c = model.config
-        bp = c.block_px
         grid_h, grid_w = self.grid
+        own, exchange, traversal = self.own, self.exchange, self.traversal
         n_h, n_w = self.block_batch
         step = model.step_embedding(sigma, self.cond)
         cache = BlockKVCache(grid_h, grid_w, torch.device("cpu") if self.offload_cache else None)
-        done = [[False] * grid_w for _ in range(grid_h)]
-        out = torch.empty(x.shape[0], c.out_channels, *self.canvas, dtype=torch.float32, device=x.device)
+        # blocks outside this band count as finished: their K/V come from the exchange
+        done = [[not (own.row0 <= i < own.row1 and own.col0 <= j < own.col1) for j in range(grid_w)]
+                for i in range(grid_h)]
+        out = torch.empty(x.shape[0], c.out_channels, *self.region_px, dtype=torch.float32, device=x.device)
         c_in = c_in.view(-1, 1, 1, 1).float()
         current = [max(n_h, n_w)]
-
-        def region(rect: BlockRect) -> tuple[slice, ...]:
-            return (slice(None), slice(None), slice(rect.row0 * bp, rect.row1 * bp),
-                    slice(rect.col0 * bp, rect.col1 * bp))
+        first = [own.row0 if traversal == ROW_MAJOR else own.col0]
+        region = self._pixels
 
         def work(unit: int) -> tuple[BlockRect, torch.Tensor, _BatchKV]:
-            rect = next_rect(done, min(n_h, unit), min(n_w, unit), self.traversal)
-            after = [row[:] for row in done]
-            for i, j in rect.blocks():
-                after[i][j] = True
-            keep = [(i, j) for i, j in rect.blocks() if cache.needed(i, j, after)]
+            rect = next_rect(done, min(n_h, unit), min(n_w, unit), traversal, first[0])
+            if exchange is not None:
+                exchange.receive(cache, rect)
+            keep = [(i, j) for i, j in rect.blocks()
+                    if cache.needed(i, j, done, rect) or (exchange is not None and exchange.sends(i, j))]
             view = _BatchKV(cache, rect, keep, c.num_layers)
             where = region(rect)
             pixels = torch.cat([x[where].float(), self.concat_lr[where].float()], dim=1) * c_in
-            result = model.forward_blocks(pixels, self.cond, step, rect, view, self.position_offset, **layer_hook)
+            result = model.forward_blocks(pixels.to(model.device), self.cond, step, rect, view, self.position_offset,
+                                          **layer_hook)
+            result = result.to(out.device)
             current[0] = unit
             return rect, result, view
 
         kwargs = {"on_oom": self.on_oom} if self.on_oom is not None else {}
         layer_hook = {"between_layers": self.between_layers} if self.between_layers is not None else {}
         try:
-            remaining = grid_h * grid_w
+            remaining = own.n_h * own.n_w
             while remaining:
                 rect, result, view = retry_on_oom(work, current[0], what="Inf-DiT block batch", is_oom=self.is_oom,
                                                   **kwargs)
@@ -290,16 +406,25 @@ class BlockwiseDenoiser:
                     done[i][j] = True
                 cache.blocks.update(view.pending)
                 cache.peak_blocks = max(cache.peak_blocks, len(cache.blocks))
+                if exchange is not None:
+                    exchange.send({key: entry for key, entry in view.pending.items() if exchange.sends(*key)})
                 cache.evict(done)
+                first[0] = first_unfinished_line(done, traversal, first[0])
+                self.lr_lines.evict(first[0])
                 remaining -= rect.n_h * rect.n_w
                 if self.stats is not None:
                     self.stats.setdefault("rects", []).append(rect)
                     self.stats["traversal"] = self.traversal
                     self.stats["peak_cached_blocks"] = cache.peak_blocks
+                    self.stats["peak_lr_lines"] = self.lr_lines.peak_lines
                 if self.on_batch is not None:
                     self.on_batch(rect, out[where])
+            if exchange is not None:
+                exchange.end_call()
         finally:
             cache.clear()
+            if not self.lr_lines.keep:
+                self.lr_lines.clear()
         return out
 
 
@@ -313,9 +438,9 @@ def denoise(model: InfDiT, x: torch.Tensor, sigma: torch.Tensor | float, lr: tor
     an int ``n`` or ``(n_h, n_w)`` runs UniBA block batches with a KV cache. ``concat_lr``
     defaults to the bicubic upsampling of ``lr`` (the 2x mode passes its own). ``position_offset``
     shifts the RoPE positions, in patches. A convenience over :class:`BlockwiseDenoiser`, the one
-    orchestration a sampler uses.
+    orchestration a sampler uses. One call reads the LR maps once, so it keeps only a strip of them.
     """
     denoiser = BlockwiseDenoiser(model, lr, clip_embedding, canvas=tuple(x.shape[-2:]), concat_lr=concat_lr,
                                  block_batch=block_batch, traversal=traversal, offload_cache=offload_cache,
-                                 position_offset=position_offset)
+                                 position_offset=position_offset, keep_lr_maps=False)
     return denoiser(x, sigma)

@@ -41,12 +41,16 @@ class NeighbourKV(Protocol):
     def keep(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
 
+LRWindows = Callable[["BlockRect"], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class LRCondition:
     """Sigma-independent conditioning of one image (:meth:`InfDiT.condition`), reused by every evaluation."""
 
-    k_map: torch.Tensor  # (B, rows + 2 lrb, cols + 2 lrb, heads, head_dim): normalised keys of the LR tokens
-    v_map: torch.Tensor  # the values, same layout
+    # rect -> K/V of the rect's LR windows (B*n_h*n_w, window^2, heads, head_dim), before the key offset;
+    # the provider decides what of the LR maps it keeps (the block-wise line cache keeps a strip)
+    windows: LRWindows
     clip_vector: torch.Tensor  # clip_embed(CLIP embedding), (B, hidden)
 
 
@@ -229,34 +233,64 @@ class InfDiT(nn.Module):
         t = timestep_embedding(c_noise, self.config.time_channels).to(self.dtype)
         return F.silu(self.t_embed(t) + clip_vector)
 
-    def condition(self, lr: torch.Tensor, clip_embedding: torch.Tensor,
-                  storage: torch.device | None = None) -> LRCondition:
-        """The sigma-independent conditioning of one image, computed once and reused by every evaluation.
+    def condition(self, lr: torch.Tensor, clip_embedding: torch.Tensor) -> LRCondition:
+        """The sigma-independent conditioning of one image with LR windows projected per call, nothing kept.
 
-        ``lr`` (B, 3, h, w) is the LR image the cross-attention sees. Its tokens (``proj_lr``) are
-        zero-padded by one LR block on every side *after* the projection, as the reference's Unfold
-        padding does, and then go through ``key_value`` and the key norm like every other token.
-        ``storage``: where the K/V maps live (the host when the KV cache is offloaded).
+        ``lr`` (B, 3, h, w) is the LR image the cross-attention sees. The block-wise denoiser gives
+        its own window provider instead (a line cache, :class:`uniba.infdit.blockwise.LRLineCache`).
+        """
+        lr = lr.to(device=self.device, dtype=self.dtype)
+
+        def windows(rect: BlockRect) -> tuple[torch.Tensor, torch.Tensor]:
+            k, v = self.lr_kv(lr, (rect.row0, rect.row1 + 2), (rect.col0, rect.col1 + 2))
+            return self.lr_unfold(k), self.lr_unfold(v)
+
+        return LRCondition(windows=windows, clip_vector=self.clip_vector(clip_embedding))
+
+    def lr_kv(self, lr: torch.Tensor, rows: tuple[int, int],
+              cols: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K (normalised) and V of the LR tokens of padded LR blocks ``rows x cols``.
+
+        The LR map is zero-padded by one LR block on every side *after* ``proj_lr``, as the reference's
+        Unfold padding does (padded block r is LR block r - 1), and the padding tokens then go through
+        ``key_value`` and the key norm like every other token. ``proj_lr`` is a stride-equals-kernel
+        convolution, so any region is computed from its own pixels alone, equal to the whole map's part.
+        Returns (B, rows*lrb, cols*lrb, heads, head_dim) each.
         """
         c = self.config
         x = self.lr_xattn
-        lrb = c.lr_block_tokens
-        tokens = x.proj_lr(lr.to(device=self.device, dtype=self.dtype))
-        tokens = F.pad(tokens, (lrb,) * 4)
-        tokens = tokens.permute(0, 2, 3, 1)  # (B, rows, cols, C)
+        lrb, px = c.lr_block_tokens, c.lr_block_tokens * c.lr_patch_size
+        grid = (lr.shape[-2] // px, lr.shape[-1] // px)
+        # padded block p is real block p - 1; only the real ones are projected, the rest is zero tokens
+        (r0, r1), (c0, c1) = [(max(lo - 1, 0), max(min(hi - 1, n), lo - 1, 0))
+                              for (lo, hi), n in zip((rows, cols), grid, strict=True)]
+        pixels = lr[..., r0 * px:r1 * px, c0 * px:c1 * px]
+        if pixels.numel():
+            tokens = x.proj_lr(pixels.to(device=self.device, dtype=self.dtype))
+        else:
+            tokens = lr.new_zeros(lr.shape[0], c.hidden_size, (r1 - r0) * lrb, (c1 - c0) * lrb,
+                                  device=self.device, dtype=self.dtype)
+        top, left = (r0 + 1 - rows[0]) * lrb, (c0 + 1 - cols[0]) * lrb
+        bottom = (rows[1] - rows[0]) * lrb - top - tokens.shape[-2]
+        right = (cols[1] - cols[0]) * lrb - left - tokens.shape[-1]
+        tokens = F.pad(tokens, (left, right, top, bottom)).permute(0, 2, 3, 1)  # (B, rows, cols, C)
         # K and V from the two halves of ``key_value`` one after the other: chunking one (..., 2C) output
-        # would keep all of it alive for as long as the V view lives, 1.5x the maps for the whole sampling.
+        # would keep all of it alive for as long as the V view lives
         weight, bias = x.key_value.weight, x.key_value.bias
 
-        def half(rows: slice) -> torch.Tensor:
-            return F.linear(tokens, weight[rows], None if bias is None else bias[rows]).unflatten(
+        def half(part: slice) -> torch.Tensor:
+            return F.linear(tokens, weight[part], None if bias is None else bias[part]).unflatten(
                 -1, (c.num_heads, c.head_dim))
 
-        k = x.k_norm(half(slice(0, c.hidden_size)))
-        v = half(slice(c.hidden_size, 2 * c.hidden_size))
-        if storage is not None:
-            k, v = k.to(storage), v.to(storage)
-        return LRCondition(k_map=k, v_map=v, clip_vector=self.clip_vector(clip_embedding))
+        return x.k_norm(half(slice(0, c.hidden_size))), half(slice(c.hidden_size, 2 * c.hidden_size))
+
+    def lr_unfold(self, t: torch.Tensor) -> torch.Tensor:
+        """The 3x3-LR-block windows of every HR block of a map region: (B, (n_h+2) lrb, (n_w+2) lrb, H, D) ->
+        (B*n_h*n_w, window^2, H, D); the window of HR block (i, j) starts at the region's LR block (i, j)."""
+        c = self.config
+        lrb, win = c.lr_block_tokens, c.lr_window
+        t = t.flatten(-2).unfold(1, win, lrb).unfold(2, win, lrb)  # (B, n_h, n_w, C, win, win)
+        return t.permute(0, 1, 2, 4, 5, 3).reshape(-1, win * win, c.num_heads, c.head_dim)
 
     def step_embedding(self, sigma: torch.Tensor, cond: LRCondition) -> StepEmbedding:
         """Everything of one evaluation that depends on sigma only: adaLN shifts/scales of every layer."""
@@ -275,17 +309,8 @@ class InfDiT(nn.Module):
         Each HR block reads the 3x3 LR blocks around it; the maps are padded by one LR block, so the
         window of block (i, j) starts at padded LR block (i, j).
         """
-        c = self.config
-        lrb, win = c.lr_block_tokens, c.lr_window
-        rows = slice(rect.row0 * lrb, (rect.row1 + 2) * lrb)
-        cols = slice(rect.col0 * lrb, (rect.col1 + 2) * lrb)
-
-        def windows(t: torch.Tensor) -> torch.Tensor:
-            t = t[:, rows, cols].to(self.device, non_blocking=True).flatten(-2)
-            t = t.unfold(1, win, lrb).unfold(2, win, lrb)  # (B, n_h, n_w, C, win, win)
-            return t.permute(0, 1, 2, 4, 5, 3).reshape(-1, win * win, c.num_heads, c.head_dim)
-
-        return windows(cond.k_map) + self.lr_xattn.key_pos, windows(cond.v_map)
+        k, v = cond.windows(rect)
+        return k.to(self.device, non_blocking=True) + self.lr_xattn.key_pos, v.to(self.device, non_blocking=True)
 
     def forward_blocks(self, x_in: torch.Tensor, cond: LRCondition, step: StepEmbedding, rect: BlockRect,
                        kv: NeighbourKV, position_offset: tuple[int, int] = (0, 0),

@@ -57,6 +57,44 @@ def cpu_noise_sampler(x: torch.Tensor, seed: int) -> NoiseSampler:
     return sample
 
 
+def _mix(*values: int) -> int:
+    """splitmix64 folded over the values: a well-spread 63-bit seed from a few small integers."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def position_noise_sampler(x: torch.Tensor, seed: int, block_px: int,
+                           origin: tuple[int, int] = (0, 0)) -> NoiseSampler:
+    """Standard normal noise shaped like ``x``, fresh per call, drawn per ``block_px`` block from a CPU
+    generator seeded by (seed, call, the block's position on the whole canvas).
+
+    ``x`` is the part of the canvas whose top-left block is ``origin`` (block row, column): any part
+    gets the same numbers as that part of the whole canvas, so an image split across ranks samples
+    the same ancestral noise as one process, on every device and block batch.
+    """
+    b, ch, height, width = x.shape
+    if height % block_px or width % block_px:
+        raise ValueError(f"the canvas {height}x{width} must be a multiple of the {block_px}-px block")
+    calls = [0]
+
+    def sample(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        out = torch.empty((b, ch, height, width), dtype=torch.float32)
+        generator = torch.Generator("cpu")
+        for i in range(height // block_px):
+            for j in range(width // block_px):
+                generator.manual_seed(_mix(seed, calls[0], origin[0] + i, origin[1] + j))
+                out[..., i * block_px:(i + 1) * block_px, j * block_px:(j + 1) * block_px] = torch.randn(
+                    (b, ch, block_px, block_px), generator=generator)
+        return out.to(device=x.device, dtype=x.dtype)
+
+    return sample
+
+
 def _default_noise_sampler(x: torch.Tensor) -> NoiseSampler:
     return lambda sigma, sigma_next: torch.randn_like(x)
 
@@ -315,14 +353,21 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 
 
 def run_sampler(sampler: Sampler, denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
-                *, seed: int, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+                *, seed: int, callback: Callable[[dict], None] | None = None, block_px: int | None = None,
+                origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Call a k-diffusion-shaped sampler the way ComfyUI's KSAMPLER does, with seeded CPU noise.
 
     ``extra_args`` carries ``seed`` (ComfyUI's samplers seed their own noise from it); a sampler that
-    takes a ``noise_sampler`` gets :func:`cpu_noise_sampler`, so ancestral and SDE samplers give the
-    same result on every device and block batch.
+    takes a ``noise_sampler`` gets :func:`cpu_noise_sampler`, or with ``block_px``
+    :func:`position_noise_sampler` (``x`` being the part of the canvas at block ``origin``), so
+    ancestral and SDE samplers give the same result on every device, block batch and rank split.
     """
-    kwargs = {"noise_sampler": cpu_noise_sampler(x, seed)} if _accepts(sampler, "noise_sampler") else {}
+    if not _accepts(sampler, "noise_sampler"):
+        kwargs = {}
+    elif block_px is None:
+        kwargs = {"noise_sampler": cpu_noise_sampler(x, seed)}
+    else:
+        kwargs = {"noise_sampler": position_noise_sampler(x, seed, block_px, origin)}
     return sampler(denoiser, x, sigmas, extra_args={"seed": int(seed)}, callback=callback, disable=True, **kwargs)
 
 
@@ -404,5 +449,5 @@ def evaluations_per_step(name: str, steps: int) -> int:
 
 __all__ = ["get_sigmas_karras", "model_evaluations", "sample_heun_edm", "sample_euler", "sample_euler_ancestral",
            "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_3m_sde", "sample_unipc", "cpu_noise_sampler",
-           "count_evaluations", "run_sampler", "Sampling", "resolve_sampling", "NoiseLeftWarning", "SAMPLERS",
-           "named_sampler", "get_ancestral_step"]
+           "position_noise_sampler", "count_evaluations", "run_sampler", "Sampling", "resolve_sampling",
+           "NoiseLeftWarning", "SAMPLERS", "named_sampler", "get_ancestral_step"]

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..guards import check_choice, check_image, check_seed, check_whole_number, finite_denoiser
@@ -26,6 +28,7 @@ from .blockwise import BatchCallback, BlockwiseDenoiser
 from .config import InfDiTConfig
 from .model import BlockRect, InfDiT, upsample_lr
 from .plan import SCALES, PassPlan, UpscalePlan, min_input_side
+from .ranks import ACROSS, gather_bands, plan_ranks, sample_band
 from .sampling import DEFAULT_STEPS, NoiseLeftWarning, Sampler, get_sigmas_karras, run_sampler, sample_heun_edm
 
 log = logging.getLogger(__name__)
@@ -112,7 +115,8 @@ def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | 
                                  is_oom=is_oom, between_layers=between_layers)
     x = denoiser.concat_lr.float() + sigmas[0] * noise.float()
     # a step that produces NaN/inf stops here, named, instead of ending as a black image
-    return run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed)
+    return run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed,
+                       block_px=model.config.block_px)
 
 
 def _preview_pool(height: int, width: int, block_px: int) -> int:
@@ -196,7 +200,8 @@ def _noise_seed(seed: int, image: int, pass_index: int) -> int:
 @torch.no_grad()
 def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0, noise: torch.Tensor | None = None,
             clip_embedding: torch.Tensor | None = None, progress: ProgressFn | None = None, color_match: str = "none",
-            is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
+            is_oom: Callable[[BaseException], bool] = is_out_of_memory, group: Any = None, split: str = ACROSS,
+            band_sizes: list[int] | None = None) -> torch.Tensor:
     """Upscale ``lr`` (B, 3 or 4, h, w) in [-1, 1] as ``plan`` says, to (B, C, h*scale, w*scale).
 
     ``plan``: the :class:`~uniba.infdit.plan.UpscalePlan` of this input and model, from
@@ -211,6 +216,10 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
     raising from it cancels (the cache is freed). ``color_match``: ``"none"`` (reference) or
     ``"wavelet"`` (keep the input's low frequencies). Inputs smaller than one block are padded and
     cropped back with a :class:`SmallInputWarning`.
+    ``group``: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` under
+    torchrun): every rank of it calls ``upscale`` with the same arguments, each samples one band of
+    every pass (:mod:`uniba.infdit.ranks`; ``split`` and ``band_sizes`` choose the bands) and every
+    rank returns the whole image, equal to the one-process result.
     """
     lr = _check_input(lr)
     seed = check_seed(seed, "seed")
@@ -224,8 +233,13 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
         raise ValueError(NO_CLIP_TOWER)
     _warn_about_sizes(plan, config, lr.shape[-2:])
     sampler, sigmas = plan.sampling.sampler, plan.sampling.sigmas
+    total = plan.total_batches
+    if group is not None:
+        ranks_plan = plan_ranks(plan, config, dist.get_world_size(group), split=split, sizes=band_sizes,
+                                dtype=model.dtype)
+        total = ranks_plan.batches(dist.get_rank(group), plan)
 
-    ticker = _Progress(progress, lr.shape[0] * plan.total_batches, config.block_px)
+    ticker = _Progress(progress, lr.shape[0] * total, config.block_px)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     results = []
     for index in range(lr.shape[0]):
@@ -246,11 +260,21 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
             else:
                 eps = torch.randn((1, 3, *canvas), generator=generator, dtype=torch.float32)
             ticker.start_pass(concat_lr)
-            out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
-                                noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
-                                seed=_noise_seed(seed, index, pass_index), block_batch=p.block_batch,
-                                offload_cache=p.offload_cache, on_batch=ticker.on_batch, is_oom=is_oom,
-                                between_layers=lambda: check_cancel(progress))
+            if group is None:
+                out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
+                                    noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
+                                    seed=_noise_seed(seed, index, pass_index), block_batch=p.block_batch,
+                                    offload_cache=p.offload_cache, on_batch=ticker.on_batch, is_oom=is_oom,
+                                    between_layers=lambda: check_cancel(progress))
+            else:
+                split_pass = ranks_plan.passes[pass_index]
+                band = sample_band(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
+                                   noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
+                                   seed=_noise_seed(seed, index, pass_index), bands=list(split_pass.bands),
+                                   axis=split_pass.axis, group=group, block_batch=p.block_batch,
+                                   offload_cache=p.offload_cache, on_batch=ticker.on_batch, is_oom=is_oom,
+                                   between_layers=lambda: check_cancel(progress))
+                out = gather_bands(band, list(split_pass.bands), config.block_px, canvas, 1, group, device)
             out = out[:, :, :p.out_height, :p.out_width]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)

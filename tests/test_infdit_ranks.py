@@ -1,0 +1,132 @@
+"""One image split across ranks (issue 21 item 2): the block-by-evaluation wavefront over gloo equals the
+one-process result for every sampler we ship, at several shapes, splits and band sizes, with 2 and 3
+processes (torchrun), with out-of-memory backoff on one rank; the planner's per-rank figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_infdit import TINY
+
+from uniba.infdit.model import BlockRect
+from uniba.infdit.plan import block_cache_bytes, plan_upscale
+from uniba.infdit.ranks import ACROSS, ALONG, plan_ranks, split_bands
+
+HERE = Path(__file__).resolve().parent
+TOLERANCE = 1e-5
+
+# (LR height, width): the tiny model's blocks are 32 px at 4x, so 24 x 16 is 3 x 2 blocks (row-major)
+CASES = [dict(case, world=2) for case in [
+    {"sampler": "heun", "lr": [24, 16]},
+    {"sampler": "euler", "lr": [16, 40], "block_batch": 2},  # 2 x 5 blocks, column-major: bands of block rows
+    {"sampler": "euler_ancestral", "lr": [40, 24], "band_sizes": [2, 1], "block_batch": 2},
+    {"sampler": "euler_ancestral", "lr": [40, 24], "split": "along", "band_sizes": [1, 4]},
+    {"sampler": "dpmpp_2m", "lr": [24, 24], "split": "along", "offload": True},
+    {"sampler": "dpmpp_3m", "lr": [24, 32], "block_batch": 2},
+    {"sampler": "dpmpp_3m_sde", "lr": [32, 24], "band_sizes": [1, 2]},
+    {"sampler": "unipc", "lr": [24, 24], "block_batch": 3},
+    {"sampler": "unipc_bh1", "lr": [20, 12], "steps": 2},  # padded input
+    {"sampler": "euler", "lr": [8, 12], "scale": 8, "steps": 2},  # two passes: 4x then 2x
+    {"sampler": "heun", "lr": [24, 24], "block_batch": 2, "oom_rank": 0, "steps": 2,
+     "oom_expect": [1, 4]},  # rank 0's 2 x 2 batches fail and run as single blocks
+]] + [dict(case, world=3) for case in [
+    {"sampler": "heun", "lr": [24, 24], "steps": 2},
+    {"sampler": "euler_ancestral", "lr": [24, 40], "split": "along", "band_sizes": [2, 2, 1], "block_batch": 2},
+    {"sampler": "dpmpp_3m_sde", "lr": [16, 16], "steps": 2},  # 2 x 2 blocks: the third rank has no band
+    {"sampler": "euler", "lr": [24, 24], "steps": 2, "block_batch": 2, "oom_rank": 2,
+     "oom_expect": [1, 2]},  # rank 2's band is one column: its 2 x 1 batches fail
+]]
+WORLD = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(tmp_path: Path, cases: list[dict]) -> dict:
+    """The worker on WORLD processes, started with the environment torchrun gives its workers."""
+    cases_file, out_file = tmp_path / "cases.json", tmp_path / "out.json"
+    cases_file.write_text(json.dumps(cases))
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent), RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "rank_worker.py"), str(out_file), str(cases_file)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errors = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            if p.returncode:
+                errors.append(err[-3000:])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert not errors, "\n".join(errors)
+    return json.loads(out_file.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return _run_ranks(tmp_path_factory.mktemp("ranks"), CASES)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_image_across_ranks_equals_one_process(report, world):
+    results = [r for r in report["results"] if r["case"]["world"] == world]
+    assert len(results) == len([c for c in CASES if c["world"] == world])
+    for r in results:
+        assert r["mean_abs"] > 0.05, r  # a real image, not zeros
+        assert r["max_abs"] <= TOLERANCE, r
+    oom = [r for r in results if "oom_sizes" in r]
+    assert oom
+    for r in oom:
+        assert r["oom_sizes"] == r["case"]["oom_expect"], r
+
+
+def test_bytes_sent_per_evaluation_are_what_the_planner_says(report):
+    # one block column's K/V of every layer per boundary and evaluation
+    per_eval = report["planned_boundary_bytes"]
+    sent = [b[0] for b in report["bytes"]]
+    received = [b[1] for b in report["bytes"]]
+    assert per_eval and sent[:-1] == [b * report["evaluations"] for b in per_eval] and sent[-1] == 0
+    assert received[1:] == sent[:-1] and received[0] == 0
+    assert "rank 2" in report["describe"] and "speed-up" in report["describe"]
+
+
+def test_bands_cover_the_grid_in_order():
+    assert split_bands((3, 5), "row-major", 2) == [BlockRect(0, 3, 0, 3), BlockRect(0, 3, 3, 5)]
+    assert split_bands((3, 5), "row-major", 2, ALONG) == [BlockRect(0, 2, 0, 5), BlockRect(2, 3, 0, 5)]
+    assert split_bands((2, 5), "column-major", 3, ACROSS, [1, 1]) == [BlockRect(0, 1, 0, 5), BlockRect(1, 2, 0, 5)]
+    with pytest.raises(ValueError, match="add up to the 5 block columns"):
+        split_bands((3, 5), "row-major", 2, sizes=[2, 2])
+
+
+def test_planner_reports_per_rank_memory_bytes_and_speedup():
+    config = TINY
+    plan = plan_upscale(config, 64, 64, 4, None, block_batch=1, dtype=torch.float32)  # Heun 20: 39 evaluations
+    grid = plan.passes[0].grid_rows
+    along = plan_ranks(plan, config, 4, split=ALONG, dtype=torch.float32)
+    # 8 x 8 blocks, bands of 2 block rows: a rank starts when its neighbour's last row begins, 16 - 7 = 9
+    # blocks into that neighbour's evaluation (the issue's N E / (E + N - 1) counts a whole band of fill)
+    assert grid == 8 and along.speedup == pytest.approx(4 * 39 * 16 / (39 * 16 + 3 * 9))
+    assert 4 * 39 / (39 + 3) < along.speedup < 4
+    across = plan_ranks(plan, config, 4, dtype=torch.float32)
+    assert across.speedup > along.speedup and across.speedup <= 4
+    p = across.passes[0]
+    assert p.boundary_bytes == (grid * block_cache_bytes(config, torch.float32),) * 3
+    one = plan_ranks(plan, config, 1, dtype=torch.float32).passes[0].peak_bytes[0]
+    assert all(peak < one for peak in p.peak_bytes)  # a band's canvases and KV strip are smaller
+    text = across.describe()
+    assert text.count("estimated peak") == 4 and "per boundary" in text
