@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_sana import TINY, tiny_sana_state_dict, write_tiny_sana_dit
 
+from uniba import cast_ops
 from uniba.cast_ops import CastOnUseOps, to_storage
 from uniba.devices import DtypeSupport, choose_weight_dtypes
 from uniba.sana.loader import build_sana, load_sana, read_sana_checkpoint
@@ -81,6 +82,13 @@ def test_fp8_storage_computes_in_bf16() -> None:
 def test_out_of_range_weights_saturate_instead_of_nan() -> None:
     stored = to_storage(torch.tensor([1e4, -1e4, 0.5]), FP8).float()
     assert stored.tolist() == [448.0, -448.0, 0.5]
+
+
+def test_chunked_conversion_equals_a_whole_tensor_clamp_and_cast(monkeypatch) -> None:
+    monkeypatch.setattr(cast_ops, "CHUNK_ELEMENTS", 3)
+    t = torch.randn((4, 5), generator=torch.Generator().manual_seed(0)) * 300
+    expected = t.clamp(-448, 448).to(FP8)
+    assert torch.equal(cast_ops.to_storage(t, FP8).view(torch.uint8), expected.view(torch.uint8))
 
 
 def test_cast_on_use_layers_keep_torch_keys() -> None:

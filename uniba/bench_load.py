@@ -152,6 +152,14 @@ def _forward(kind: str, loaded: Any, seed: int = 0) -> torch.Tensor:
     raise ValueError(kind)
 
 
+def _main_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype holding most of the model's bytes (fp8 storage keeps norms and tables in the compute dtype)."""
+    totals: dict[torch.dtype, int] = {}
+    for t in module.state_dict().values():
+        totals[t.dtype] = totals.get(t.dtype, 0) + t.numel() * t.element_size()
+    return max(totals, key=totals.__getitem__)
+
+
 def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     kind, path = spec["kind"], spec["path"]
     torch.set_num_threads(int(spec.get("threads") or 2))
@@ -167,7 +175,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     ready = time.perf_counter() - start
     result: dict[str, Any] = {
         "kind": kind, "path": path, "load_s": seconds, "ready_s": ready, "peak_bytes": meter.peak_above_baseline(),
-        "model_bytes": model_bytes(module), "dtype": dtype_name(next(module.parameters()).dtype),
+        "model_bytes": model_bytes(module), "dtype": dtype_name(_main_dtype(module)),
     }
     if spec.get("forward_out"):
         meter.start()

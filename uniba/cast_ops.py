@@ -45,9 +45,21 @@ class CastOnUseOps:
     Conv2d = Conv2d
 
 
+CHUNK_ELEMENTS = 1 << 20
+
+
 def to_storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in the storage ``dtype``; fp8 values are clamped to its range first, so an out-of-range weight
-    saturates whatever the device's cast rule (torch 2.13 on the CPU saturates; e4m3fn has no infinity)."""
-    if dtype == torch.float8_e4m3fn and t.dtype != dtype:
-        return t.clamp(-FP8_MAX, FP8_MAX).to(dtype)
-    return t.to(dtype)
+    saturates whatever the device's cast rule (e4m3fn has no infinity; torch's scalar cast gives NaN).
+
+    The clamp runs on chunks of ``CHUNK_ELEMENTS``: a whole-tensor temporary per layer fragments the heap, which
+    kept 1.4 GB of a 4.4 GB fp8 load of SANA-1.5 4.8B resident for nothing.
+    """
+    if dtype != torch.float8_e4m3fn or t.dtype == dtype:
+        return t.to(dtype)
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    source, target = t.reshape(-1), out.view(-1)
+    for start in range(0, source.numel(), CHUNK_ELEMENTS):
+        end = start + CHUNK_ELEMENTS
+        target[start:end] = source[start:end].clamp(-FP8_MAX, FP8_MAX)
+    return out
