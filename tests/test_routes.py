@@ -140,7 +140,7 @@ def test_route_offers_exactly_the_node_choices() -> None:
     assert list(routes.DTYPES) == list(infdit_nodes.InfDiTLoader.INPUT_TYPES()["required"]["dtype"][0])
 
 
-def test_node_runs_the_plan_the_route_shows(models_dir, monkeypatch) -> None:
+def test_node_runs_the_plan_the_route_shows(models_dir, monkeypatch, one_thread) -> None:
     write_tiny_infdit(models_dir / "infdit", "tiny.safetensors")
     free = 2 * GIB
     monkeypatch.setattr(infdit_nodes.host, "free_memory", lambda device=None, patcher=None: free)

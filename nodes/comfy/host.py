@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import torch
+from PIL import Image
 
 from uniba.devices import DtypeSupport, default_device, torch_dtype_support
 from uniba.memory import device_free_bytes, is_out_of_memory
@@ -122,8 +124,6 @@ def total_memory(device: torch.device | None = None) -> int:
         return int(_mm.get_total_memory(device))
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(device).total_memory)
-    import psutil
-
     return int(psutil.virtual_memory().total)
 
 
@@ -245,8 +245,6 @@ def check_interrupt() -> None:
 
 
 def _to_pil(preview: torch.Tensor) -> Any:
-    from PIL import Image
-
     img = preview.detach().float().cpu()
     if img.ndim == 4:
         img = img[0]
@@ -312,7 +310,7 @@ def warn(message: str, node_id: str | None = None) -> None:
 
 
 def _prompt_server() -> Any:
-    import server
+    import server  # optional dependency (ComfyUI's server): absent in tests and scripts
 
     return server.PromptServer.instance
 
@@ -416,7 +414,7 @@ def add_route(method: str, path: str, handler: Callable[..., Any]) -> bool:
     if not IN_COMFYUI:
         return False
     try:
-        import server
+        import server  # optional dependency (ComfyUI's server): absent in tests and scripts
 
         routes = server.PromptServer.instance.routes
     except (ImportError, AttributeError):  # ComfyUI's modules without its server (tests, scripts)

@@ -18,6 +18,7 @@ Headless, the loaders return the engine model in a :class:`host.HeadlessPatcher`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +26,8 @@ import torch
 
 from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 from uniba.devices import COMPUTE_DTYPES, allowed_dtypes
-from uniba.guards import check_finite
-from uniba.sana.checks import check_context_mask, check_sana_conditioning, check_sana_latent
+from uniba.guards import check_finite, check_image
+from uniba.sana.checks import SOURCE_KEY, check_context_mask, check_sana_conditioning, check_sana_latent
 from uniba.sana.config import (
     DEFAULT_SHIFT,
     LATENT_CHANNELS,
@@ -67,8 +68,19 @@ LATENT_RGB_BIAS = [0.0, 0.0, 0.0]
 
 if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
 
+    # Hosts before 0.28 ignore spacial_downscale_ratio: their fix_empty_latent_channels would repeat a stock
+    # EmptyLatentImage's 4 channels to 32 and keep its 1/8 size, a silently 4x too large image. There the format's
+    # channel count compares equal to any (that function is its only reader), so such a latent reaches
+    # SanaModel.extra_conds as it is and is refused there with the fix.
+    HOST_SIZES_EMPTY_LATENTS = "downscale_ratio_spacial" in inspect.signature(
+        comfy.sample.fix_empty_latent_channels).parameters
+
+    class _MatchesAnyChannels(int):
+        def __ne__(self, other: object) -> bool:
+            return False
+
     class SanaLatentFormat(comfy.latent_formats.LatentFormat):
-        latent_channels = LATENT_CHANNELS
+        latent_channels = LATENT_CHANNELS if HOST_SIZES_EMPTY_LATENTS else _MatchesAnyChannels(LATENT_CHANNELS)
         scale_factor = LATENT_SCALE
         # DC-AE f32c32: 32 px per latent cell. Hosts that honour it (0.28+) resize a stock EmptyLatentImage
         # (made for 8) before sampling, so KSampler gets the right latent size; older ones ignore it.
@@ -107,10 +119,15 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
 
         def extra_conds(self, **kwargs: Any) -> dict[str, Any]:
             out = super().extra_conds(**kwargs)
+            config = self.diffusion_model.config  # the loaded DiT's widths, not the release's
+            noise = kwargs.get("noise", None)
+            if noise is not None:  # an SD latent (stock Empty Latent Image): the fix, not a convolution error
+                check_sana_latent(noise, "latent_image (the sampler's latent)", config.in_channels)
             cross_attn = kwargs.get("cross_attn", None)
             if cross_attn is not None:
-                # SD/SDXL CLIP conditioning from the stock CLIPTextEncode: one clear error, not a matmul failure
-                check_sana_conditioning(cross_attn, "conditioning (positive/negative)")
+                # e.g. SD/SDXL CLIP conditioning from the stock CLIPTextEncode: named, not a matmul failure
+                check_sana_conditioning(cross_attn, "conditioning (positive/negative)", config.caption_channels,
+                                        kwargs.get(SOURCE_KEY, None))
                 check_context_mask(cross_attn, kwargs.get("attention_mask", None), "conditioning (positive/negative)")
                 # regular (not cross-attn) cond: never padded to a common length, so the mask stays aligned
                 out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
@@ -293,8 +310,14 @@ def encode_images(vae: Any, pixels: torch.Tensor, tile_size: int = 0, node_id: s
     """IMAGE (B, H, W, C) in [0, 1] -> unscaled latents, center-cropped to multiples of 32 like ComfyUI's VAEs;
     exact at any ``tile_size`` like :func:`decode_images`."""
     dcae = _dcae_of(vae)
-    check_finite(pixels, "image (VAE encode input)")
-    pixels = _crop_to_multiple(pixels[..., :3], dcae.spatial_ratio)
+    pixels = check_image(pixels, "image (VAE encode input)", channels_last=True, value_range=(0.0, 1.0))
+    cropped = _crop_to_multiple(pixels[..., :3], dcae.spatial_ratio)
+    if cropped.shape != pixels[..., :3].shape:  # as ComfyUI's VAEs do, but said
+        host.warn(f"VAE encode: the image is {pixels.shape[2]}x{pixels.shape[1]} px, not a multiple of "
+                  f"{dcae.spatial_ratio} on each side; the DC-AE encodes its centre {cropped.shape[2]}x"
+                  f"{cropped.shape[1]} px. Pad or resize it to multiples of {dcae.spatial_ratio} to keep every pixel.",
+                  node_id)
+    pixels = cropped
     model, budget = _prepare_model(vae, pixels.shape[1] * pixels.shape[2], pixels.shape[0])
     progress = host.Progress(1, node_id=node_id, desc="DC-AE encode")
     try:

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..finite import describe_non_finite, first_non_finite
 from .errors import CheckpointError, describe_size
@@ -44,9 +46,6 @@ def _pinned(fh: BinaryIO, path: Path) -> str:
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read a ``.safetensors`` file (memory-mapped) into a dict of tensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     with open_regular(path) as fh:
         try:

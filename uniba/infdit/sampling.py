@@ -12,6 +12,7 @@ draws it on a seeded CPU generator, so a run is identical on every device and bl
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -340,8 +341,6 @@ def count_evaluations(sampler: Sampler, sigmas: torch.Tensor) -> int:
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    import inspect
-
     target = fn.func if isinstance(fn, partial) else fn
     if isinstance(fn, partial) and name in fn.keywords:
         return False

@@ -176,11 +176,15 @@ def read_controlnet(source: str | os.PathLike | Mapping[str, torch.Tensor],
 
 def load_controlnet(source: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, *,
                     device: str | torch.device = "cpu", operations: Any = None,
-                    overrides: Mapping[str, Any] | None = None) -> SanaControlNet:
-    """A :class:`SanaControlNet` from a file, a diffusers folder or a state dict; keys checked strictly."""
+                    overrides: Mapping[str, Any] | None = None,
+                    model_class: type[SanaControlNet] = SanaControlNet) -> SanaControlNet:
+    """A :class:`SanaControlNet` from a file, a diffusers folder or a state dict; keys checked strictly.
+
+    ``model_class`` lets a host call the same module under its own calling convention (ComfyUI's ControlNet).
+    """
     state, config = read_controlnet(source, overrides)
     path = None if isinstance(source, Mapping) else source
-    return load_model(lambda: SanaControlNet(config, operations=operations), state, path=path, family=FAMILY,
+    return load_model(lambda: model_class(config, operations=operations), state, path=path, family=FAMILY,
                       dtype=dtype or stored_dtype(state) or torch.float32, device=device)
 
 
