@@ -26,7 +26,7 @@ import torch
 
 from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 from uniba.devices import COMPUTE_DTYPES, allowed_dtypes
-from uniba.guards import check_finite, check_image
+from uniba.guards import check_denoised_finite, check_finite, check_image
 from uniba.sana.checks import SOURCE_KEY, check_context_mask, check_sana_conditioning, check_sana_latent
 from uniba.sana.config import (
     DEFAULT_SHIFT,
@@ -97,8 +97,9 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         sampling_settings = {"shift": DEFAULT_SHIFT, "multiplier": 1000}
         supported_inference_dtypes = list(COMPUTE_DTYPES)
         # ComfyUI reserves dtype_size x 0.01 x this MiB per latent token (flash-attention hosts): 168 KB in fp32,
-        # 84 KB in bf16. One forward of Sana 1600M measured on the CPU peaks at 118 KB per token in fp32 (600M:
-        # 61 KB), so this is a safe over-estimate; bf16 keeps the linear attention in fp32 and lands in between.
+        # 84 KB in bf16. A forward holds uniba.sana.checks.FORWARD_VALUES_PER_TOKEN hidden-sized fp32 values per token
+        # (125 KB at the 1600M's width, 65 KB at the 600M's), so this is a safe over-estimate; bf16 keeps the linear
+        # attention in fp32 and lands in between.
         memory_usage_factor = 4.0
 
         def __init__(self, sana_config: SanaConfig) -> None:
@@ -116,6 +117,10 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         def __init__(self, model_config: Any, dit: torch.nn.Module) -> None:
             super().__init__(model_config, comfy.model_base.ModelType.FLOW, unet_model=lambda **_: dit)
             self.diffusion_model.compute_dtype = model_config.manual_cast_dtype
+
+        def apply_model(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # every sampler ComfyUI runs on this MODEL (stock KSampler too) stops at the first NaN/inf prediction
+            return check_denoised_finite(super().apply_model(x, t, *args, **kwargs), t, "the Sana DiT")
 
         def extra_conds(self, **kwargs: Any) -> dict[str, Any]:
             out = super().extra_conds(**kwargs)
