@@ -147,19 +147,23 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             return out
 
 
-def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype) -> Any:
-    """A MODEL of a read Sana checkpoint with weights in ``dtype`` (:func:`uniba.devices.choose_dtype`'s choice).
+def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype, storage: torch.dtype | None = None) -> Any:
+    """A MODEL of a read Sana checkpoint computing in ``dtype`` (:func:`uniba.devices.choose_weight_dtypes`'s choice),
+    its layers' weights stored in ``storage`` (fp8) when given.
 
     Inside ComfyUI the DiT is built with ComfyUI's layer classes, which compute in the dtype the
-    device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``.
+    device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``. With fp8
+    storage those layers cast each weight when it runs, and ``--lowvram``/Dynamic VRAM stream them from RAM.
     """
     if not host.IN_COMFYUI:
-        return host.wrap_model(build_sana(checkpoint, dtype))
+        return host.wrap_model(build_sana(checkpoint, dtype, storage_dtype=storage))
     supported = allowed_dtypes(checkpoint.stored_dtype)
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, host.torch_device(), supported)
+    weight_dtype = storage or dtype
+    manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, host.torch_device(), supported)
     model_config = SanaModelConfig(checkpoint.config)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    dit = build_sana(checkpoint, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast))
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    dit = build_sana(checkpoint, manual_cast or dtype, storage_dtype=storage,
+                     operations=comfy.ops.pick_operations(weight_dtype, manual_cast))
     dit.between_blocks = host.check_interrupt  # hosts before 0.28 check Cancel only between sampler steps
     return host.wrap_model(SanaModel(model_config, dit))
 
