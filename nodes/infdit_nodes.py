@@ -59,7 +59,8 @@ class InfDiTLoader:
         path = host.model_path(host.INFDIT_FOLDER, model_name)
         device = host.torch_device()
         chosen = choose_dtype(dtype, device, host.dtype_support(device), stored=stored_dtype(path))
-        model = load_infdit(path, dtype=chosen)
+        with host.loading("Inf-DiT weights") as progress:
+            model = load_infdit(path, dtype=chosen, progress=progress)
         model.source_file = os.path.realpath(path)  # lets the plan route tell whether this file is loaded
         return (host.wrap_model(model, device, host.offload_device()),)
 

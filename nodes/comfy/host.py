@@ -360,6 +360,17 @@ def engine_warnings(node_id: str | None = None) -> Iterator[None]:
                 warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
+@contextlib.contextmanager
+def loading(what: str, node_id: str | None = None) -> Iterator[Progress]:
+    """Progress for reading a model's weights (one step per tensor), with Cancel between tensors."""
+    check_interrupt()
+    progress = Progress(1, node_id=node_id, desc=what)
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
 # --------------------------------------------------------------------------- model folders
 
 def register_model_folders() -> None:

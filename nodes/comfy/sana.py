@@ -149,12 +149,14 @@ def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype) -> Any:
     device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``.
     """
     if not host.IN_COMFYUI:
-        return host.wrap_model(build_sana(checkpoint, dtype))
+        with host.loading("Sana weights") as progress:
+            return host.wrap_model(build_sana(checkpoint, dtype, progress=progress))
     supported = allowed_dtypes(checkpoint.stored_dtype)
     manual_cast = comfy.model_management.unet_manual_cast(dtype, host.torch_device(), supported)
     model_config = SanaModelConfig(checkpoint.config)
     model_config.set_inference_dtype(dtype, manual_cast)
-    dit = build_sana(checkpoint, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast))
+    with host.loading("Sana weights") as progress:
+        dit = build_sana(checkpoint, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast), progress=progress)
     dit.between_blocks = host.check_interrupt  # hosts before 0.28 check Cancel only between sampler steps
     return host.wrap_model(SanaModel(model_config, dit))
 

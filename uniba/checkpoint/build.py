@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from ..progress import ProgressFn, report
 from .dtype import stored_dtype
 from .errors import CheckpointError, short_list
 from .keys import check_keys
@@ -66,6 +67,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     real_buffers: bool = False,
+    progress: ProgressFn | None = None,
 ) -> M:
     """The one way every family turns a converted state dict into a model.
 
@@ -74,6 +76,8 @@ def load_model(
     dict is then checked strictly against the model (:func:`check_keys`, with the family's documented
     ``ignore`` patterns) and its tensors are assigned, cast to ``dtype`` (``None``: the stored dtype,
     :func:`stored_dtype`) and moved to ``device``. Returns the model in eval mode without gradients.
+    ``progress(done, total)`` after each tensor read (a multi-GB file on a slow disk takes a while); raising
+    from it cancels safely: nothing is kept, the model is dropped.
     """
     if real_buffers:
         with parameters_on_meta():
@@ -88,13 +92,14 @@ def load_model(
     dtype = dtype or stored_dtype(state_dict) or torch.float32
     weights = {}
     mappings = checkpoint_mappings()
-    for key, value in state_dict.items():  # one tensor at a time: never a second full copy of the model
-        if key not in expected:
-            continue
+    wanted = [key for key in state_dict if key in expected]
+    for done, key in enumerate(wanted, 1):  # one tensor at a time: never a second full copy of the model
+        value = state_dict[key]
         converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
         if converted is not value:
             release_pages([value], mappings)
         weights[key] = converted
+        report(progress, done, len(wanted))
     model.load_state_dict(weights, strict=True, assign=True)
     unset = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if unset:  # a non-persistent buffer built on meta: the model needs real_buffers=True

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from uniba.checkpoint import load_model, read_state_dict
+from uniba.progress import ProgressFn
 
 from .config import FAMILY, DCAEConfig
 from .keys import to_diffusers_state_dict
@@ -15,7 +16,7 @@ from .model import DCAE
 
 
 def load_dcae(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-              device: torch.device | str = "cpu") -> DCAE:
+              device: torch.device | str = "cpu", progress: ProgressFn | None = None) -> DCAE:
     """The config from the tensor shapes, then :func:`uniba.checkpoint.load_model` (meta build, strict keys,
     assign); ``dtype`` ``None`` keeps the stored floating dtype."""
     path = None
@@ -28,4 +29,5 @@ def load_dcae(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
         raw = read_state_dict(path)
     state = to_diffusers_state_dict(raw, path)
     config = DCAEConfig.from_shapes(state, path)
-    return load_model(lambda: DCAE(config), state, path=path, family=FAMILY, dtype=dtype, device=device)
+    return load_model(lambda: DCAE(config), state, path=path, family=FAMILY, dtype=dtype, device=device,
+                      progress=progress)

@@ -24,6 +24,7 @@ from ..checkpoint import (
     wrong_family_error,
 )
 from ..guards import config_from_metadata, validate_config
+from ..progress import ProgressFn
 from .config import METADATA_KEY, OPEN_CLIP_PREFIX, SAT_CLIP_PREFIX, InfDiTConfig, infer_clip_config, infer_config
 from .keys import IGNORED, is_our_layout, is_sat_layout, map_open_clip_visual, map_sat_state_dict
 from .model import InfDiT
@@ -73,17 +74,20 @@ def prepare_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[str,
 
 
 def build_model(config: InfDiTConfig, state: Mapping[str, torch.Tensor], path: str | None,
-                dtype: torch.dtype | None) -> InfDiT:
+                dtype: torch.dtype | None, progress: ProgressFn | None = None) -> InfDiT:
     """Strict key check, then the weights are assigned into a model built without initialisation."""
-    return load_model(lambda: InfDiT(config), state, path=path, family=FAMILY, ignore=IGNORED, dtype=dtype)
+    return load_model(lambda: InfDiT(config), state, path=path, family=FAMILY, ignore=IGNORED, dtype=dtype,
+                      progress=progress)
 
 
 def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                *, clip: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> InfDiT:
+                *, clip: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+                progress: ProgressFn | None = None) -> InfDiT:
     """Load Inf-DiT from the released ``.pt``, a converted ``.safetensors`` or a state dict.
 
     ``dtype=None`` keeps the stored dtype. ``clip`` optionally supplies the CLIP ViT-L/14 visual
-    tower separately (an open_clip file) when the checkpoint does not contain it.
+    tower separately (an open_clip file) when the checkpoint does not contain it. ``progress`` is told of
+    every tensor assigned (:func:`uniba.checkpoint.load_model`; raising from it cancels the load).
     """
     metadata: dict[str, str] = {}
     if isinstance(path_or_state_dict, Mapping):
@@ -100,7 +104,7 @@ def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tenso
         mapped.update(clip_state)
         config = config.replace(clip=infer_clip_config({"visual." + k[5:]: tuple(v.shape)
                                                         for k, v in clip_state.items()}, OPEN_CLIP_PREFIX))
-    model = build_model(config, mapped, path, dtype)
+    model = build_model(config, mapped, path, dtype, progress)
     if model.clip is None:
         log.info("%s has no CLIP image tower: pass clip= or clip_embedding= to upscale", path or "state dict")
     return model

@@ -27,6 +27,7 @@ from ..checkpoint import (
     stored_dtype,
     wrong_family_error,
 )
+from ..progress import ProgressFn
 from . import keys as sana_keys
 from .config import SHIFT_4K, SanaConfig, config_from_diffusers, hints_from_name, infer_config
 from .model import SanaDiT, sincos_position_embedding
@@ -205,14 +206,15 @@ def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def build_sana(checkpoint: SanaCheckpoint, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
-               operations: Any = None) -> SanaDiT:
+               operations: Any = None, progress: ProgressFn | None = None) -> SanaDiT:
     """The model of a read checkpoint: built on meta, keys checked strictly, weights assigned.
 
     ``dtype`` None keeps the checkpoint's dtype. ``operations`` are the host's layer classes
     (ComfyUI's weight-casting ops); the default is ``torch.nn``.
     """
     return load_model(lambda: SanaDiT(checkpoint.config, operations=operations), checkpoint.state_dict,
-                      path=checkpoint.path, family=FAMILY, dtype=dtype or checkpoint.stored_dtype, device=device)
+                      path=checkpoint.path, family=FAMILY, dtype=dtype or checkpoint.stored_dtype, device=device,
+                      progress=progress)
 
 
 def load_sana(source: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, *,
