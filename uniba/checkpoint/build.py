@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from ..cast_ops import to_storage
 from ..progress import ProgressFn, report
 from .dtype import stored_dtype
 from .errors import CheckpointError, short_list
@@ -57,6 +58,13 @@ def check_kinds(state_dict: Mapping[str, torch.Tensor], layout: Mapping[str, tor
                               "The file is damaged or was changed after it was saved: download it again.")
 
 
+def _layer_parameters(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the weights and biases of the model's ``Linear`` and ``Conv2d`` layers."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            for name, _ in module.named_parameters(recurse=False)}
+
+
 def load_model(
     build: Callable[[], M],
     state_dict: Mapping[str, torch.Tensor],
@@ -67,6 +75,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     real_buffers: bool = False,
+    storage_dtype: torch.dtype | None = None,
     progress: ProgressFn | None = None,
 ) -> M:
     """The one way every family turns a converted state dict into a model.
@@ -76,6 +85,10 @@ def load_model(
     dict is then checked strictly against the model (:func:`check_keys`, with the family's documented
     ``ignore`` patterns) and its tensors are assigned, cast to ``dtype`` (``None``: the stored dtype,
     :func:`stored_dtype`) and moved to ``device``. Returns the model in eval mode without gradients.
+
+    ``storage_dtype`` (e.g. fp8) keeps the weights and biases of every ``Linear``/``Conv2d`` in that dtype
+    and the rest (norms, tables, embeddings) in ``dtype``: the model must then be built with layers that
+    cast their weights to the input's dtype when they run (:mod:`uniba.cast_ops`, ComfyUI's ops).
     ``progress(done, total)`` after each tensor read (a multi-GB file on a slow disk takes a while); raising
     from it cancels safely: nothing is kept, the model is dropped.
     """
@@ -90,12 +103,16 @@ def load_model(
     check_keys(state_dict, expected, path=path, family=family, ignore=ignore)
     check_kinds(state_dict, layout, path=path, family=family)
     dtype = dtype or stored_dtype(state_dict) or torch.float32
+    in_storage = _layer_parameters(model) if storage_dtype not in (None, dtype) else set()
     weights = {}
     mappings = checkpoint_mappings()
     wanted = [key for key in state_dict if key in expected]
     for done, key in enumerate(wanted, 1):  # one tensor at a time: never a second full copy of the model
         value = state_dict[key]
-        converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        if key in in_storage:
+            converted = to_storage(value.to(device), storage_dtype)
+        else:
+            converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
         if converted is not value:
             release_pages([value], mappings)
         weights[key] = converted
