@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import (
     CheckpointError,
     load_model,
+    read_json,
     read_safetensors_metadata,
     read_state_dict,
     stored_dtype,
@@ -52,8 +53,8 @@ def _sidecar_config(path: Path) -> dict[str, Any]:
     for candidate in (folder / "config.json", path.with_suffix(".json") if path.is_file() else None):
         if candidate is not None and candidate.is_file():
             try:
-                data = json.loads(candidate.read_text())
-            except (OSError, ValueError):
+                data = read_json(candidate)
+            except CheckpointError:  # not this model's config: the weights decide
                 continue
             if isinstance(data, dict) and data.get("_class_name", "SanaTransformer2DModel") == \
                     "SanaTransformer2DModel" and ("num_layers" in data or "attention_head_dim" in data):
@@ -72,8 +73,8 @@ def _scheduler_shift(path: Path) -> dict[str, Any]:
     if not path.is_file():  # also skips a FIFO or device of that name, which read_text would block on
         return {}
     try:
-        shift = json.loads(path.read_text()).get("flow_shift")
-    except (OSError, ValueError, AttributeError):
+        shift = read_json(path).get("flow_shift")
+    except (CheckpointError, AttributeError):
         return {}
     return {"flow_shift": float(shift)} if shift else {}
 
@@ -180,11 +181,7 @@ def pipeline_parts(folder: str | os.PathLike) -> PipelineParts:
     """
     root = Path(folder)
     index = root / "model_index.json"
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(index, f"could not be read as a diffusers pipeline index ({exc}).",
-                              "Download the whole <name>_diffusers folder again.") from None
+    data = read_json(index, "Download the whole <name>_diffusers folder again.")
     pipeline_class = str(data.get("_class_name", "")) if isinstance(data, dict) else ""
     if not pipeline_class.startswith("Sana"):
         raise CheckpointError(root, f"is a '{pipeline_class or 'unknown'}' pipeline, not a Sana or Sana-Sprint one.",
