@@ -209,3 +209,41 @@ def test_vae_encode_crop_is_said_and_bad_images_refused(vae, monkeypatch) -> Non
             sana_text_vae_nodes.SanaVAEEncode().encode(vae, image)
     with pytest.raises(ValueError, match=r"^image \(DC-AE encode input\): .*0\.\.255 pixel values"):
         vae.dcae.encode(torch.rand(1, 3, 64, 64) * 255)
+
+
+# --------------------------------------------------------------------------- Inf-DiT .pt planned from its shapes
+
+def test_pt_of_another_size_is_planned_with_its_own_config(tmp_path, capsys) -> None:
+    """A .pt was planned with the release config: the CLI refused a tiny .pt with "the plan is for a 64x64
+    input ... not for this 64x64 input". Its shapes now come from data.pkl's opcodes, nothing unpickled."""
+    from PIL import Image
+    from tiny_infdit import TINY, write_tiny_infdit
+
+    from uniba.checkpoint.shapes import zip_pickle_shapes
+    from uniba.cli import main
+    from uniba.infdit.plan import config_for_file
+
+    model = write_tiny_infdit(tmp_path, "tiny.pt")  # the release's DeepSpeed layout, tiny shapes
+    shapes = zip_pickle_shapes(model)
+    assert shapes["mixins.patch_embed.proj.weight"] == (32, 6, 4, 4) and len(shapes) == 86
+    assert config_for_file(model) == TINY  # block size, width, depth: the file's own
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16), (40, 120, 200)).save(image)
+    assert main(["plan", "infdit", "--input", "16x16", "--model", str(model), "--vram", "4GB"]) == 0
+    assert f"blocks of {TINY.block_px} px" in capsys.readouterr().out  # the release has 128 px blocks
+    assert main(["upscale", str(image), str(tmp_path / "out.png"), "--model", str(model), "--steps", "1",
+                 "--vram", "4GB"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+
+def test_pt_shape_reader_refuses_what_the_scan_refuses(tmp_path) -> None:
+    from uniba.checkpoint import CheckpointError
+    from uniba.infdit.plan import config_for_file
+
+    nested: list = []
+    for _ in range(150):  # deeper than any checkpoint: the bounded scan's limit is 100
+        nested = [nested]
+    path = tmp_path / "deep.pt"
+    torch.save({"module": {"w": torch.zeros(2)}, "junk": nested}, path)
+    with pytest.raises(CheckpointError, match=r"deep\.pt.*values nested more than 100 deep"):
+        config_for_file(path)

@@ -31,7 +31,7 @@ from .checkpoint import CheckpointError
 from .finite import describe_non_finite, first_non_finite
 
 __all__ = [
-    "NonFiniteError", "WorkTooLarge", "check_finite", "finite_denoiser", "check_step_finite",
+    "NonFiniteError", "WorkTooLarge", "check_finite", "finite_denoiser", "check_step_finite", "check_denoised_finite",
     "config_from_metadata", "validate_config", "check_image", "check_seed", "check_choice", "check_whole_number",
     "check_text",
 ]
@@ -56,12 +56,14 @@ def check_finite(tensor: torch.Tensor, where: str, fix: str = "") -> torch.Tenso
     return tensor
 
 
+_STEP_FIX = ("Try float32 or bfloat16 instead of float16 (float16 overflows in many models), fewer or different "
+             "steps, or check the inputs.")
+
+
 def check_step_finite(tensor: torch.Tensor, step: int, total: int, where: str, sigma: float | None = None) -> None:
     """The sampler's output at ``step`` (0-based) of ``total`` must be finite."""
     at = f"step {step + 1} of {total}" + (f" (sigma {sigma:.4g})" if sigma is not None else "")
-    check_finite(tensor, f"{where} produced non-finite values at {at}",
-                 "Try float32 or bfloat16 instead of float16 (float16 overflows in many models), fewer or "
-                 "different steps, or check the inputs.")
+    check_finite(tensor, f"{where} produced non-finite values at {at}", _STEP_FIX)
 
 
 def finite_denoiser(denoiser: Callable[..., torch.Tensor], sigmas: torch.Tensor,
@@ -85,21 +87,11 @@ def finite_denoiser(denoiser: Callable[..., torch.Tensor], sigmas: torch.Tensor,
     return checked
 
 
-def finite_callback(callback: Callable[[dict], Any] | None, total: int, where: str) -> Callable[[dict], Any]:
-    """A k-diffusion ``callback`` that checks ``denoised`` at every step, then calls ``callback``.
-
-    For samplers run by a host (ComfyUI's ``sample_custom``), where the denoiser cannot be wrapped.
-    """
-
-    def checked(info: dict) -> Any:
-        denoised = info.get("denoised")
-        if isinstance(denoised, torch.Tensor):
-            sigma = info.get("sigma")
-            check_step_finite(denoised, int(info.get("i", 0)), total, where,
-                              None if sigma is None else float(torch.as_tensor(sigma).flatten()[0]))
-        return callback(info) if callback is not None else None
-
-    return checked
+def check_denoised_finite(denoised: torch.Tensor, sigma: torch.Tensor | float, where: str) -> torch.Tensor:
+    """A model's prediction at noise level ``sigma`` must be finite. For samplers a host runs (a stock
+    KSampler), whose step the model cannot see: the message names the noise level instead."""
+    value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    return check_finite(denoised, f"{where} produced non-finite values at sigma {value:.4g}", _STEP_FIX)
 
 
 # --------------------------------------------------------------------------- configs from metadata

@@ -87,3 +87,21 @@ def test_wrong_sampling_nodes_say_which_to_use(sprint_host, run_prompt) -> None:
         "steps": 2, "cfg": 4.5, "solver": "flow_euler", "shift": 0.0, "denoise": 1.0}}
     with pytest.raises(AssertionError, match="this MODEL is Sana-Sprint"):
         run_prompt(prompt)
+
+
+def test_pipeline_folder_runs_text_to_image(sprint_host, run_prompt) -> None:
+    """Sana Pipeline Loader's three outputs drive the whole graph: prompt -> 2 Sprint steps -> DC-AE -> image."""
+    from tiny_sana_te_vae import write_tiny_gemma, write_tiny_pipeline
+
+    folder = sprint_host.model_folder("diffusion_models")
+    write_tiny_pipeline(folder / "Sana_Sprint_tiny_diffusers", write_tiny_gemma(folder.parent / "gemma_src"), SPRINT)
+    prompt = _prompt(None)
+    prompt["1"] = {"class_type": "SanaPipelineLoader", "inputs": {
+        "pipeline_name": "Sana_Sprint_tiny_diffusers/", "weight_dtype": "auto", "text_encoder_dtype": "auto",
+        "vae_dtype": "auto"}}
+    prompt["2"] = {"class_type": "SanaTextEncode", "inputs": {"text_encoder": ["1", 1], "text": "a red fox",
+                                                              "use_chi": True}}
+    prompt["9"] = {"class_type": "SanaVAEDecode", "inputs": {"vae": ["1", 2], "samples": ["7", 0], "tile_size": 0}}
+    prompt["99"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "sprint_pipe"}}
+    result = run_prompt(prompt)
+    assert tuple(result.outputs["9"][0][0].shape) == (1, 96, 128, 3)

@@ -265,3 +265,53 @@ def test_blueprint_sdxl_hidiffusion_then_infdit(env, run_prompt) -> None:
     assert {n["class_type"] for n in prompt.values()} >= {"HiDiffusionPatch", "InfDiTUpscale"}
     result = run_prompt(prompt)
     assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(256, 256)]  # 128 px, Inf-DiT 2x
+
+
+def _write_sana_adapters(comfy_host) -> tuple[str, str, str]:
+    """A tiny LoRA (kohya names) and ControlNet (diffusers keys + <name>.json) for the tiny Sana, an HED-like image."""
+    import json
+
+    from PIL import Image
+    from tiny_sana import TINY
+
+    from uniba.checkpoint import save_safetensors
+    from uniba.sana.controlnet import SanaControlNet
+    from uniba.sana.lora import lora_target_layers
+
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for layer, shape in lora_target_layers(TINY).items():
+        name = "lora_unet_" + layer.replace(".", "_")
+        kernel = tuple(shape[2:])
+        lora[f"{name}.lora_down.weight"] = torch.randn((2, shape[1], *kernel), generator=g) * 0.1
+        lora[f"{name}.lora_up.weight"] = torch.randn((shape[0], 2, *(1 for _ in kernel)), generator=g) * 0.1
+    save_safetensors(lora, comfy_host.model_folder("loras") / "sana_tiny_lora.safetensors")
+    controlnet = SanaControlNet(TINY.replace(depth=1))
+    save_safetensors({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in controlnet.state_dict().items()},
+                     comfy_host.model_folder("controlnet") / "sana_tiny_cn.safetensors")
+    (comfy_host.model_folder("controlnet") / "sana_tiny_cn.json").write_text(json.dumps(
+        {"_class_name": "SanaControlNetModel", "num_cross_attention_heads": TINY.cross_heads}))
+    edges = (torch.rand(80, 112, 3, generator=g) > 0.8).to(torch.uint8).mul(255).numpy()
+    Image.fromarray(edges).save(comfy_host.input_dir / "uniba_hed.png")
+    return "sana_tiny_lora.safetensors", "sana_tiny_cn.safetensors", "uniba_hed.png"
+
+
+def test_sana_lora(env, run_prompt) -> None:
+    comfy_host, defs = env
+    lora, _, _ = _write_sana_adapters(comfy_host)
+    overrides = dict(SANA_MODELS, SanaEmptyLatent={"width": 96, "height": 64, "preset": "custom"},
+                     SanaLoraLoader={"lora_name": lora})
+    prompt = wt.to_api(wt.load_workflow("sana_lora.json"), defs, overrides)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(96, 64)]
+
+
+def test_sana_controlnet(env, run_prompt) -> None:
+    comfy_host, defs = env
+    _, controlnet, image = _write_sana_adapters(comfy_host)
+    # the control image (112x80) is not the output size (96x64): resized as ComfyUI does for every ControlNet
+    overrides = dict(SANA_MODELS, SanaEmptyLatent={"width": 96, "height": 64, "preset": "custom"},
+                     SanaControlNetLoader={"control_net_name": controlnet}, LoadImage={"image": image})
+    prompt = wt.to_api(wt.load_workflow("sana_controlnet.json"), defs, overrides)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(96, 64)]

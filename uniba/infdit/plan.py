@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, check_file, read_safetensors_header, wrong_family_error
+from ..checkpoint import CheckpointError, check_file, read_safetensors_header, wrong_family_error, zip_pickle_shapes
 from ..guards import check_choice, config_from_metadata
 from ..memory import Budget, format_bytes, largest_unit
 from ..wording import count
@@ -415,20 +415,24 @@ def _check_pickle_signature(path: str) -> None:
 
 
 def config_for_file(path: str | os.PathLike) -> InfDiTConfig:
-    """The config of a model file, from its safetensors header only (no tensor data read).
+    """The config of a model file from its shapes, without loading it: a safetensors header, or a ``.pt``'s
+    ``data.pkl`` opcodes (:func:`uniba.checkpoint.zip_pickle_shapes`: nothing unpickled, no tensor data read).
 
-    Pickled ``.pt`` releases cannot be inspected without loading them: they get the release config.
+    Only a legacy (non-zip) pickle, whose shapes cannot be read this way, gets the release config.
     """
     path = os.fspath(path)
     check_file(path)  # a missing, special or empty file is an error, never "the release plan"
     if not path.lower().endswith((".safetensors", ".sft")):
         _check_pickle_signature(path)
-        return release_config()
-    header = read_safetensors_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    if METADATA_KEY in meta:
-        return config_from_metadata(InfDiTConfig.from_json, meta[METADATA_KEY], path, METADATA_KEY)
-    shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        shapes = zip_pickle_shapes(path)
+        if not shapes:
+            return release_config()
+    else:
+        header = read_safetensors_header(path)
+        meta = header.pop("__metadata__", None) or {}
+        if METADATA_KEY in meta:
+            return config_from_metadata(InfDiTConfig.from_json, meta[METADATA_KEY], path, METADATA_KEY)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     if is_our_layout(shapes):
         raise wrong_family_error(path, "Inf-DiT", shapes, "This converted file lost its config metadata: "
                                  "convert the release again with python -m uniba convert-infdit.")
