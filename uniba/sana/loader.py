@@ -29,6 +29,7 @@ from ..checkpoint import (
     stored_dtype,
     wrong_family_error,
 )
+from ..metadata import metadata_object
 from . import keys as sana_keys
 from .config import SHIFT_4K, SanaConfig, config_from_diffusers, hints_from_name, infer_config
 from .model import SanaDiT, sincos_position_embedding
@@ -84,16 +85,7 @@ def _metadata_config(path: Path) -> dict[str, Any]:
     if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
         text = read_safetensors_metadata(path).get(METADATA_KEY)
         if text:
-            try:
-                data = json.loads(text)
-            except ValueError as exc:
-                raise CheckpointError(path, f"has '{METADATA_KEY}' metadata that is not valid JSON ({exc}).",
-                                      "The file's metadata is damaged: convert the original release again "
-                                      "with python -m uniba convert-sana.") from None
-            if not isinstance(data, dict):
-                raise CheckpointError(path, f"has '{METADATA_KEY}' metadata that is not a JSON object.",
-                                      "Convert the original release again with python -m uniba convert-sana.")
-            return data
+            return metadata_object(text, path, METADATA_KEY)
     return {}
 
 
