@@ -9,7 +9,6 @@ dropped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
