@@ -29,6 +29,7 @@ from ..checkpoint import (
     wrong_family_error,
 )
 from ..metadata import metadata_object
+from ..progress import ProgressFn
 from . import keys as sana_keys
 from .config import SHIFT_4K, SanaConfig, config_from_diffusers, hints_from_name, infer_config
 from .model import SanaDiT, sincos_position_embedding
@@ -194,7 +195,8 @@ def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def build_sana(checkpoint: SanaCheckpoint, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
-               operations: Any = None, storage_dtype: torch.dtype | None = None) -> SanaDiT:
+               operations: Any = None, storage_dtype: torch.dtype | None = None,
+               progress: ProgressFn | None = None) -> SanaDiT:
     """The model of a read checkpoint: built on meta, keys checked strictly, weights assigned.
 
     ``dtype`` is the compute dtype (None keeps the checkpoint's). ``storage_dtype`` (fp8) keeps the layers'
@@ -207,7 +209,7 @@ def build_sana(checkpoint: SanaCheckpoint, dtype: torch.dtype | None = None, *, 
     ops = operations or (CastOnUseOps if casting else None)
     model = load_model(lambda: SanaDiT(checkpoint.config, operations=ops), checkpoint.state_dict,
                        path=checkpoint.path, family=FAMILY, dtype=dtype, device=device,
-                       storage_dtype=storage_dtype if casting else None)
+                       storage_dtype=storage_dtype if casting else None, progress=progress)
     if casting:
         model.compute_dtype = dtype
     return model

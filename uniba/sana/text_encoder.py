@@ -39,6 +39,7 @@ from uniba.checkpoint import (
     wrong_family_error,
 )
 from uniba.guards import check_text
+from uniba.progress import ProgressFn
 
 log = logging.getLogger("uniba")
 
@@ -166,13 +167,14 @@ def _tokenizer_from_spiece(data: torch.Tensor, path: str) -> Any:
                                   "Download the file again, or use the Hugging Face folder of gemma-2-2b-it.") from None
 
 
-def _build_model(config: Any, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype | None) -> Any:
+def _build_model(config: Any, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype | None,
+                 progress: ProgressFn | None = None) -> Any:
     from transformers import Gemma2Model  # optional dependency, heavy: imported on first use
 
     config._attn_implementation = "eager"  # logit soft-capping exists only in eager attention
     # real buffers: Gemma computes its rotary table and embedding scale in the constructor
     return load_model(lambda: Gemma2Model(config), state, path=path, family=FAMILY, ignore=_IGNORED, dtype=dtype,
-                      real_buffers=True)
+                      real_buffers=True, progress=progress)
 
 
 def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,7 +184,7 @@ def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def load_text_encoder(path_or_folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                      device: torch.device | str = "cpu") -> SanaTextEncoder:
+                      device: torch.device | str = "cpu", progress: ProgressFn | None = None) -> SanaTextEncoder:
     """Load Gemma-2 from a Hugging Face folder or a single safetensors file with an embedded tokenizer."""
     from transformers import AutoConfig, AutoTokenizer  # optional dependency, heavy: imported on first use
 
@@ -224,5 +226,5 @@ def load_text_encoder(path_or_folder: str | os.PathLike, dtype: torch.dtype | No
         raise wrong_family_error(path, FAMILY, state.keys())
     if config is None:
         config = _gemma_config_from_shapes(state, metadata)
-    model = _build_model(config, state, path, dtype)
+    model = _build_model(config, state, path, dtype, progress)
     return SanaTextEncoder(model=model.to(device), tokenizer=tokenizer, source=path)
