@@ -4,10 +4,18 @@ Node modules are declarations plus calls into the engine (``uniba``) or the Comf
 (:mod:`.comfy`), the only code that touches ComfyUI.
 """
 
-from . import hidiffusion_nodes, infdit_nodes, routes, sana_nodes, sana_sprint_nodes, sana_text_vae_nodes
+from . import (
+    hidiffusion_nodes,
+    infdit_nodes,
+    routes,
+    sana_adapter_nodes,
+    sana_nodes,
+    sana_sprint_nodes,
+    sana_text_vae_nodes,
+)
 from .comfy import host
 
-_MODULES = (infdit_nodes, sana_nodes, sana_sprint_nodes, sana_text_vae_nodes, hidiffusion_nodes)
+_MODULES = (infdit_nodes, sana_nodes, sana_sprint_nodes, sana_text_vae_nodes, sana_adapter_nodes, hidiffusion_nodes)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

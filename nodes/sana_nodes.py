@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from uniba.devices import DTYPE_CHOICES, choose_dtype
+from uniba.devices import WEIGHT_DTYPE_CHOICES, choose_weight_dtypes
 from uniba.sana import checks
-from uniba.sana.config import DEFAULT_SHIFT, LATENT_DOWNSCALE, SHIFT_4K, resolution_presets
+from uniba.sana.config import DEFAULT_SHIFT, LATENT_DOWNSCALE, SHIFT_4K, SanaConfig, resolution_presets
 from uniba.sana.loader import read_sana_checkpoint
-from uniba.sana.sampling import flow_sigmas, sample_flow_dpm_solver, sample_flow_euler
+from uniba.sana.sampling import check_shift, flow_sigmas, sample_flow_dpm_solver, sample_flow_euler
 
 from .comfy import host
 from .comfy import sana as comfy_sana
@@ -37,9 +37,11 @@ class SanaDiTLoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "unet_name": (_diffusion_model_choices(), {"tooltip": "Sana transformer in models/diffusion_models/"}),
-            "weight_dtype": (list(DTYPE_CHOICES), {
+            "weight_dtype": (list(WEIGHT_DTYPE_CHOICES), {
                 "default": "auto", "tooltip": "auto: fp32 on CPU, bf16 where supported; fp16 is not safe for "
-                                             "the bf16 releases (docs/dtypes.md)"}),
+                                             "the bf16 releases; fp8_e4m3fn stores the weights in half of bf16's "
+                                             "memory and computes as auto does (SANA-1.5 4.8B on 12 GB; "
+                                             "docs/dtypes.md)"}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -52,8 +54,9 @@ class SanaDiTLoader:
     def load(self, unet_name: str, weight_dtype: str) -> tuple[Any]:
         checkpoint = read_sana_checkpoint(host.model_path("diffusion_models", unet_name.rstrip("/")))
         device = host.torch_device()
-        dtype = choose_dtype(weight_dtype, device, host.dtype_support(device), stored=checkpoint.stored_dtype)
-        return (comfy_sana.load_dit(checkpoint, dtype),)
+        dtype, storage = choose_weight_dtypes(weight_dtype, device, host.dtype_support(device),
+                                              stored=checkpoint.stored_dtype)
+        return (comfy_sana.load_dit(checkpoint, dtype, storage),)
 
 
 class FlowDPMSolverSampler:
@@ -114,7 +117,7 @@ class SanaEmptyLatent:
                                                   "tooltip": "Sana's 1024/2048/4096 px aspect-ratio bins; "
                                                              "'custom' uses width and height"}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "images per run"}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "generate"
@@ -123,7 +126,8 @@ class SanaEmptyLatent:
                    "SD's 4-channel 1/8 latent, which Sana cannot use).")
     SEARCH_ALIASES = ["UniBA", "Sana", "empty latent", "resolution", "aspect ratio"]
 
-    def generate(self, width: int, height: int, preset: str, batch_size: int) -> tuple[dict[str, torch.Tensor]]:
+    def generate(self, width: int, height: int, preset: str, batch_size: int,
+                 unique_id: str | None = None) -> tuple[dict[str, torch.Tensor]]:
         if preset != "custom":
             if preset not in RESOLUTION_PRESETS:
                 raise ValueError(f"unknown Sana resolution preset {preset!r}; choose one of the listed ones or "
@@ -132,6 +136,8 @@ class SanaEmptyLatent:
         device = host.intermediate_device()
         # refused with the figures before torch.zeros tries (16384 px x 4096 would ask for 137 GB)
         shape = checks.check_sana_empty_latent(batch_size, width, height, host.free_memory(device))
+        if note := checks.latent_size_note(width, height, shape):  # said, not silently floored
+            host.warn(f"SanaEmptyLatent: {note}", unique_id)
         return ({"samples": torch.zeros(shape, device=device)},)
 
 
@@ -169,12 +175,13 @@ class SanaSampler:
 
     def sample(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, steps: int,
                cfg: float, solver: str, shift: float, denoise: float) -> tuple[dict[str, Any]]:
-        samples = checks.check_sana_latent(latent_image.get("samples") if isinstance(latent_image, dict) else None,
-                                    "latent_image")
-        checks.check_sana_conditioning_input(positive, "positive", samples.shape[0])
-        checks.check_sana_conditioning_input(negative, "negative", samples.shape[0])
         comfy_sana.check_model_kind(model, sprint=False, node="Sana Sampler")
         config = comfy_sana.dit_config(model)
+        widths = config or SanaConfig()  # what the loaded DiT takes (the release's if the MODEL hides it)
+        samples = checks.check_sana_latent(latent_image.get("samples") if isinstance(latent_image, dict) else None,
+                                           "latent_image", widths.in_channels)
+        for name, conditioning in (("positive", positive), ("negative", negative)):
+            checks.check_sana_conditioning_input(conditioning, name, samples.shape[0], channels=widths.caption_channels)
         if config is not None:  # a lower bound against all the device's memory: refused work could never run
             checks.check_sana_sampling(samples, host.total_memory(getattr(model, "load_device", None)),
                                 hidden_size=config.hidden_size, mlp_ratio=config.mlp_ratio, cfg=cfg != 1.0)
@@ -184,7 +191,7 @@ class SanaSampler:
         if denoise <= 0.0:
             return (out,)
         if shift <= 0.0:
-            shift = comfy_sana.model_shift(model)
+            shift = check_shift(comfy_sana.model_shift(model), "shift (0 = the MODEL's, e.g. ModelSamplingSD3's)")
         sigmas = flow_sigmas(steps, shift, kind=SIGMA_KIND[solver], denoise=denoise)
         out["samples"] = comfy_sana.sample(model, latent_image, sample_fn=SAMPLER_FUNCTIONS[solver], sigmas=sigmas,
                                            positive=positive, negative=negative, cfg=cfg, seed=seed,

@@ -3,18 +3,23 @@
 * ``SanaTextEncoderLoader`` / ``SanaTextEncode``: CONDITIONING ``[[emb (B, 300, 2304), {"attention_mask": (B, 300)}]]``;
   the encoder is wrapped in ComfyUI's model manager, which loads it for encoding and offloads it after.
 * ``SanaVAELoader`` returns a VAE (ComfyUI's type inside ComfyUI, see :mod:`.comfy.sana`);
-  ``SanaVAEDecode`` / ``SanaVAEEncode`` accept any DC-AE VAE and run the tiling policy: tiled from
-  2048 px up, 1024 px tiles with blended overlaps, tile size from free memory, out-of-memory
-  retries with smaller tiles, progress per tile, Cancel between tiles.
+  ``SanaVAEDecode`` / ``SanaVAEEncode`` accept any DC-AE VAE and run the exact tiler
+  (:mod:`uniba.dcae.tiling`): the one-pass result at any tile size, tiles as large as the free memory
+  allows, out-of-memory retries with smaller tiles, progress per tile, Cancel between tiles.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
+from uniba.dcae.loader import load_dcae
 from uniba.devices import DTYPE_CHOICES, choose_dtype
+from uniba.guards import check_text
+from uniba.sana.checks import SOURCE_KEY
+from uniba.sana.text_encoder import ENCODE_WORK_BYTES, SanaTextEncoder, encode_prompt, load_text_encoder
 
 from .comfy import host
 from .comfy import sana as comfy_sana
@@ -71,11 +76,10 @@ class SanaTextEncoderLoader:
 
 def load_text_encoder_handle(path: str, dtype: str) -> SanaTextEncoderHandle:
     """Gemma-2 from a folder, a single file or a whole Sana pipeline folder, managed by the host (every loader)."""
-    from uniba.sana.text_encoder import load_text_encoder
-
     device = host.text_encoder_device()
     weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
-    encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu")
+    with host.loading("Gemma-2 weights") as progress:
+        encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu", progress=progress)
     patcher = host.wrap_model(encoder.model, load_device=device, offload=host.offload_device())
     return SanaTextEncoderHandle(patcher, encoder.tokenizer, path)
 
@@ -100,8 +104,7 @@ class SanaTextEncode:
     SEARCH_ALIASES = ["UniBA", "Sana", "prompt", "text encode", "Gemma"]
 
     def encode(self, text_encoder: SanaTextEncoderHandle, text: str, use_chi: bool) -> tuple[list]:
-        from uniba.sana.text_encoder import ENCODE_WORK_BYTES, SanaTextEncoder, encode_prompt
-
+        check_text(text, "text")  # before the encoder is moved to the device
         host.check_interrupt()
         gemma = host.load_to_device(text_encoder.patcher, memory_required=ENCODE_WORK_BYTES)
         try:
@@ -111,7 +114,9 @@ class SanaTextEncode:
         finally:
             host.offload(text_encoder.patcher)
         out = host.intermediate_device()
-        return ([[embeddings.float().to(out), {"attention_mask": mask.to(out)}]],)
+        # the encoder's name travels with the embeddings, so a width the DiT cannot take is blamed on it
+        options = {"attention_mask": mask.to(out), SOURCE_KEY: os.path.basename(str(text_encoder.source))}
+        return ([[embeddings.float().to(out), options]],)
 
 
 # --------------------------------------------------------------------------- VAE
@@ -141,11 +146,10 @@ class SanaVAELoader:
 
 def load_vae(path: str, dtype: str) -> Any:
     """The DC-AE of a file or a diffusers (pipeline) folder as a VAE, with the VAE loader's dtype rule."""
-    from uniba.dcae.loader import load_dcae
-
     device = host.vae_device()
     weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
-    return comfy_sana.make_vae(load_dcae(path, dtype=weight_dtype))
+    with host.loading("DC-AE weights") as progress:
+        return comfy_sana.make_vae(load_dcae(path, dtype=weight_dtype, progress=progress))
 
 
 class SanaVAEDecode:

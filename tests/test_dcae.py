@@ -120,5 +120,5 @@ def test_wrong_family_names_what_was_expected(tmp_path) -> None:
 def test_bad_shapes_rejected() -> None:
     with pytest.raises(ValueError, match="multiples of 32"):
         load_dcae(tiny_dcae_state_dict()).encode(torch.zeros(1, 3, 40, 64))
-    with pytest.raises(ValueError, match=r"latents \(B, 32"):
+    with pytest.raises(ValueError, match=r"^latent \(DC-AE decode input\): expected \(batch >= 1, 32, h, w\)"):
         load_dcae(tiny_dcae_state_dict()).decode(torch.zeros(1, 16, 2, 2))

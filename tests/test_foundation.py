@@ -19,11 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ComfyUI's top-level modules. Only nodes/comfy/ may name them. Exempt besides: the integration tier and
 # tiny_unets.py (its ComfyUI twins of the test UNets serve that tier), which drive ComfyUI on purpose,
-# and this file, which names the modules to look for them.
+# and this file and test_imports.py, which name the modules to look for them.
 HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfy_config", "folder_paths", "server",
                 "execution", "latent_preview", "node_helpers")
 ADAPTER = REPO / "nodes" / "comfy"
-GUARD_EXEMPT = (ADAPTER, REPO / "tests" / "integration", REPO / "tests" / "tiny_unets.py", Path(__file__).resolve())
+GUARD_EXEMPT = (ADAPTER, REPO / "tests" / "integration", REPO / "tests" / "tiny_unets.py", Path(__file__).resolve(),
+                REPO / "tests" / "test_imports.py")
 _IMPORT_IN_CODE = re.compile(r"\b(?:import|from)\s+(" + "|".join(HOST_MODULES) + r")\b")
 _MODULE_NAME = re.compile(r"[A-Za-z_][\w.]*")
 
@@ -247,7 +248,8 @@ def test_pack_and_engine_import_in_a_plain_interpreter() -> None:
 EXPECTED_NODES = ("InfDiTLoader", "InfDiTUpscale", "SanaDiTLoader", "FlowDPMSolverSampler", "SanaFlowSigmas",
                   "SanaSampler", "SanaEmptyLatent", "SanaTextEncoderLoader", "SanaTextEncode", "SanaVAELoader",
                   "SanaVAEDecode", "SanaVAEEncode", "HiDiffusionPatch", "HiDiffusionPatchAdvanced",
-                  "SanaSprintSampler", "SanaSprintSigmas", "SanaSprintGuidance", "SanaPipelineLoader")
+                  "SanaSprintSampler", "SanaSprintSigmas", "SanaSprintGuidance", "SanaPipelineLoader",
+                  "SanaLoraLoader", "SanaControlNetLoader", "SanaPAG")
 
 
 def test_cli_help_runs_headless() -> None:

@@ -6,6 +6,7 @@ setuptools already installed (no network, no build isolation), then its file lis
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def _tracked_files() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def wheel_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("setuptools", minversion="61")
     src = tmp_path_factory.mktemp("src")
     for name in _tracked_files():
@@ -45,7 +46,12 @@ def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = out_dir.glob("*.whl")
-    with zipfile.ZipFile(wheel) as archive:
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def wheel_names(wheel_path: Path) -> list[str]:
+    with zipfile.ZipFile(wheel_path) as archive:
         return archive.namelist()
 
 
@@ -84,7 +90,61 @@ def test_registry_archive_leaves_out_developer_files() -> None:
     assert not [name for name in kept if name.startswith(("tests/", ".ci/", "ci/"))]
     # Everything ComfyUI needs at run time stays in.
     needed = {"__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md"}
-    needed |= {n for n in tracked if n.startswith(("uniba/", "nodes/", "web/", "workflows/"))}
+    needed |= {n for n in tracked if n.startswith(("uniba/", "nodes/", "web/", "workflows/", "subgraphs/"))}
     assert needed <= set(kept), sorted(needed - set(kept))
     size = sum((REPO / name).stat().st_size for name in kept)
     assert size < 2 * 1024 * 1024, f"registry archive input is {size / 2**20:.1f} MiB"
+
+
+def _reaches_into_tests(path: Path) -> list[str]:
+    """Code (not docstrings or prose) that names the tests folder: a path part, a path into it, an import."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if node.value in ("tests", "tests/") or node.value.startswith(("tests/", "tests.", "../tests")):
+                found.append(f"{path.name}:{node.lineno} {node.value!r}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tests":
+            found.append(f"{path.name}:{node.lineno} from {node.module}")
+        elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "tests" for a in node.names):
+            found.append(f"{path.name}:{node.lineno} import tests")
+    return found
+
+
+def test_no_engine_file_reaches_into_tests(tmp_path: Path) -> None:
+    offenders = [hit for path in sorted((REPO / "uniba").rglob("*.py")) for hit in _reaches_into_tests(path)]
+    assert offenders == []
+    bad = tmp_path / "bench.py"
+    bad.write_text('"""Reads tests/data (prose is fine)."""\nfrom pathlib import Path\n'
+                   'GOLDEN = Path(__file__).parents[2] / "tests" / "data" / "x.safetensors"\n'
+                   'OTHER = "tests/integration/script.py"\n')
+    assert sorted(_reaches_into_tests(bad)) == ["bench.py:3 'tests'", "bench.py:4 'tests/integration/script.py'"]
+
+
+def test_installed_wheel_offers_every_benchmark(wheel_path: Path, tmp_path: Path) -> None:
+    """The wheel alone (no checkout, no tests/) imports every benchmark and answers its --help."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel_path) as archive:
+        archive.extractall(site)
+    code = ("import contextlib, importlib, io\n"
+            "from uniba.cli import BENCHMARKS\n"
+            "for name, (module, _) in sorted(BENCHMARKS.items()):\n"
+            "    out = io.StringIO()\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(out):\n"
+            "            importlib.import_module(module).run(['--help'])\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code == 0, (name, exc.code)\n"
+            "    assert 'usage:' in out.getvalue(), name\n"
+            "    print(name, importlib.import_module(module).__file__)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "UNIBA_QUIET": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines()]
+    from uniba.cli import BENCHMARKS
+
+    assert sorted(name for name, _ in rows) == sorted(BENCHMARKS)
+    assert all(Path(file).is_relative_to(site) for _, file in rows), rows

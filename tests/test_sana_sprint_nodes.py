@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from tiny_sana import TINY, TINY_SPRINT, tiny_sana_state_dict, write_tiny_sana_dit
-from tiny_sana_te_vae import write_tiny_dcae, write_tiny_gemma
+from tiny_sana_te_vae import write_tiny_gemma, write_tiny_pipeline
 
-from uniba.checkpoint import CheckpointError, save_safetensors
-from uniba.sana.config import SPRINT_GUIDANCE, diffusers_config_dict
+from uniba.checkpoint import CheckpointError
+from uniba.sana.config import SPRINT_GUIDANCE
 from uniba.sana.loader import pipeline_parts
 
 sprint_nodes = pytest.importorskip("uniba_pack.nodes.sana_sprint_nodes")
@@ -20,33 +18,12 @@ sana_nodes = pytest.importorskip("uniba_pack.nodes.sana_nodes")
 comfy_sana = pytest.importorskip("uniba_pack.nodes.comfy.sana")
 
 
-def write_tiny_pipeline(root: Path, gemma: Path, *, sprint: bool = True) -> Path:
-    """A diffusers pipeline folder as Hugging Face ships it: model_index.json and the five subfolders."""
-    config = TINY_SPRINT if sprint else TINY
-    root.mkdir(parents=True)
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "SanaSprintPipeline" if sprint else "SanaPipeline", "transformer": ["diffusers",
-                                                                                         "SanaTransformer2DModel"]}))
-    (root / "transformer").mkdir()
-    (root / "transformer" / "config.json").write_text(json.dumps(
-        {"_class_name": "SanaTransformer2DModel", **diffusers_config_dict(config)}))
-    save_safetensors(tiny_sana_state_dict(config), root / "transformer" / "diffusion_pytorch_model.safetensors")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "SCMScheduler" if sprint else "DPMSolverMultistepScheduler", "sigma_data": 0.5}))
-    shutil.copytree(gemma, root / "text_encoder")
-    shutil.copytree(gemma, root / "tokenizer")
-    write_tiny_dcae(root / "vae", "diffusion_pytorch_model.safetensors")
-    (root / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderDC"}))
-    return root
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     gemma = write_tiny_gemma(root / "gemma-src")
-    write_tiny_pipeline(root / "diffusion_models" / "Sana_Sprint_tiny_diffusers", gemma)
-    write_tiny_pipeline(root / "diffusion_models" / "Sana_tiny_diffusers", gemma, sprint=False)
+    write_tiny_pipeline(root / "diffusion_models" / "Sana_Sprint_tiny_diffusers", gemma, TINY_SPRINT)
+    write_tiny_pipeline(root / "diffusion_models" / "Sana_tiny_diffusers", gemma, TINY)
     write_tiny_sana_dit(root / "diffusion_models", "sana_tiny.safetensors")
     return root
 

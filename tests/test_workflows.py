@@ -13,7 +13,7 @@ from uniba_pack.nodes import NODE_CLASS_MAPPINGS
 
 EXPECTED = {
     "sana_1024_to_4096_infdit", "sana_4k_native", "sdxl_hidiffusion_2048", "sdxl_hidiffusion_to_4096_infdit",
-    "upscale_render_4x", "sana_sprint_2step",
+    "upscale_render_4x", "sana_sprint_2step", "sana_lora", "sana_controlnet",
 }
 
 
@@ -31,7 +31,7 @@ def _widgets(workflow: dict, node_type: str, defs: dict, index: int = 0) -> dict
     return wt.widget_values_by_name(node, defs[node_type])
 
 
-def test_the_five_workflows_are_shipped() -> None:
+def test_the_workflows_are_shipped() -> None:
     assert {p.stem for p in wt.workflow_files()} == EXPECTED
 
 
@@ -64,6 +64,8 @@ RELEASE_FILES = {  # what a user downloads, as the notes say; the loader must pr
     "SanaTextEncoderLoader": ("model_name", "gemma-2-2b-it", "text_encoders"),
     "SanaVAELoader": ("vae_name", "dc-ae-f32c32-sana-1.1.safetensors", "vae"),
     "CheckpointLoaderSimple": ("ckpt_name", "sd_xl_base_1.0.safetensors", "checkpoints"),
+    "SanaLoraLoader": ("lora_name", "sana_1600m_dreambooth_dog_lora.safetensors", "loras"),
+    "SanaControlNetLoader": ("control_net_name", "Sana_1600M_1024px_BF16_ControlNet_HED.pth", "controlnet"),
 }
 
 
@@ -143,6 +145,31 @@ def test_sana_sprint_settings(defs: dict) -> None:
              if isinstance(value, list)}
     assert kinds == {"model": "SanaDiTLoader", "positive": "SanaSprintGuidance", "negative": "ConditioningZeroOut",
                      "sampler": "SanaSprintSampler", "sigmas": "SanaSprintSigmas", "latent_image": "SanaEmptyLatent"}
+
+
+def _inputs_from(prompt: dict, class_type: str) -> dict[str, str]:
+    node = next(n for n in prompt.values() if n["class_type"] == class_type)
+    return {name: prompt[value[0]]["class_type"] for name, value in node["inputs"].items() if isinstance(value, list)}
+
+
+def test_sana_lora_chain(defs: dict) -> None:
+    w = _load("sana_lora")
+    assert _widgets(w, "SanaLoraLoader", defs)["strength_model"] == 1.0
+    prompt = wt.to_api(w, defs)
+    assert _inputs_from(prompt, "SanaLoraLoader") == {"model": "SanaDiTLoader"}
+    assert _inputs_from(prompt, "SanaSampler")["model"] == "SanaLoraLoader"
+
+
+def test_sana_controlnet_chain(defs: dict) -> None:
+    w = _load("sana_controlnet")
+    assert _widgets(w, "ControlNetApplyAdvanced", defs) == {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}
+    prompt = wt.to_api(w, defs)
+    assert _inputs_from(prompt, "ControlNetApplyAdvanced") == {
+        "positive": "SanaTextEncode", "negative": "SanaTextEncode", "control_net": "SanaControlNetLoader",
+        "image": "LoadImage", "vae": "SanaVAELoader"}
+    sampler = _inputs_from(prompt, "SanaSampler")
+    assert sampler["positive"] == sampler["negative"] == "ControlNetApplyAdvanced"
+    assert sampler["model"] == "SanaDiTLoader"
 
 
 @pytest.mark.parametrize("name,scale", [("sdxl_hidiffusion_2048", None), ("sdxl_hidiffusion_to_4096_infdit", "2")])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -128,3 +129,32 @@ def write_tiny_dcae(folder: Path, name: str = "dcae_tiny.safetensors", fmt: str 
     path = folder / name
     save_safetensors(state, path)
     return path
+
+
+def write_tiny_pipeline(root: Path, gemma: Path, config: Any) -> Path:
+    """A diffusers Sana pipeline folder as Hugging Face ships it (model_index.json and the five subfolders), with
+    a tiny DiT of ``config`` (Sprint when ``config.guidance_embeds``), the Gemma folder ``gemma`` and a tiny DC-AE."""
+    import shutil
+
+    from tiny_sana import tiny_sana_state_dict
+
+    from uniba.sana.config import diffusers_config_dict
+
+    sprint = config.guidance_embeds
+    root = Path(root)
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "SanaSprintPipeline" if sprint else "SanaPipeline",
+        "transformer": ["diffusers", "SanaTransformer2DModel"]}))
+    (root / "transformer").mkdir()
+    (root / "transformer" / "config.json").write_text(json.dumps(
+        {"_class_name": "SanaTransformer2DModel", **diffusers_config_dict(config)}))
+    save_safetensors(tiny_sana_state_dict(config), root / "transformer" / "diffusion_pytorch_model.safetensors")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "SCMScheduler" if sprint else "DPMSolverMultistepScheduler", "sigma_data": 0.5}))
+    shutil.copytree(gemma, root / "text_encoder")
+    shutil.copytree(gemma, root / "tokenizer")
+    write_tiny_dcae(root / "vae", "diffusion_pytorch_model.safetensors")
+    (root / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderDC"}))
+    return root

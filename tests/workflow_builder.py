@@ -29,6 +29,11 @@ INFDIT = "mp_rank_00_model_states.pt"  # the released file name (see INFDIT_NOTE
 ROW2 = 640  # y of the second row: decode, preview, upscale, save
 GAP = 20  # px between a node and the title bar of the node below it
 SDXL = "sd_xl_base_1.0.safetensors"
+# the diffusers DreamBooth example LoRA for Sana 1600M (its file is pytorch_lora_weights.safetensors; the frontend
+# saves it under this name, which says what it is)
+SANA_LORA = "sana_1600m_dreambooth_dog_lora.safetensors"
+SANA_CONTROLNET = "Sana_1600M_1024px_BF16_ControlNet_HED.pth"
+HED_IMAGE = "example_hed.png"
 
 # properties.models of every loader: newer frontends check the preselected file and offer its download
 # (name = the file name the loader expects, url = where it comes from, directory = the ComfyUI model folder).
@@ -46,9 +51,13 @@ MODEL_DOWNLOADS: dict[str, tuple[str, str]] = {
     DCAE: (f"{HF}/mit-han-lab/dc-ae-f32c32-sana-1.1/resolve/main/model.safetensors", "vae"),
     INFDIT: ("https://github.com/zai-org/Inf-DiT", "infdit"),
     SDXL: (f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/{SDXL}", "checkpoints"),
+    SANA_LORA: (f"{HF}/ariG23498/trained-sana-lora/resolve/main/pytorch_lora_weights.safetensors", "loras"),
+    SANA_CONTROLNET: (f"{HF}/Efficient-Large-Model/Sana_1600M_1024px_BF16_ControlNet_HED/resolve/main/checkpoints/"
+                      f"{SANA_CONTROLNET}", "controlnet"),
 }
 LOADER_WIDGETS = {"SanaDiTLoader": "unet_name", "SanaTextEncoderLoader": "model_name", "SanaVAELoader": "vae_name",
-                  "InfDiTLoader": "model_name", "CheckpointLoaderSimple": "ckpt_name"}
+                  "InfDiTLoader": "model_name", "CheckpointLoaderSimple": "ckpt_name", "SanaLoraLoader": "lora_name",
+                  "SanaControlNetLoader": "control_net_name"}
 
 PROMPT = ("A cozy alpine village at dawn, snow on the roofs, warm light in the windows, a frozen lake in the "
           "foreground reflecting the mountains, ultra detailed, sharp focus, 8k photograph")
@@ -119,6 +128,44 @@ SamplerCustom. Sprint has no CFG and no negative prompt: its guidance (4.5) is e
 (`checkpoints/` folder; the 0.6B release works the same). A whole `Sana_Sprint_1.6B_1024px_diffusers` folder
 works too, in **Sana DiT Loader** or in **Sana Pipeline Loader** (which also gives the text encoder and VAE).
 It is a bf16 release: keep `weight_dtype` on auto/bf16.
+
+{SANA_TE_VAE_NOTE}
+""",
+    "sana_lora": f"""\
+# Sana 1.6B + LoRA
+
+**Sana LoRA Loader** applies a LoRA trained for Sana through ComfyUI's patches (stock LoraLoaderModelOnly and
+LoraLoader work on the Sana MODEL too; this node also checks that the LoRA was made for this model and reads
+alphas stored only in the file's metadata). Chain several loaders to stack LoRAs; `strength_model` scales each.
+Formats: diffusers/PEFT, kohya (`lora_unet_`), OneTrainer (`lora_transformer_`), LyCORIS names.
+
+**LoRA** (models/loras/): `{SANA_LORA}`, the diffusers DreamBooth example for Sana 1600M, from
+[ariG23498/trained-sana-lora](https://huggingface.co/ariG23498/trained-sana-lora) (`pytorch_lora_weights.safetensors`,
+saved under the name above); use its trigger words (model card) in the prompt. Any Sana 1600M LoRA works the same.
+
+**Sana 1.6B** (models/diffusion_models/): `{SANA_1K}` from
+[Efficient-Large-Model/Sana_1600M_1024px_BF16](https://huggingface.co/Efficient-Large-Model/Sana_1600M_1024px_BF16)
+(`checkpoints/` folder).
+
+{SANA_TE_VAE_NOTE}
+""",
+    "sana_controlnet": f"""\
+# Sana 1.6B + ControlNet (HED)
+
+**Sana ControlNet Loader** gives a CONTROL_NET for the stock **Apply ControlNet** node: control image, `strength`,
+`start_percent`/`end_percent` and the Sana DC-AE as its `vae` (the control image is encoded to a Sana latent). The
+control image is a soft-edge (HED) map; make one with an HED preprocessor (e.g. comfyui_controlnet_aux) or load one.
+An image of another size is resized to the output as ComfyUI does for every ControlNet.
+
+**ControlNet** (models/controlnet/): `{SANA_CONTROLNET}` from
+[Efficient-Large-Model/Sana_1600M_1024px_BF16_ControlNet_HED](https://huggingface.co/Efficient-Large-Model/Sana_1600M_1024px_BF16_ControlNet_HED)
+(`checkpoints/` folder). It pairs with the 1600M DiT below (the 600M one with Sana_600M_1024px).
+
+**Sana 1.6B** (models/diffusion_models/): `{SANA_1K}` from
+[Efficient-Large-Model/Sana_1600M_1024px_BF16](https://huggingface.co/Efficient-Large-Model/Sana_1600M_1024px_BF16)
+(`checkpoints/` folder).
+
+**Control image** (ComfyUI/input/): `{HED_IMAGE}`, any HED edge map of the size to render (1024x1024 here).
 
 {SANA_TE_VAE_NOTE}
 """,
@@ -306,6 +353,35 @@ def _sana_sprint(first_id: int, x0: float) -> list[N]:
     ]
 
 
+def _sana_lora(first_id: int, x0: float) -> list[N]:
+    """Sana text to image with a LoRA between the DiT loader and the sampler (ids first_id .. first_id + 8)."""
+    base = _sana_text_to_latent(first_id, SANA_1K, 1024, 1024, x0)
+    lora_id = first_id + 8
+    sampler = base[5]
+    sampler.links["model"] = (lora_id, 0)
+    return [*base, N(lora_id, "SanaLoraLoader", (x0, 520), {"lora_name": SANA_LORA, "strength_model": 1.0},
+                     links={"model": (first_id, 0)})]
+
+
+def _sana_controlnet(first_id: int, x0: float) -> list[N]:
+    """Sana text to image steered by a ControlNet through the stock Apply ControlNet (ids first_id .. + 11)."""
+    i = first_id
+    base = _sana_text_to_latent(i, SANA_1K, 1024, 1024, x0)
+    sampler = base[5]
+    sampler.pos = (x0 + 1200, 0)
+    sampler.links["positive"], sampler.links["negative"] = (i + 11, 0), (i + 11, 1)
+    return [
+        *base,
+        N(i + 8, "LoadImage", (x0 + 1600, 0), {"image": HED_IMAGE}, title="HED control image", size=(340, 420)),
+        N(i + 9, "SanaControlNetLoader", (x0 + 1200, 520), {"control_net_name": SANA_CONTROLNET,
+                                                            "weight_dtype": "auto"}),
+        N(i + 11, "ControlNetApplyAdvanced", (x0 + 1600, 480),
+          {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
+          links={"positive": (i + 2, 0), "negative": (i + 3, 0), "control_net": (i + 9, 0), "image": (i + 8, 0),
+                 "vae": (i + 6, 0)}),
+    ]
+
+
 def _sdxl_hidiffusion(first_id: int, x0: float) -> list[N]:
     i = first_id
     return [
@@ -356,6 +432,16 @@ def specs() -> dict[str, list[N]]:
         "sana_sprint_2step": [
             _note(1, NOTES["sana_sprint_2step"], (-500, 0)), *_sana_sprint(2, 0),
             N(13, "SaveImage", (380, ROW2), {"filename_prefix": "uniba/sana_sprint"}, links={"images": (12, 0)},
+              size=(480, 520)),
+        ],
+        "sana_lora": [
+            _note(1, NOTES["sana_lora"], (-500, 0)), *_sana_lora(2, 0),
+            N(11, "SaveImage", (380, ROW2), {"filename_prefix": "uniba/sana_lora"}, links={"images": (9, 0)},
+              size=(480, 520)),
+        ],
+        "sana_controlnet": [
+            _note(1, NOTES["sana_controlnet"], (-500, 0)), *_sana_controlnet(2, 0),
+            N(14, "SaveImage", (380, ROW2), {"filename_prefix": "uniba/sana_controlnet"}, links={"images": (9, 0)},
               size=(480, 520)),
         ],
         "sdxl_hidiffusion_2048": [

@@ -324,3 +324,40 @@ def overlaps(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
                 name = [f"{n['id']} {n.get('title') or n['type']}" for n in (a, b)]
                 found.append(f"{name[0]} overlaps {name[1]}")
     return found
+
+
+SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20  # the boundary nodes inside a subgraph
+
+
+def blueprint_subgraph(blueprint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The subgraph a blueprint's single root node instantiates."""
+    (root,) = blueprint["nodes"]
+    (subgraph,) = [s for s in blueprint["definitions"]["subgraphs"] if s["id"] == root["type"]]
+    return subgraph
+
+
+def blueprint_to_api(blueprint: Mapping[str, Any], defs: Mapping[str, Any], inputs: Mapping[str, list[Any]],
+                     overrides: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> tuple[dict[str, dict[str, Any]], list[list[Any]]]:
+    """The prompt of a blueprint's inner graph as the frontend flattens it, its boundary inputs fed from
+    ``inputs`` (input name -> [node id, slot] of the outer prompt); returns it with the [node id, slot] of
+    each boundary output."""
+    subgraph = blueprint_subgraph(blueprint)
+    names = [i["name"] for i in subgraph["inputs"]]
+    links = {link["id"]: link for link in subgraph["links"]}
+    inner_links = [[k["id"], k["origin_id"], k["origin_slot"], k["target_id"], k["target_slot"], k["type"]]
+                   for k in links.values() if SUBGRAPH_INPUT != k["origin_id"] and k["target_id"] != SUBGRAPH_OUTPUT]
+    nodes = json.loads(json.dumps(subgraph["nodes"]))
+    fed: dict[tuple[str, str], list[Any]] = {}
+    for node in nodes:
+        for inp in node.get("inputs", []):
+            link = links.get(inp.get("link"))
+            if link is not None and link["origin_id"] == SUBGRAPH_INPUT:
+                fed[str(node["id"]), inp["name"]] = list(inputs[names[link["origin_slot"]]])
+                inp["link"] = None
+    prompt = to_api({"nodes": nodes, "links": inner_links}, defs, overrides)
+    for (node_id, name), source in fed.items():
+        prompt[node_id]["inputs"][name] = source
+    outputs = [[str(links[o["linkIds"][0]]["origin_id"]), links[o["linkIds"][0]]["origin_slot"]]
+               for o in subgraph["outputs"]]
+    return prompt, outputs

@@ -26,10 +26,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import CheckpointError, check_file
 from .devices import default_device
+from .guards import check_finite
+from .memory import parse_bytes
 from .publish import publish
 
 log = logging.getLogger(__name__)
@@ -75,8 +79,6 @@ def unit_float(text: str) -> float:
 
 def memory_size(text: str) -> int:
     """argparse type: a memory size such as ``12GB`` (at least 1 byte)."""
-    from .memory import parse_bytes
-
     try:
         value = parse_bytes(text)
     except ValueError as exc:
@@ -189,9 +191,6 @@ def resolve_device(text: str | None) -> torch.device:
 
 def read_image(path: str | os.PathLike, what: str = "input") -> torch.Tensor:
     """An image file as (1, 3 or 4, H, W) in [-1, 1] (4 when it has transparency); CliError if it is not one."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
     source = input_file(path, f"{what} image")
     try:
         with Image.open(source) as img:
@@ -229,10 +228,6 @@ def write_image(tensor: torch.Tensor, path: str | os.PathLike, what: str = "outp
 
     Without ``overwrite`` a file that appeared under ``path`` while the work ran is never replaced.
     """
-    from PIL import Image
-
-    from .guards import check_finite
-
     check_finite(tensor, what, "Nothing was written. Try --dtype fp32 (fp16 overflows), or check the model file.")
     fmt = image_format(path)
     image = tensor[0]

@@ -54,5 +54,9 @@ class TerminalProgress:
         self.bar.update(done - self.done)
         self.done = done
 
+    def describe(self, text: str) -> None:
+        """Replace the text before the bar (e.g. "3/10 images")."""
+        self.bar.set_description_str(text, refresh=False)
+
     def close(self) -> None:
         self.bar.close()

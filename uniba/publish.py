@@ -6,7 +6,8 @@ Rules:
   never an existing file), so a failed or interrupted write leaves the old file, or nothing, behind.
 * The temporary file is removed on any error, on Ctrl-C and on SIGTERM (while a write runs, SIGTERM becomes
   an exception, so the clean-up runs; the signal is delivered again afterwards, so the process still ends
-  the way its sender expects). A file is only ever removed by the code that created it.
+  the way its sender expects). Only that temporary name, created exclusively by this process, is ever
+  removed; no other file is deleted.
 * Publishing does not replace: the temporary file gets the target name with ``renameat2(RENAME_NOREPLACE)``,
   or a hard link, or a name reserved with ``O_EXCL``, whichever this system and file system allow. If the name
   appeared while we worked (another program wrote it), nothing is replaced and :class:`PublishError` says so,
@@ -146,7 +147,7 @@ def publish(target: str | os.PathLike, write: Callable[[Path], None], *, overwri
                 problem, fix = _reason(exc)
                 raise PublishError(f"{what} {target}: cannot write into the folder {folder} ({problem}). "
                                    f"{fix}") from None
-            tmp, ours = Path(name), os.fstat(fd)
+            tmp = Path(name)
             os.close(fd)
             try:
                 write(tmp)
@@ -160,17 +161,7 @@ def publish(target: str | os.PathLike, write: Callable[[Path], None], *, overwri
                 raise PublishError(f"{what} {target}: could not be written ({problem}); nothing was left "
                                    f"behind.{kept} {fix}") from None
         finally:
-            if tmp is not None:
-                _remove_if_ours(tmp, ours)
+            if tmp is not None:  # a name mkstemp created for us alone (writers may replace the file under it)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
     return final
-
-
-def _remove_if_ours(tmp: Path, ours: os.stat_result) -> None:
-    """Remove the temporary file only if the name still holds the file this process created."""
-    try:
-        now = os.lstat(tmp)
-    except FileNotFoundError:
-        return
-    if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

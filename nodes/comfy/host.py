@@ -13,11 +13,14 @@ import logging
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import torch
+from PIL import Image
 
 from uniba.devices import DtypeSupport, default_device, torch_dtype_support
 from uniba.memory import device_free_bytes, is_out_of_memory
@@ -122,8 +125,6 @@ def total_memory(device: torch.device | None = None) -> int:
         return int(_mm.get_total_memory(device))
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(device).total_memory)
-    import psutil
-
     return int(psutil.virtual_memory().total)
 
 
@@ -188,7 +189,12 @@ def wrap_model(model: torch.nn.Module, load_device: torch.device | None = None,
             # modules are complete in memory, so the twin is a legacy patcher on the same module
             patcher.cached_patcher_init = (_legacy_patcher, (model, load_device, offload))
         return patcher
-    return HeadlessPatcher(model.to(offload), load_device, offload)
+    patcher = HeadlessPatcher(model.to(offload), load_device, offload)
+    _HEADLESS_PATCHERS.add(patcher)
+    return patcher
+
+
+_HEADLESS_PATCHERS: weakref.WeakSet[HeadlessPatcher] = weakref.WeakSet()  # what loaded_modules() looks at headless
 
 
 def _legacy_patcher(model: torch.nn.Module, load_device: torch.device, offload: torch.device,
@@ -230,6 +236,22 @@ def load_to_device(patcher: Any, memory_required: int = 0) -> torch.nn.Module:
     return patcher.model
 
 
+def is_loaded(patcher: Any) -> bool:
+    """Whether a wrapped model's weights are on its compute device now, so a free-memory figure excludes them."""
+    if IN_COMFYUI:
+        return any(getattr(loaded, "model", None) is patcher for loaded in list(_mm.current_loaded_models))
+    first = next(patcher.model.parameters(), None)
+    return first is not None and first.device.type == torch.device(patcher.load_device).type
+
+
+def loaded_modules() -> list[torch.nn.Module]:
+    """The modules of the models held on their compute device now (headless: the live patchers' that are)."""
+    if not IN_COMFYUI:
+        return [p.model for p in list(_HEADLESS_PATCHERS) if is_loaded(p)]
+    patchers = [getattr(loaded, "model", None) for loaded in list(_mm.current_loaded_models)]
+    return [p.model for p in patchers if p is not None and getattr(p, "model", None) is not None]
+
+
 def offload(patcher: Any) -> None:
     """Let the model go back to its offload device (ComfyUI does this lazily when room is needed)."""
     if not IN_COMFYUI:
@@ -245,8 +267,6 @@ def check_interrupt() -> None:
 
 
 def _to_pil(preview: torch.Tensor) -> Any:
-    from PIL import Image
-
     img = preview.detach().float().cpu()
     if img.ndim == 4:
         img = img[0]
@@ -312,7 +332,7 @@ def warn(message: str, node_id: str | None = None) -> None:
 
 
 def _prompt_server() -> Any:
-    import server
+    import server  # optional dependency (ComfyUI's server): absent in tests and scripts
 
     return server.PromptServer.instance
 
@@ -338,6 +358,17 @@ def engine_warnings(node_id: str | None = None) -> Iterator[None]:
                     warn(str(item.message), node_id)
             else:
                 warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+
+
+@contextlib.contextmanager
+def loading(what: str, node_id: str | None = None) -> Iterator[Progress]:
+    """Progress for reading a model's weights (one step per tensor), with Cancel between tensors."""
+    check_interrupt()
+    progress = Progress(1, node_id=node_id, desc=what)
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 # --------------------------------------------------------------------------- model folders
@@ -416,7 +447,7 @@ def add_route(method: str, path: str, handler: Callable[..., Any]) -> bool:
     if not IN_COMFYUI:
         return False
     try:
-        import server
+        import server  # optional dependency (ComfyUI's server): absent in tests and scripts
 
         routes = server.PromptServer.instance.routes
     except (ImportError, AttributeError):  # ComfyUI's modules without its server (tests, scripts)

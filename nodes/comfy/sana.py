@@ -18,6 +18,7 @@ Headless, the loaders return the engine model in a :class:`host.HeadlessPatcher`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +26,8 @@ import torch
 
 from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 from uniba.devices import COMPUTE_DTYPES, allowed_dtypes
-from uniba.guards import check_finite
-from uniba.sana.checks import check_context_mask, check_sana_conditioning, check_sana_latent
+from uniba.guards import check_denoised_finite, check_finite, check_image
+from uniba.sana.checks import SOURCE_KEY, check_context_mask, check_sana_conditioning, check_sana_latent
 from uniba.sana.config import (
     DEFAULT_SHIFT,
     LATENT_CHANNELS,
@@ -67,8 +68,19 @@ LATENT_RGB_BIAS = [0.0, 0.0, 0.0]
 
 if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
 
+    # Hosts before 0.28 ignore spacial_downscale_ratio: their fix_empty_latent_channels would repeat a stock
+    # EmptyLatentImage's 4 channels to 32 and keep its 1/8 size, a silently 4x too large image. There the format's
+    # channel count compares equal to any (that function is its only reader), so such a latent reaches
+    # SanaModel.extra_conds as it is and is refused there with the fix.
+    HOST_SIZES_EMPTY_LATENTS = "downscale_ratio_spacial" in inspect.signature(
+        comfy.sample.fix_empty_latent_channels).parameters
+
+    class _MatchesAnyChannels(int):
+        def __ne__(self, other: object) -> bool:
+            return False
+
     class SanaLatentFormat(comfy.latent_formats.LatentFormat):
-        latent_channels = LATENT_CHANNELS
+        latent_channels = LATENT_CHANNELS if HOST_SIZES_EMPTY_LATENTS else _MatchesAnyChannels(LATENT_CHANNELS)
         scale_factor = LATENT_SCALE
         # DC-AE f32c32: 32 px per latent cell. Hosts that honour it (0.28+) resize a stock EmptyLatentImage
         # (made for 8) before sampling, so KSampler gets the right latent size; older ones ignore it.
@@ -85,8 +97,9 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         sampling_settings = {"shift": DEFAULT_SHIFT, "multiplier": 1000}
         supported_inference_dtypes = list(COMPUTE_DTYPES)
         # ComfyUI reserves dtype_size x 0.01 x this MiB per latent token (flash-attention hosts): 168 KB in fp32,
-        # 84 KB in bf16. One forward of Sana 1600M measured on the CPU peaks at 118 KB per token in fp32 (600M:
-        # 61 KB), so this is a safe over-estimate; bf16 keeps the linear attention in fp32 and lands in between.
+        # 84 KB in bf16. A forward holds uniba.sana.checks.FORWARD_VALUES_PER_TOKEN hidden-sized fp32 values per token
+        # (125 KB at the 1600M's width, 65 KB at the 600M's), so this is a safe over-estimate; bf16 keeps the linear
+        # attention in fp32 and lands in between.
         memory_usage_factor = 4.0
 
         def __init__(self, sana_config: SanaConfig) -> None:
@@ -105,12 +118,21 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             super().__init__(model_config, comfy.model_base.ModelType.FLOW, unet_model=lambda **_: dit)
             self.diffusion_model.compute_dtype = model_config.manual_cast_dtype
 
+        def apply_model(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # every sampler ComfyUI runs on this MODEL (stock KSampler too) stops at the first NaN/inf prediction
+            return check_denoised_finite(super().apply_model(x, t, *args, **kwargs), t, "the Sana DiT")
+
         def extra_conds(self, **kwargs: Any) -> dict[str, Any]:
             out = super().extra_conds(**kwargs)
+            config = self.diffusion_model.config  # the loaded DiT's widths, not the release's
+            noise = kwargs.get("noise", None)
+            if noise is not None:  # an SD latent (stock Empty Latent Image): the fix, not a convolution error
+                check_sana_latent(noise, "latent_image (the sampler's latent)", config.in_channels)
             cross_attn = kwargs.get("cross_attn", None)
             if cross_attn is not None:
-                # SD/SDXL CLIP conditioning from the stock CLIPTextEncode: one clear error, not a matmul failure
-                check_sana_conditioning(cross_attn, "conditioning (positive/negative)")
+                # e.g. SD/SDXL CLIP conditioning from the stock CLIPTextEncode: named, not a matmul failure
+                check_sana_conditioning(cross_attn, "conditioning (positive/negative)", config.caption_channels,
+                                        kwargs.get(SOURCE_KEY, None))
                 check_context_mask(cross_attn, kwargs.get("attention_mask", None), "conditioning (positive/negative)")
                 # regular (not cross-attn) cond: never padded to a common length, so the mask stays aligned
                 out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
@@ -125,19 +147,25 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             return out
 
 
-def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype) -> Any:
-    """A MODEL of a read Sana checkpoint with weights in ``dtype`` (:func:`uniba.devices.choose_dtype`'s choice).
+def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype, storage: torch.dtype | None = None) -> Any:
+    """A MODEL of a read Sana checkpoint computing in ``dtype`` (:func:`uniba.devices.choose_weight_dtypes`'s choice),
+    its layers' weights stored in ``storage`` (fp8) when given.
 
     Inside ComfyUI the DiT is built with ComfyUI's layer classes, which compute in the dtype the
-    device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``.
+    device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``. With fp8
+    storage those layers cast each weight when it runs, and ``--lowvram``/Dynamic VRAM stream them from RAM.
     """
     if not host.IN_COMFYUI:
-        return host.wrap_model(build_sana(checkpoint, dtype))
+        with host.loading("Sana weights") as progress:
+            return host.wrap_model(build_sana(checkpoint, dtype, storage_dtype=storage, progress=progress))
     supported = allowed_dtypes(checkpoint.stored_dtype)
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, host.torch_device(), supported)
+    weight_dtype = storage or dtype
+    manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, host.torch_device(), supported)
     model_config = SanaModelConfig(checkpoint.config)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    dit = build_sana(checkpoint, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast))
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    with host.loading("Sana weights") as progress:
+        dit = build_sana(checkpoint, manual_cast or dtype, storage_dtype=storage,
+                         operations=comfy.ops.pick_operations(weight_dtype, manual_cast), progress=progress)
     dit.between_blocks = host.check_interrupt  # hosts before 0.28 check Cancel only between sampler steps
     return host.wrap_model(SanaModel(model_config, dit))
 
@@ -289,8 +317,14 @@ def encode_images(vae: Any, pixels: torch.Tensor, tile_size: int = 0, node_id: s
     """IMAGE (B, H, W, C) in [0, 1] -> unscaled latents, center-cropped to multiples of 32 like ComfyUI's VAEs;
     exact at any ``tile_size`` like :func:`decode_images`."""
     dcae = _dcae_of(vae)
-    check_finite(pixels, "image (VAE encode input)")
-    pixels = _crop_to_multiple(pixels[..., :3], dcae.spatial_ratio)
+    pixels = check_image(pixels, "image (VAE encode input)", channels_last=True, value_range=(0.0, 1.0))
+    cropped = _crop_to_multiple(pixels[..., :3], dcae.spatial_ratio)
+    if cropped.shape != pixels[..., :3].shape:  # as ComfyUI's VAEs do, but said
+        host.warn(f"VAE encode: the image is {pixels.shape[2]}x{pixels.shape[1]} px, not a multiple of "
+                  f"{dcae.spatial_ratio} on each side; the DC-AE encodes its centre {cropped.shape[2]}x"
+                  f"{cropped.shape[1]} px. Pad or resize it to multiples of {dcae.spatial_ratio} to keep every pixel.",
+                  node_id)
+    pixels = cropped
     model, budget = _prepare_model(vae, pixels.shape[1] * pixels.shape[2], pixels.shape[0])
     progress = host.Progress(1, node_id=node_id, desc="DC-AE encode")
     try:

@@ -177,6 +177,19 @@ def test_sana_4k_native(env, run_prompt) -> None:
     assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(128, 64)]
 
 
+def test_sana_sprint_2step(env, run_prompt) -> None:
+    from tiny_sana import TINY, write_tiny_sana_dit
+
+    comfy_host, defs = env
+    sprint = TINY.replace(qk_norm=True, cross_norm=True, guidance_embeds=True)
+    write_tiny_sana_dit(comfy_host.model_folder("diffusion_models"), "sana_sprint_tiny.safetensors", config=sprint)
+    overrides = dict(SANA_MODELS, SanaDiTLoader={"unet_name": "sana_sprint_tiny.safetensors"},
+                     SanaEmptyLatent={"width": 96, "height": 64, "preset": "custom"})
+    prompt = wt.to_api(wt.load_workflow("sana_sprint_2step.json"), defs, overrides)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(96, 64)]
+
+
 def test_sdxl_hidiffusion_2048(env, run_prompt) -> None:
     comfy_host, defs = env
     overrides = {"EmptyLatentImage": {"width": 256, "height": 256}, "KSampler": {"steps": 3}}
@@ -208,3 +221,97 @@ def test_upscale_render_4x(env, run_prompt) -> None:
     image = result.outputs[upscale_id][0][0]
     assert tuple(image.shape) == (1, 160, 224, 3)
     assert torch.isfinite(image).all() and 0 <= float(image.min()) and float(image.max()) <= 1
+
+
+def _blueprint_prompt(name: str, defs: dict, overrides: dict, image: str | None = None) -> dict:
+    """A blueprint as the frontend queues it inside a graph: flattened, fed a Load Image, its output saved."""
+    blueprint = wt.load_workflow(wt.REPO / "subgraphs" / f"{name}.json")
+    prompt, (output,) = wt.blueprint_to_api(blueprint, defs, {"image": ["load", 0]}, overrides)
+    prompt = {f"bp:{k}": v for k, v in prompt.items()}  # subgraph node ids are prefixed in a real prompt too
+    for node in prompt.values():
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] != "load":
+                node["inputs"][key] = [f"bp:{value[0]}", value[1]]
+    if image is not None:
+        prompt["load"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": [f"bp:{output[0]}", output[1]],
+                                                            "filename_prefix": "uniba/blueprint"}}
+    return prompt
+
+
+def test_blueprint_infdit_4x_upscale(env, run_prompt) -> None:
+    comfy_host, defs = env
+    prompt = _blueprint_prompt("Inf-DiT 4x Upscale", defs,
+                               {"InfDiTLoader": {"model_name": INFDIT}, "InfDiTUpscale": {"steps": 1}}, RENDER)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(224, 160)]  # 56x40 render, 4x
+
+
+def test_blueprint_sana_text_to_4k(env, run_prompt) -> None:
+    comfy_host, defs = env
+    overrides = dict(SANA_MODELS, SanaEmptyLatent={"width": 128, "height": 64, "preset": "custom"},
+                     SanaVAEDecode={"tile_size": 64})
+    prompt = _blueprint_prompt("Sana text to 4K image", defs, overrides)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(128, 64)]
+
+
+def test_blueprint_sdxl_hidiffusion_then_infdit(env, run_prompt) -> None:
+    comfy_host, defs = env
+    overrides = {"EmptyLatentImage": {"width": 128, "height": 128}, "KSampler": {"steps": 2},
+                 "InfDiTLoader": {"model_name": INFDIT}, "InfDiTUpscale": {"steps": 1}}
+    prompt = _swap_sdxl_loaders(_blueprint_prompt("SDXL 2048 with HiDiffusion, then Inf-DiT to 4096", defs,
+                                                  overrides))
+    assert {n["class_type"] for n in prompt.values()} >= {"HiDiffusionPatch", "InfDiTUpscale"}
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(256, 256)]  # 128 px, Inf-DiT 2x
+
+
+def _write_sana_adapters(comfy_host) -> tuple[str, str, str]:
+    """A tiny LoRA (kohya names) and ControlNet (diffusers keys + <name>.json) for the tiny Sana, an HED-like image."""
+    import json
+
+    from PIL import Image
+    from tiny_sana import TINY
+
+    from uniba.checkpoint import save_safetensors
+    from uniba.sana.controlnet import SanaControlNet
+    from uniba.sana.lora import lora_target_layers
+
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for layer, shape in lora_target_layers(TINY).items():
+        name = "lora_unet_" + layer.replace(".", "_")
+        kernel = tuple(shape[2:])
+        lora[f"{name}.lora_down.weight"] = torch.randn((2, shape[1], *kernel), generator=g) * 0.1
+        lora[f"{name}.lora_up.weight"] = torch.randn((shape[0], 2, *(1 for _ in kernel)), generator=g) * 0.1
+    save_safetensors(lora, comfy_host.model_folder("loras") / "sana_tiny_lora.safetensors")
+    controlnet = SanaControlNet(TINY.replace(depth=1))
+    save_safetensors({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in controlnet.state_dict().items()},
+                     comfy_host.model_folder("controlnet") / "sana_tiny_cn.safetensors")
+    (comfy_host.model_folder("controlnet") / "sana_tiny_cn.json").write_text(json.dumps(
+        {"_class_name": "SanaControlNetModel", "num_cross_attention_heads": TINY.cross_heads}))
+    edges = (torch.rand(80, 112, 3, generator=g) > 0.8).to(torch.uint8).mul(255).numpy()
+    Image.fromarray(edges).save(comfy_host.input_dir / "uniba_hed.png")
+    return "sana_tiny_lora.safetensors", "sana_tiny_cn.safetensors", "uniba_hed.png"
+
+
+def test_sana_lora(env, run_prompt) -> None:
+    comfy_host, defs = env
+    lora, _, _ = _write_sana_adapters(comfy_host)
+    overrides = dict(SANA_MODELS, SanaEmptyLatent={"width": 96, "height": 64, "preset": "custom"},
+                     SanaLoraLoader={"lora_name": lora})
+    prompt = wt.to_api(wt.load_workflow("sana_lora.json"), defs, overrides)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(96, 64)]
+
+
+def test_sana_controlnet(env, run_prompt) -> None:
+    comfy_host, defs = env
+    _, controlnet, image = _write_sana_adapters(comfy_host)
+    # the control image (112x80) is not the output size (96x64): resized as ComfyUI does for every ControlNet
+    overrides = dict(SANA_MODELS, SanaEmptyLatent={"width": 96, "height": 64, "preset": "custom"},
+                     SanaControlNetLoader={"control_net_name": controlnet}, LoadImage={"image": image})
+    prompt = wt.to_api(wt.load_workflow("sana_controlnet.json"), defs, overrides)
+    result = run_prompt(prompt)
+    assert _saved_sizes(comfy_host, result, prompt, "SaveImage") == [(96, 64)]

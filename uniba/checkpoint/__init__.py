@@ -26,11 +26,13 @@ from .keys import check_keys, guess_family, matches_any, strip_prefix, wrong_fam
 from .pages import checkpoint_mappings, release_pages
 from .readers import (
     MAX_HEADER_BYTES,
+    MAX_JSON_BYTES,
     WRAPPER_KEYS,
     StateDict,
     check_weights_finite,
     header_shapes,
     load_pickle,
+    read_json,
     read_safetensors,
     read_safetensors_header,
     read_safetensors_metadata,
@@ -40,6 +42,7 @@ from .readers import (
 )
 from .sandbox import DEEPSPEED_EXTRA_KEYS, EXTRA_SAFE_GLOBALS, check_loaded
 from .scan import LIMITS, Limits, PickleRefused, scan_file, scan_pickle
+from .shapes import zip_pickle_shapes
 from .write import save_safetensors
 
 __all__ = [
@@ -47,10 +50,11 @@ __all__ = [
     "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES", "check_file", "open_regular",
     "LIMITS", "Limits", "PickleRefused", "scan_file", "scan_pickle",
     "DEEPSPEED_EXTRA_KEYS", "EXTRA_SAFE_GLOBALS", "check_loaded",
-    "MAX_HEADER_BYTES", "WRAPPER_KEYS", "StateDict", "check_weights_finite", "header_shapes", "load_pickle",
+    "MAX_HEADER_BYTES", "MAX_JSON_BYTES", "read_json", "WRAPPER_KEYS", "StateDict", "check_weights_finite",
+    "header_shapes", "load_pickle",
     "read_safetensors", "read_safetensors_header", "read_safetensors_metadata", "read_sharded_folder",
     "read_state_dict", "unwrap_state_dict",
-    "SAFETENSORS_DTYPES", "stored_dtype", "zip_pickle_storage_dtypes",
+    "SAFETENSORS_DTYPES", "stored_dtype", "zip_pickle_storage_dtypes", "zip_pickle_shapes",
     "check_keys", "guess_family", "matches_any", "strip_prefix", "wrong_family_error",
     "check_kinds", "load_model", "parameters_on_meta",
     "checkpoint_mappings", "release_pages",

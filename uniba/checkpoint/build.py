@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import torch
 
+from ..cast_ops import to_storage
+from ..progress import ProgressFn, report
 from .dtype import stored_dtype
 from .errors import CheckpointError, short_list
 from .keys import check_keys
@@ -56,6 +58,13 @@ def check_kinds(state_dict: Mapping[str, torch.Tensor], layout: Mapping[str, tor
                               "The file is damaged or was changed after it was saved: download it again.")
 
 
+def _layer_parameters(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the weights and biases of the model's ``Linear`` and ``Conv2d`` layers."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            for name, _ in module.named_parameters(recurse=False)}
+
+
 def load_model(
     build: Callable[[], M],
     state_dict: Mapping[str, torch.Tensor],
@@ -66,6 +75,8 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     real_buffers: bool = False,
+    storage_dtype: torch.dtype | None = None,
+    progress: ProgressFn | None = None,
 ) -> M:
     """The one way every family turns a converted state dict into a model.
 
@@ -74,6 +85,12 @@ def load_model(
     dict is then checked strictly against the model (:func:`check_keys`, with the family's documented
     ``ignore`` patterns) and its tensors are assigned, cast to ``dtype`` (``None``: the stored dtype,
     :func:`stored_dtype`) and moved to ``device``. Returns the model in eval mode without gradients.
+
+    ``storage_dtype`` (e.g. fp8) keeps the weights and biases of every ``Linear``/``Conv2d`` in that dtype
+    and the rest (norms, tables, embeddings) in ``dtype``: the model must then be built with layers that
+    cast their weights to the input's dtype when they run (:mod:`uniba.cast_ops`, ComfyUI's ops).
+    ``progress(done, total)`` after each tensor read (a multi-GB file on a slow disk takes a while); raising
+    from it cancels safely: nothing is kept, the model is dropped.
     """
     if real_buffers:
         with parameters_on_meta():
@@ -86,15 +103,20 @@ def load_model(
     check_keys(state_dict, expected, path=path, family=family, ignore=ignore)
     check_kinds(state_dict, layout, path=path, family=family)
     dtype = dtype or stored_dtype(state_dict) or torch.float32
+    in_storage = _layer_parameters(model) if storage_dtype not in (None, dtype) else set()
     weights = {}
     mappings = checkpoint_mappings()
-    for key, value in state_dict.items():  # one tensor at a time: never a second full copy of the model
-        if key not in expected:
-            continue
-        converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+    wanted = [key for key in state_dict if key in expected]
+    for done, key in enumerate(wanted, 1):  # one tensor at a time: never a second full copy of the model
+        value = state_dict[key]
+        if key in in_storage:
+            converted = to_storage(value.to(device), storage_dtype)
+        else:
+            converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
         if converted is not value:
             release_pages([value], mappings)
         weights[key] = converted
+        report(progress, done, len(wanted))
     model.load_state_dict(weights, strict=True, assign=True)
     unset = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if unset:  # a non-persistent buffer built on meta: the model needs real_buffers=True

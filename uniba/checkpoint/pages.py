@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -18,8 +19,6 @@ def _libc_madvise() -> Callable[[int, int, int], int]:
     global _madvise
     if _madvise is None:
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             libc.madvise.restype = ctypes.c_int

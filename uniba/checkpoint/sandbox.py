@@ -56,14 +56,17 @@ def _refuse(what: str) -> pickle.UnpicklingError:
 
 
 def _plain_dtype_problem(dtype: object) -> str | None:
-    """Why ``dtype`` is not a plain numeric numpy dtype, or None when it is one."""
+    """Why ``dtype`` is not a plain numeric numpy dtype (in words), or None when it is one."""
     if not isinstance(dtype, np.dtype):
         return f"a numpy dtype given as {type(dtype).__name__}"
-    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.flags != 0 \
-            or dtype.kind not in _NUMERIC_DTYPE_KINDS or dtype.char not in _NUMERIC_CODES:
-        return f"numpy array of dtype {dtype!r}"
+    if dtype.hasobject or dtype.flags != 0:
+        return f"dtype {dtype} carrying object flags ({dtype.flags})"
+    if dtype.fields is not None or dtype.subdtype is not None:
+        return f"structured dtype {dtype!r:.80}"
+    if dtype.kind not in _NUMERIC_DTYPE_KINDS or dtype.char not in _NUMERIC_CODES:
+        return f"dtype {dtype!r:.80}"
     if dtype.itemsize != np.dtype(dtype.char).itemsize:
-        return f"numpy dtype {dtype!r} of item size {dtype.itemsize}"
+        return f"dtype {dtype} of item size {dtype.itemsize}"
     return None
 
 
@@ -153,11 +156,12 @@ def safe_globals() -> list[object]:
 def _numpy_problem(value: object) -> str | None:
     """Why a numpy object in a loaded checkpoint is not plain numbers, or None (also None for non-numpy)."""
     if isinstance(value, np.dtype):
-        return _plain_dtype_problem(value)
+        problem = _plain_dtype_problem(value)
+        return f"numpy {problem}" if problem else None
     if isinstance(value, (np.ndarray, np.generic)):
         problem = _plain_dtype_problem(value.dtype)
         if problem:
-            return problem
+            return f"numpy array of {problem}"
         if value.nbytes > MAX_NUMPY_BYTES:
             return f"numpy array of {value.nbytes:,} bytes"
     return None
@@ -178,7 +182,7 @@ def check_loaded(obj: object, path: str | os.PathLike) -> None:
         seen.add(id(value))
         problem = _numpy_problem(value)
         if problem:
-            raise CheckpointError(path, f"holds a {problem} after loading; only plain numbers are allowed beside "
+            raise CheckpointError(path, f"holds a {problem} once loaded; only plain numbers are allowed beside "
                                         "the tensors, so it was refused.",
                                   "The file was changed after it was saved: download it again.")
         if isinstance(value, Mapping):

@@ -18,12 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+import psutil
 import torch
+from torch import nn
+
+from .blocks import RMSNorm2d
+from .config import DCAEConfig
+from .model import DCAE
+from .tiling import decoder_steps, plan_pass
 
 MIB = 1024**2
 GIB = 1024**3
@@ -34,11 +42,6 @@ def random_real_decoder(seed: int = 0, dtype: torch.dtype = torch.float32, width
 
     Only the decoder is materialised (the encoder stays on the meta device): half the memory and time.
     """
-    from torch import nn
-
-    from .config import DCAEConfig
-    from .model import DCAE, RMSNorm2d
-
     config = DCAEConfig.sana_f32c32()
     if width_divisor > 1:
         config = DCAEConfig(encoder_widths=tuple(w // width_divisor for w in config.encoder_widths),
@@ -63,10 +66,6 @@ def random_real_decoder(seed: int = 0, dtype: torch.dtype = torch.float32, width
 
 
 def _child(spec: dict) -> dict:
-    import resource
-
-    import psutil
-
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     model = random_real_decoder(0, dtype, spec.get("width_divisor", 1))
@@ -100,10 +99,6 @@ def _measure(spec: dict) -> dict:
 
 
 def _plan(px: int, dtype: torch.dtype, tile: int | None = None, width_divisor: int = 1):
-    from .config import DCAEConfig
-    from .model import DCAE
-    from .tiling import decoder_steps, plan_pass
-
     real = DCAEConfig.sana_f32c32()
     config = DCAEConfig(encoder_widths=tuple(w // width_divisor for w in real.encoder_widths),
                         decoder_widths=tuple(w // width_divisor for w in real.decoder_widths))
@@ -124,8 +119,6 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--width-divisor", type=int, default=1,
                         help="narrow every stage by this factor (4: a quick run; 1: the real decoder)")
     args = parser.parse_args(argv)
-
-    import psutil
 
     dtype = getattr(torch, args.dtype)
     sizes = [int(s) for s in args.sizes.split(",") if s]

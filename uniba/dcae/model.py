@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from uniba.guards import check_image
 from uniba.memory import is_out_of_memory
 from uniba.progress import ProgressFn
 
@@ -91,14 +92,16 @@ class DCAE(nn.Module):
         tile edge in output pixels; ``None`` = as large as ``budget_bytes`` allows, 768 px without a
         budget) and whatever memory is free: both only change the speed and the peak memory.
         """
-        if latent.ndim != 4 or latent.shape[1] != self.config.latent_channels:
-            raise ValueError(f"DC-AE decode expects latents (B, {self.config.latent_channels}, h, w), "
-                             f"got {tuple(latent.shape)}")
+        if latent.ndim != 4 or latent.shape[1] != self.config.latent_channels or not min(latent.shape, default=0):
+            raise ValueError(f"latent (DC-AE decode input): expected (batch >= 1, {self.config.latent_channels}, "
+                             f"h, w), got {tuple(latent.shape)}")
         return decode_exact(self, latent, tile_size=tile_size, budget_bytes=budget_bytes, progress=progress,
                             output_device=output_device, is_oom=is_oom)
 
     def _check_image(self, image: torch.Tensor) -> None:
         r = self.spatial_ratio
+        check_image(image, "image (DC-AE encode input)", channels_last=False, value_range=(-1.0, 1.0),
+                    channels=(self.config.in_channels,), fix_range="Pass pixels * 2 - 1 for 0..1 pixels.")
         if image.ndim != 4 or image.shape[1] != self.config.in_channels or image.shape[2] % r or image.shape[3] % r:
             raise ValueError(f"DC-AE encode expects images (B, {self.config.in_channels}, H, W) with H and W "
                              f"multiples of {r}, got {tuple(image.shape)}")

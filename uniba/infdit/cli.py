@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..cli_io import memory_size, positive_int, seed_int
 from ..devices import DTYPE_CHOICES, DTYPES, choose_dtype, torch_dtype_support
-from ..progress import TerminalProgress
+from ..progress import ProgressFn, TerminalProgress
 from .sampling import FAST_PRESET, PRESETS, SAMPLERS, Sampling, named_sampler, resolve_sampling
+
+if TYPE_CHECKING:  # annotations only: the model modules load when a command runs
+    from .model import InfDiT
+    from .plan import UpscalePlan
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -39,9 +48,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
-        source = "release config" if not args.model else (
-            f"{args.model}" + (", a .pt release: release config" if not str(args.model).lower().endswith(
-                (".safetensors", ".sft")) else ""))
+        source = "release config" if not args.model else f"{args.model}: its own config"
         print(f"Inf-DiT plan ({source}, {args.dtype})")
         print(plan.describe())
         for note in notes:
@@ -56,11 +63,30 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 
 
 def _upscale(args: argparse.Namespace) -> int:
+    from ..jobs import is_many, launched_by_torchrun
+
+    if is_many(args.input) or launched_by_torchrun():
+        return _upscale_job(args)
+    return _upscale_one_file(args)
+
+
+def upscale_image(model: InfDiT, image: torch.Tensor, plan: UpscalePlan, args: argparse.Namespace,
+                  progress: ProgressFn | None = None, group: Any = None) -> torch.Tensor:
+    """The engine call for one input of the command. ``group``: the process group whose ranks share this one
+    image (``Job.process_group()``; every rank of it calls this with the same image and plan), None: this rank
+    upscales it alone."""
+    from .upscale import upscale
+
+    return upscale(model, image, plan, seed=args.seed, color_match=args.color_match, progress=progress, group=group)
+
+
+def _upscale_one_file(args: argparse.Namespace) -> int:
+    """One input file to one output file on one process: every error stops the command."""
     from ..cli_io import IMAGE_FORMATS, alpha_dropped, input_file, output_file, read_image, resolve_device, write_image
     from ..memory import device_free_bytes
     from .loader import load_infdit
     from .plan import config_for_file, plan_upscale
-    from .upscale import NO_CLIP_TOWER, upscale
+    from .upscale import NO_CLIP_TOWER
 
     # every argument is checked before the weights load or anything is computed
     device = resolve_device(args.device)
@@ -89,12 +115,141 @@ def _upscale(args: argparse.Namespace) -> int:
     bar = TerminalProgress(image.shape[0] * plan.total_batches, unit="batch",
                            desc=f"Inf-DiT {plan.evaluations} evaluations x {batches} block batches")
     try:
-        out = upscale(model, image, plan, seed=args.seed, color_match=args.color_match, progress=bar)
+        out = upscale_image(model, image, plan, args, progress=bar)
     finally:
         bar.close()
     write_image(out, args.output, "the upscaled image", overwrite=args.overwrite)  # refuses NaN/inf; no-replace
     print(f"wrote {args.output} ({out.shape[-1]}x{out.shape[-2]})")
     return 0
+
+
+def _job_items(args: argparse.Namespace, many: bool) -> list[list[str]]:
+    """(input, output) pairs of the job, checked before any work: outputs in the output folder, named after
+    the inputs with .png (several inputs), or the one output file."""
+    from ..cli_io import IMAGE_FORMATS, CliError, output_file
+    from ..jobs import expand_inputs, output_names
+
+    if not many:
+        output_file(args.output, inputs=[args.input, args.model, args.clip], overwrite=args.overwrite,
+                    formats=IMAGE_FORMATS)
+        return [[args.input, args.output]]
+    inputs = expand_inputs(args.input, tuple(IMAGE_FORMATS), "input")
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"output {folder}: is a file, but several inputs need an output folder; give a folder "
+                       "(it is created if missing).")
+    folder.mkdir(parents=True, exist_ok=True)
+    outputs = output_names(inputs, folder, ".png")
+    output_file(outputs[0], overwrite=True, formats=IMAGE_FORMATS)  # the folder accepts new files
+    return [[str(a), str(b)] for a, b in zip(inputs, outputs, strict=True)]
+
+
+def _upscale_job(args: argparse.Namespace) -> int:
+    """Several inputs (a folder, a glob, a frame pattern), on one process or on every rank of torchrun.
+
+    Each rank loads the model once and takes inputs from the job's shared queue; outputs that exist are
+    skipped (a rerun finishes what is missing), a failing input is reported at the end, rank 0 shows one
+    progress display for the whole job.
+    """
+    from ..cli_io import alpha_dropped, input_file, read_image, resolve_device, write_image
+    from ..jobs import Job, JobProgress, is_many
+    from ..memory import device_free_bytes
+    from ..wording import count
+    from .loader import load_infdit
+    from .plan import config_for_file, plan_upscale
+    from .upscale import NO_CLIP_TOWER
+
+    job = Job.start()
+    many = is_many(args.input)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and job.world_size > 1:
+        device = torch.device("cuda", job.local_rank)  # one card per rank of this machine
+    input_file(args.model, "--model")
+    if args.clip:
+        input_file(args.clip, "--clip")
+    config = config_for_file(args.model)
+    if config.clip is None and not args.clip:
+        raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
+    dtype = choose_dtype(args.dtype, device, torch_dtype_support(device))
+    sampling = _sampling(args)
+    plans: dict[tuple[int, int], UpscalePlan] = {}
+
+    def plan_for(height: int, width: int) -> UpscalePlan:
+        if (height, width) not in plans:
+            plans[height, width] = plan_upscale(config, height, width, args.scale, free_bytes=budget,
+                                                sampling=sampling, block_batch=args.block_batch,
+                                                offload_cache=args.offload_cache, dtype=dtype)
+        return plans[height, width]
+
+    def pending_work() -> dict:
+        items = _job_items(args, many)
+        todo = [i for i, (_, dst) in enumerate(items) if args.overwrite or not Path(dst).exists()]
+        units = 0
+        for i in todo:  # image headers only: the progress total of the whole job
+            size = _image_size(items[i][0])
+            units += plan_for(*size).total_batches if size else 0
+        return {"items": items, "todo": len(todo), "units": units}
+
+    # every rank plans with rank 0's budget, so every rank (and a one-process run) makes the same plans
+    budget = args.vram or job.share("budget", lambda: device_free_bytes(device))
+    work = job.share("work", pending_work)
+    items = work["items"]
+    model = load_infdit(args.model, dtype, clip=args.clip).to(device)
+    if model.clip is None:
+        raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
+    display = TerminalProgress(work["units"], unit="batch") if job.is_main else None
+    progress = JobProgress(job, work["units"], work["todo"], display)
+    while (index := job.take()) < len(items):
+        source, target = items[index]
+        if Path(target).exists() and not args.overwrite:
+            continue  # complete (outputs appear only by rename): a rerun skips it
+        done = [0, 0]  # block batches reported by the engine for this input, and its planned total
+
+        def tick(d: int, total: int | None = None, preview=None, done=done) -> None:
+            progress.unit(d - done[0])
+            done[0] = d
+
+        try:
+            image = read_image(source)
+            alpha_dropped(image.shape[1], target)
+            plan = plan_for(image.shape[-2], image.shape[-1])
+            done[1] = plan.total_batches
+            plan.check_fits()
+            # published without replacing: a file that appeared under this name meanwhile is kept (a failure)
+            write_image(upscale_image(model, image, plan, args, progress=tick), target, f"the upscaled {source}",
+                        overwrite=args.overwrite)
+            job.add(f"written/{job.rank}", 1)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failing input is reported at the end, the others go on
+            if not many:
+                raise
+            job.fail(str(exc) if source in str(exc) else f"{source}: {exc}")
+        progress.input_done(units_left=max(0, done[1] - done[0]))
+    failures = job.finish(idle=progress.draw if job.is_main else None)
+    if display is not None:
+        display.close()
+    if job.is_main:
+        skipped = len(items) - work["todo"]
+        per_rank = [job.add(f"written/{rank}", 0) for rank in range(job.world_size)]
+        print(f"upscaled {count(sum(per_rank), 'image')} into {args.output}"
+              + (f", skipped {count(skipped, 'existing output')}" if skipped else "")
+              + (f" on {count(job.world_size, 'process')} ({', '.join(map(str, per_rank))} each)"
+                 if job.world_size > 1 else ""))
+        for failure in failures:
+            print(f"failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(height, width) from an image file's header, None if it cannot be read (its run reports why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except Exception:  # noqa: BLE001 - a broken input is reported when its turn comes
+        return None
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -149,8 +304,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         plan.set_defaults(func=_plan)
 
     up = subparsers.add_parser("upscale", parents=[common], help="upscale an image with Inf-DiT")
-    up.add_argument("input")
-    up.add_argument("output")
+    up.add_argument("input", help="an image, or several: a folder, a glob ('renders/*.png') or a frame pattern "
+                                   "('frames/f_%%04d.png', 'frames/f_####.png')")
+    up.add_argument("output", help="the output image, or for several inputs the output folder (<name>.png each)")
     up.add_argument("--model", required=True, help="Inf-DiT checkpoint (.pt release or converted .safetensors)")
     up.add_argument("--clip", help="separate open_clip ViT-L-14 file if the checkpoint has no CLIP tower")
     up.add_argument("--seed", type=seed_int, default=0)

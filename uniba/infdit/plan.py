@@ -34,10 +34,14 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import CheckpointError, check_file, read_safetensors_header, wrong_family_error, zip_pickle_shapes
 from ..guards import check_choice
 from ..memory import Budget, format_bytes, largest_unit
+from ..metadata import config_from_metadata
+from ..wording import count
 from .blockwise import ROW_MAJOR, batch_order, choose_traversal
 from .config import METADATA_KEY, InfDiTConfig, infer_config, release_config
+from .keys import is_our_layout
 from .model import InfDiT
 from .sampling import Sampling, resolve_sampling
 
@@ -243,9 +247,6 @@ class UpscalePlan:
         weights that are not part of that figure, so a peak above "free" can still fit; the text says so.
         """
 
-        def count(n: int, noun: str) -> str:
-            return f"{n} {noun}" + ("" if n == 1 else ("es" if noun.endswith("ch") else "s"))
-
         last = self.last
         lines = [
             f"output {self.out_width}x{self.out_height} px in {count(len(self.passes), 'pass')}: "
@@ -437,8 +438,6 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
 
 def _check_pickle_signature(path: str) -> None:
     """A ``.pt`` is planned with the release config without loading it, but it must look like a checkpoint."""
-    from ..checkpoint import CheckpointError
-
     with open(path, "rb") as fh:
         head = fh.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
@@ -447,25 +446,24 @@ def _check_pickle_signature(path: str) -> None:
 
 
 def config_for_file(path: str | os.PathLike) -> InfDiTConfig:
-    """The config of a model file, from its safetensors header only (no tensor data read).
+    """The config of a model file from its shapes, without loading it: a safetensors header, or a ``.pt``'s
+    ``data.pkl`` opcodes (:func:`uniba.checkpoint.zip_pickle_shapes`: nothing unpickled, no tensor data read).
 
-    Pickled ``.pt`` releases cannot be inspected without loading them: they get the release config.
+    Only a legacy (non-zip) pickle, whose shapes cannot be read this way, gets the release config.
     """
-    from ..checkpoint import check_file, read_safetensors_header, wrong_family_error
-    from ..guards import config_from_metadata
-    from .config import InfDiTConfig as _Config
-    from .keys import is_our_layout
-
     path = os.fspath(path)
     check_file(path)  # a missing, special or empty file is an error, never "the release plan"
     if not path.lower().endswith((".safetensors", ".sft")):
         _check_pickle_signature(path)
-        return release_config()
-    header = read_safetensors_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    if METADATA_KEY in meta:
-        return config_from_metadata(_Config.from_json, meta[METADATA_KEY], path, METADATA_KEY)
-    shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        shapes = zip_pickle_shapes(path)
+        if not shapes:
+            return release_config()
+    else:
+        header = read_safetensors_header(path)
+        meta = header.pop("__metadata__", None) or {}
+        if METADATA_KEY in meta:
+            return config_from_metadata(InfDiTConfig.from_json, meta[METADATA_KEY], path, METADATA_KEY)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     if is_our_layout(shapes):
         raise wrong_family_error(path, "Inf-DiT", shapes, "This converted file lost its config metadata: "
                                  "convert the release again with python -m uniba convert-infdit.")

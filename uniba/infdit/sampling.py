@@ -12,6 +12,7 @@ draws it on a seeded CPU generator, so a run is identical on every device and bl
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -340,8 +341,6 @@ def count_evaluations(sampler: Sampler, sigmas: torch.Tensor) -> int:
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    import inspect
-
     target = fn.func if isinstance(fn, partial) else fn
     if isinstance(fn, partial) and name in fn.keywords:
         return False
@@ -440,11 +439,6 @@ def named_sampler(name: str) -> Sampler:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}") from None
-
-
-def evaluations_per_step(name: str, steps: int) -> int:
-    """Evaluations of a named sampler on a ``steps``-step schedule ending in 0."""
-    return model_evaluations(steps) if name == "heun" else steps
 
 
 __all__ = ["get_sigmas_karras", "model_evaluations", "sample_heun_edm", "sample_euler", "sample_euler_ancestral",

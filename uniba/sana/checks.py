@@ -18,10 +18,11 @@ import torch
 from ..guards import WorkTooLarge, check_finite
 from ..memory import Budget, format_bytes
 from ..wording import count
-from .config import CAPTION_CHANNELS, LATENT_CHANNELS, LATENT_DOWNSCALE, latent_shape
+from .config import CAPTION_CHANNELS, LATENT_CHANNELS, LATENT_DOWNSCALE, SanaConfig, latent_shape
 
 __all__ = [
     "check_sana_latent", "check_sana_conditioning", "check_sana_conditioning_input", "check_batch_matches",
+    "conditioning_problem", "check_dit_inputs", "SOURCE_KEY", "latent_size_note",
     "check_context_mask", "sana_latent_bytes", "sana_sampling_bytes", "check_sana_memory", "check_sana_empty_latent",
     "check_sana_sampling", "SAMPLER_LATENT_COPIES", "FORWARD_VALUES_PER_TOKEN", "sana_sampling_peak_bytes",
 ]
@@ -31,42 +32,71 @@ def _shape(value: object) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
+# The conditioning option SanaTextEncode adds: which encoder made the embeddings, so an error can name it.
+SOURCE_KEY = "sana_text_encoder"
+# Widths of other text encoders, for saying what was connected instead.
+_OTHER_ENCODERS = {768: "SD 1.x CLIP (CLIPTextEncode)", 1024: "SD 2.x CLIP (CLIPTextEncode)",
+                   1280: "SDXL CLIP (CLIPTextEncode)", 2048: "SDXL CLIP (CLIPTextEncode)",
+                   4096: "T5 (CLIPTextEncode with a T5 encoder)"}
+
+
 def check_sana_latent(samples: object, where: str = "latent_image",
                       channels: int = LATENT_CHANNELS) -> torch.Tensor:
-    """A Sana latent: (B, 32, h, w), finite. An SD/SDXL 4-channel latent gets the fix in the message."""
+    """A Sana latent: (B >= 1, C, h, w) with ``channels`` = the DiT's (or the DC-AE's) latent channels, finite.
+    An SD/SDXL 4-channel latent gets the fix in the message."""
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != channels:
         found = samples.shape[1] if isinstance(samples, torch.Tensor) and samples.ndim == 4 else None
-        hint = (" (an SD/SDXL latent?)" if found == 4 else "") if found is not None else ""
+        hint = (" (an SD/SDXL latent?)" if found == 4 else "") \
+            if found is not None else ""
         raise ValueError(
             f"{where}: expected a Sana latent of shape (batch, {channels}, height/{LATENT_DOWNSCALE}, "
             f"width/{LATENT_DOWNSCALE}), got {_shape(samples)}{hint}. Start from 'SanaEmptyLatent' or encode the "
             "image with the Sana DC-AE VAE, not an SD VAE.")
+    if samples.shape[0] == 0 or min(samples.shape[2:]) == 0:
+        raise ValueError(f"{where}: the latent is empty (shape {tuple(samples.shape)}); start from "
+                         "'SanaEmptyLatent' with a batch_size of at least 1.")
     check_finite(samples, f"{where} (latent)", "Regenerate it: something upstream produced NaN or inf.")
     return samples
 
 
-def check_sana_conditioning(context: object, where: str = "positive",
-                            channels: int = CAPTION_CHANNELS) -> torch.Tensor:
-    """Sana text conditioning: (B, tokens, 2304) Gemma-2 embeddings. SD CLIP's 77 x 768/1024/2048 is refused."""
-    if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != channels:
-        found = context.shape[-1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
-        hint = ""
-        if found in (768, 1024, 1280, 2048):
-            hint = " (CLIP text embeddings of an SD/SDXL text encoder)"
-        elif found == 4096:
-            hint = " (T5 embeddings?)"
-        raise ValueError(
-            f"{where}: expected Sana text conditioning of shape (batch, tokens, {channels}) from the Gemma-2 "
-            f"text encoder, got {_shape(context)}{hint}. Encode the prompt with 'SanaTextEncode' "
-            "(load the encoder with 'SanaTextEncoderLoader'), not CLIPTextEncode.")
+def conditioning_problem(context: object, channels: int, source: str | None = None) -> str | None:
+    """Why ``context`` cannot be Sana text embeddings of width ``channels`` (the DiT's caption projection's
+    input), naming what was connected; None when it can."""
+    if not isinstance(context, torch.Tensor) or context.ndim != 3:
+        return (f"expected Sana text conditioning of shape (batch, tokens, {channels}), got {_shape(context)}. "
+                "Encode the prompt with 'SanaTextEncode'.")
+    if context.shape[0] == 0 or context.shape[1] == 0:
+        return (f"the text conditioning is empty (shape {tuple(context.shape)}): it holds no prompt. Encode a "
+                "prompt with 'SanaTextEncode' (an empty text is fine).")
+    found = context.shape[-1]
+    if found == channels:
+        return None
+    if source:
+        return (f"the text embeddings are {found} wide (from 'SanaTextEncode' with {source}), but this Sana DiT's "
+                f"caption projection takes {channels}; load the text encoder this DiT was trained with "
+                f"({'Gemma-2-2B' if channels == CAPTION_CHANNELS else f'one {channels} wide'}) in "
+                "'SanaTextEncoderLoader'.")
+    other = _OTHER_ENCODERS.get(found)
+    made_by = f", the width of {other}" if other else ""
+    return (f"the text embeddings are {found} wide{made_by}, but this Sana DiT's caption projection takes "
+            f"{channels}; encode the prompt with 'SanaTextEncode' (load the encoder with 'SanaTextEncoderLoader').")
+
+
+def check_sana_conditioning(context: object, where: str = "positive", channels: int = CAPTION_CHANNELS,
+                            source: str | None = None) -> torch.Tensor:
+    """Sana text conditioning: (B >= 1, tokens, ``channels``) embeddings, finite; the error names the input
+    and what was connected (``source``: the encoder SanaTextEncode recorded, or the width's usual owner)."""
+    problem = conditioning_problem(context, channels, source)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     check_finite(context, f"{where} (conditioning)")
     return context
 
 
 def check_batch_matches(latent_batch: int, context_batch: int, latent_input: str = "latent_image",
                         context_input: str = "positive") -> None:
-    """The conditioning's batch must be 1 (shared) or equal to the latent's."""
-    if context_batch not in (1, latent_batch) and latent_batch % context_batch:
+    """The conditioning's batch must be 1 (shared) or divide the latent's."""
+    if context_batch < 1 or (context_batch not in (1, latent_batch) and latent_batch % context_batch):
         raise ValueError(
             f"{context_input}: holds {count(context_batch, 'prompt')} but {latent_input} holds "
             f"{count(latent_batch, 'latent')}; give one prompt for all latents or one per latent.")
@@ -86,11 +116,11 @@ def check_context_mask(context: torch.Tensor, mask: object, where: str = "positi
 
 
 def check_sana_conditioning_input(conditioning: object, where: str, latent_batch: int | None = None,
-                                  latent_input: str = "latent_image") -> None:
+                                  latent_input: str = "latent_image", channels: int = CAPTION_CHANNELS) -> None:
     """A node's CONDITIONING input for Sana: ``[[embeddings, {"attention_mask": mask, ...}], ...]``.
 
-    Every entry must hold Gemma-2 embeddings (not SD CLIP's), a mask matching them, and a batch the
-    latent can use; the error names ``where`` (the node input) and what was expected.
+    Every entry must hold embeddings ``channels`` wide (the loaded DiT's caption width), a mask matching
+    them, and a batch the latent can use; the error names ``where`` (the node input) and what was connected.
     """
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         empty = " (empty)" if isinstance(conditioning, (list, tuple)) else ""
@@ -100,10 +130,41 @@ def check_sana_conditioning_input(conditioning: object, where: str, latent_batch
         if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[1], Mapping):
             raise ValueError(f"{where}: a CONDITIONING entry is not [embeddings, options]; connect "
                              "'SanaTextEncode' to it.")
-        context = check_sana_conditioning(entry[0], where)
+        context = check_sana_conditioning(entry[0], where, channels, entry[1].get(SOURCE_KEY))
         check_context_mask(context, entry[1].get("attention_mask"), where)
         if latent_batch is not None:
             check_batch_matches(latent_batch, context.shape[0], latent_input, where)
+
+
+def check_dit_inputs(config: SanaConfig, x: object, timestep: object, context: object, mask: object) -> None:
+    """The arguments of :meth:`SanaDiT.forward <uniba.sana.model.SanaDiT.forward>`: shapes only (cheap, every
+    step), each error naming the argument, instead of a matmul or reshape error from inside the network."""
+    channels = config.in_channels
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels:
+        hint = (" This looks like a 4-channel SD/SDXL latent: Sana works on the 32-channel DC-AE latent at "
+                "1/32 of the image size. Start from 'SanaEmptyLatent' or encode the image with the Sana DC-AE "
+                "encoder.") if isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] == 4 else ""
+        raise ValueError(f"x: Sana expects a latent of shape (batch, {channels}, height/{LATENT_DOWNSCALE}, "
+                         f"width/{LATENT_DOWNSCALE}), got {_shape(x)}.{hint}")
+    batch = x.shape[0]
+    p = config.patch_size
+    if batch == 0 or min(x.shape[2:]) == 0:
+        raise ValueError(f"x: the latent is empty (shape {tuple(x.shape)}); give at least one latent.")
+    if x.shape[-2] % p or x.shape[-1] % p:
+        raise ValueError(f"x: Sana latent height and width must be multiples of the patch size {p}, "
+                         f"got {tuple(x.shape[-2:])}.")
+    steps = torch.as_tensor(timestep).numel() if isinstance(timestep, (torch.Tensor, int, float)) else -1
+    if steps not in (1, batch):
+        raise ValueError(f"timestep: expected one value or one per latent ({batch}), got "
+                         f"{_shape(timestep) if steps >= 0 else type(timestep).__name__}.")
+    problem = conditioning_problem(context, config.caption_channels)
+    if problem:
+        raise ValueError(f"context: {problem}")
+    check_batch_matches(batch, context.shape[0], "x", "context")
+    if mask is not None:
+        check_context_mask(context, mask.reshape(mask.shape[0], -1) if isinstance(mask, torch.Tensor) else mask,
+                           "context_mask")
+        check_batch_matches(batch, mask.shape[0], "x", "context_mask")
 
 
 def sana_latent_bytes(batch: int, height: int, width: int, channels: int = LATENT_CHANNELS,
@@ -181,6 +242,16 @@ def check_sana_empty_latent(batch: int, width_px: int, height_px: int, free_byte
     check_sana_memory(sana_latent_bytes(shape[0], shape[2], shape[3]), free_bytes, what, batch=shape[0],
                       width_px=shape[3] * LATENT_DOWNSCALE, height_px=shape[2] * LATENT_DOWNSCALE)
     return shape
+
+
+def latent_size_note(width_px: int, height_px: int, shape: tuple[int, ...]) -> str | None:
+    """What a latent ``shape`` made for ``width_px`` x ``height_px`` will decode to, when that differs (a side
+    not a multiple of 32 is rounded down): said, not done silently. None when the sizes match."""
+    got_w, got_h = shape[-1] * LATENT_DOWNSCALE, shape[-2] * LATENT_DOWNSCALE
+    if (got_w, got_h) == (int(width_px), int(height_px)):
+        return None
+    return (f"{width_px}x{height_px} px is not a multiple of {LATENT_DOWNSCALE} on each side: the latent makes "
+            f"a {got_w}x{got_h} px image. Use multiples of {LATENT_DOWNSCALE} to get the size asked for.")
 
 
 def check_sana_sampling(samples: torch.Tensor, free_bytes: int | None, *, hidden_size: int, mlp_ratio: float = 2.5,

@@ -23,6 +23,7 @@ from torch import nn
 
 from uniba import conv
 
+from .checks import check_dit_inputs
 from .config import SPRINT_GUIDANCE, SanaConfig
 
 
@@ -310,24 +311,10 @@ class SanaDiT(nn.Module):
                                                             cfg.pe_interpolation, device, dtype)[None]
         return self._pe_cache[key]
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        expected = self.config.in_channels
-        if x.ndim != 4 or x.shape[1] != expected:
-            found = tuple(x.shape)
-            hint = (" This looks like a 4-channel SD/SDXL latent: Sana works on the 32-channel DC-AE latent at "
-                    "1/32 of the image size. Start from 'SanaEmptyLatent' or encode the image with the Sana DC-AE "
-                    "encoder (the DC-AE VAE encode node).") if x.ndim == 4 and x.shape[1] == 4 else ""
-            raise ValueError(f"Sana expects a latent of shape (batch, {expected}, height/32, width/32), "
-                             f"got {found}.{hint}")
-        p = self.config.patch_size
-        if x.shape[-2] % p or x.shape[-1] % p:
-            raise ValueError(f"Sana latent height and width must be multiples of the patch size {p}, "
-                             f"got {tuple(x.shape[-2:])}.")
-
     def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, guidance: torch.Tensor | float | None = None,
                 **kwargs: Any) -> torch.Tensor:
-        self._check_input(x)
+        check_dit_inputs(self.config, x, timestep, context, context_mask)
         cfg = self.config
         b, _, height, width = x.shape
         p = cfg.patch_size

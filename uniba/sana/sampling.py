@@ -18,17 +18,26 @@ from typing import Any
 import torch
 from tqdm.auto import trange
 
-from ..guards import check_step_finite
-from .config import DEFAULT_SHIFT
+from ..guards import check_step_finite, check_whole_number
+from .config import DEFAULT_SHIFT, SHIFT_4K
 
 NUM_TRAIN_TIMESTEPS = 1000
 
-__all__ = ["flow_sigmas", "sample_flow_dpm_solver", "sample_flow_euler", "shift_sigma", "start_noise"]
+__all__ = ["check_shift", "flow_sigmas", "sample_flow_dpm_solver", "sample_flow_euler", "shift_sigma", "start_noise"]
 
 
 def shift_sigma(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
     """Sana's resolution shift of the flow time: ``shift * t / (1 + (shift - 1) * t)``."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def check_shift(shift: object, where: str = "shift") -> float:
+    """A flow shift is a finite number > 0: at 0 every sigma is 0 (the sampler returns its input unchanged),
+    below 0 the grid leaves [0, 1] and the model produces NaN."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"{where}: must be a number above 0 ({DEFAULT_SHIFT} for Sana up to 2K, {SHIFT_4K} for 4K), "
+                         f"got {shift!r}; a shift of 0 makes every sigma 0 and a negative one gives NaN.")
+    return float(shift)
 
 
 def flow_sigmas(steps: int, shift: float = DEFAULT_SHIFT, *, kind: str = "dpm_solver",
@@ -45,10 +54,10 @@ def flow_sigmas(steps: int, shift: float = DEFAULT_SHIFT, *, kind: str = "dpm_so
     ``denoise < 1`` keeps the last ``steps`` intervals of a ``int(steps / denoise)``-step grid (as
     ComfyUI's schedulers do) for image-to-image.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    steps = check_whole_number(steps, "steps")
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    check_shift(shift)
     total = steps if denoise >= 1.0 else int(steps / denoise)
     if kind == "dpm_solver":
         t = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, total + 1, dtype=torch.float64)

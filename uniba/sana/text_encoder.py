@@ -38,6 +38,8 @@ from uniba.checkpoint import (
     strip_prefix,
     wrong_family_error,
 )
+from uniba.guards import check_text
+from uniba.progress import ProgressFn
 
 log = logging.getLogger("uniba")
 
@@ -104,8 +106,11 @@ def encode_prompt(text_encoder: SanaTextEncoder, prompts: str | Sequence[str], u
     ``use_chi=True`` for the positive prompt; ``False`` for the negative/unconditional one.
     Prompts longer than the model reads are truncated with a warning.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    prompts = [p.strip() for p in prompts]
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    prompts = [check_text(p, "prompt" if single else f"prompts[{i}]").strip() for i, p in enumerate(prompts)]
+    if not prompts:
+        raise ValueError("prompts: the list is empty; give at least one prompt (an empty text is fine).")
     tokenizer = text_encoder.tokenizer
     tokenizer.padding_side = "right"
     if use_chi:
@@ -134,7 +139,7 @@ def encode_prompt(text_encoder: SanaTextEncoder, prompts: str | Sequence[str], u
 # --------------------------------------------------------------------------- loading
 
 def _gemma_config_from_shapes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Any:
-    from transformers import Gemma2Config
+    from transformers import Gemma2Config  # optional dependency, heavy: imported on first use
 
     if CONFIG_METADATA_KEY in metadata:
         return Gemma2Config(**json.loads(metadata[CONFIG_METADATA_KEY]))
@@ -151,7 +156,7 @@ def _gemma_config_from_shapes(state: Mapping[str, torch.Tensor], metadata: Mappi
 
 
 def _tokenizer_from_spiece(data: torch.Tensor, path: str) -> Any:
-    from transformers import GemmaTokenizer
+    from transformers import GemmaTokenizer  # optional dependency, heavy: imported on first use
 
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "tokenizer.model").write_bytes(data.to(torch.uint8).cpu().numpy().tobytes())
@@ -162,13 +167,14 @@ def _tokenizer_from_spiece(data: torch.Tensor, path: str) -> Any:
                                   "Download the file again, or use the Hugging Face folder of gemma-2-2b-it.") from None
 
 
-def _build_model(config: Any, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype | None) -> Any:
-    from transformers import Gemma2Model
+def _build_model(config: Any, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype | None,
+                 progress: ProgressFn | None = None) -> Any:
+    from transformers import Gemma2Model  # optional dependency, heavy: imported on first use
 
     config._attn_implementation = "eager"  # logit soft-capping exists only in eager attention
     # real buffers: Gemma computes its rotary table and embedding scale in the constructor
     return load_model(lambda: Gemma2Model(config), state, path=path, family=FAMILY, ignore=_IGNORED, dtype=dtype,
-                      real_buffers=True)
+                      real_buffers=True, progress=progress)
 
 
 def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,9 +184,9 @@ def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def load_text_encoder(path_or_folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                      device: torch.device | str = "cpu") -> SanaTextEncoder:
+                      device: torch.device | str = "cpu", progress: ProgressFn | None = None) -> SanaTextEncoder:
     """Load Gemma-2 from a Hugging Face folder or a single safetensors file with an embedded tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer  # optional dependency, heavy: imported on first use
 
     path = os.fspath(path_or_folder)
     if os.path.isdir(path):
@@ -220,5 +226,5 @@ def load_text_encoder(path_or_folder: str | os.PathLike, dtype: torch.dtype | No
         raise wrong_family_error(path, FAMILY, state.keys())
     if config is None:
         config = _gemma_config_from_shapes(state, metadata)
-    model = _build_model(config, state, path, dtype)
+    model = _build_model(config, state, path, dtype, progress)
     return SanaTextEncoder(model=model.to(device), tokenizer=tokenizer, source=path)
