@@ -273,3 +273,12 @@ def test_weights_relabelled_as_integers_are_one_sentence() -> None:
     text = str(info.value)
     assert text.startswith("toy.safetensors: stores 2 tensor(s) as the wrong kind of number for the Toy layout")
     assert "0.weight (int64)" in text and "download it again" in text and "\n" not in text
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b"\xff\xfe{}", b'{"weight_map": 3}'])
+def test_a_damaged_shard_index_is_one_checkpoint_error(tmp_path: Path, content: bytes) -> None:
+    """Deep nesting (RecursionError in json), bad UTF-8 or the wrong shape of index: the file named, the fix."""
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*(index|JSON).*\. .+"):
+        read_state_dict(tmp_path)
