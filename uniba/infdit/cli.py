@@ -204,6 +204,7 @@ def _upscale_job(args: argparse.Namespace) -> int:
     group = job.process_group("nccl" if device.type == "cuda" else "gloo") if split else None
     display = TerminalProgress(work["units"], unit="batch") if job.is_main else None
     progress = JobProgress(job, work["units"], work["todo"], display)
+    progress.draw()
     shown: set[tuple[int, int]] = set()
     order = iter(range(len(items)))  # split: every rank walks the inputs in the same order
     while (index := (next(order, len(items)) if split else job.take())) < len(items):
