@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from uniba.devices import DTYPE_CHOICES
+from uniba.devices import DTYPE_CHOICES, WEIGHT_DTYPE_CHOICES
 from uniba.sana.config import SPRINT_GUIDANCE
 from uniba.sana.loader import pipeline_parts
 from uniba.sana.sprint import DEFAULT_STEPS, INTERMEDIATE_TIMESTEPS, MAX_TIMESTEPS, sample_scm, sprint_sigmas
@@ -111,8 +111,8 @@ class SanaPipelineLoader:
             "pipeline_name": (_pipeline_choices(), {
                 "tooltip": "a <name>_diffusers folder in models/diffusion_models/ (model_index.json, transformer/, "
                            "text_encoder/, tokenizer/, vae/), regular Sana or Sana-Sprint"}),
-            "weight_dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "the DiT's dtype, as in Sana DiT "
-                                                                                 "Loader"}),
+            "weight_dtype": (list(WEIGHT_DTYPE_CHOICES), {"default": "auto", "tooltip": "the DiT's dtype, as in "
+                                                                                        "Sana DiT Loader"}),
             "text_encoder_dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "Gemma-2's dtype; "
                                                                                       + NO_FP16}),
             "vae_dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "the DC-AE's dtype; " + NO_FP16}),

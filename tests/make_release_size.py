@@ -19,6 +19,8 @@ infdit              ``infdit/mp_rank_00_model_states.pt``                       
 sana_1024           ``diffusion_models/Sana_1600M_1024px_BF16.pth``                  ``{"state_dict": ...}``,
                                                                                      original keys, bf16
 sana_4k             ``diffusion_models/Sana_1600M_4Kpx_BF16.pth``                    same, sincos pos_embed
+sana_4800m          ``diffusion_models/SANA1.5_4.8B_1024px_BF16.pth``                same, 60 blocks,
+                                                                                     qk/cross norm (9.4 GB)
 sana_diffusers      ``diffusion_models/Sana_1600M_1024px_BF16_diffusers/transformer/``  2 safetensors shards
                                                                                      + index + config.json
 gemma_folder        ``text_encoders/gemma-2-2b-it/``                                 2 shards + index +
@@ -355,6 +357,8 @@ FORMATS: dict[str, Callable[[Path, int], dict[str, object]]] = {
     "infdit": make_infdit,
     "sana_1024": lambda out, seed: make_sana_original(out, seed, "Sana_1600M_1024px", "Sana_1600M_1024px_BF16.pth"),
     "sana_4k": lambda out, seed: make_sana_original(out, seed, "Sana_1600M_4Kpx", "Sana_1600M_4Kpx_BF16.pth"),
+    "sana_4800m": lambda out, seed: make_sana_original(out, seed, "SANA1.5_4.8B_1024px",
+                                                       "SANA1.5_4.8B_1024px_BF16.pth"),
     "sana_diffusers": make_sana_diffusers,
     "gemma_folder": make_gemma_folder,
     "gemma_single": make_gemma_single,

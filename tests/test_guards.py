@@ -14,7 +14,7 @@ from tiny_infdit import TINY, write_tiny_infdit
 from tiny_sana import tiny_sana_state_dict, to_original_format, write_tiny_sana_dit
 
 from uniba.checkpoint import CheckpointError, check_file, read_safetensors_metadata, read_state_dict, with_article
-from uniba.guards import NonFiniteError, WorkTooLarge, check_finite, finite_callback, finite_denoiser
+from uniba.guards import NonFiniteError, WorkTooLarge, check_denoised_finite, check_finite, finite_denoiser
 from uniba.memory import GIB
 from uniba.sana.checks import (
     check_batch_matches,
@@ -163,13 +163,11 @@ def test_finite_denoiser_names_the_step_the_sampler_produced_nan_at() -> None:
 
     with pytest.raises(NonFiniteError, match=r"Flow-Euler produced non-finite values at step 4 of 6"):
         sample_flow_euler(finite_denoiser(denoiser, sigmas, "Flow-Euler"), torch.randn(1, 4, 2, 2), sigmas)
-    seen = []
-    callback = finite_callback(seen.append, 6, "SanaSampler")  # for samplers a host runs (stock KSampler)
-    callback({"i": 0, "denoised": torch.zeros(1, 4, 2, 2), "sigma": torch.tensor(0.9)})
-    assert len(seen) == 1
-    with pytest.raises(NonFiniteError, match=r"SanaSampler produced non-finite values at step 4 of 6 \(sigma 0.5\)"):
-        callback({"i": 3, "denoised": torch.full((1, 4, 2, 2), float("nan")), "sigma": torch.tensor(0.5)})
-    assert len(seen) == 1
+    # for samplers a host runs (stock KSampler), the model's output is checked at each call by its sigma
+    ok = torch.zeros(1, 4, 2, 2)
+    assert check_denoised_finite(ok, torch.tensor([0.9]), "the Sana DiT") is ok
+    with pytest.raises(NonFiniteError, match=r"the Sana DiT produced non-finite values at sigma 0.5: .* float32"):
+        check_denoised_finite(torch.full((1, 4, 2, 2), float("nan")), torch.tensor([0.5, 0.5]), "the Sana DiT")
 
 
 # --------------------------------------------------------------------------- Sana inputs (issue 11 item 8)

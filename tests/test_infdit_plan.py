@@ -177,3 +177,16 @@ def test_cli_upscale_takes_a_sampler_steps_or_preset(tmp_path):
         outputs[name] = np.asarray(Image.open(dst))
     assert outputs["a"].shape == (64, 64, 3) and not np.array_equal(outputs["a"], outputs["c"])
     assert np.abs(outputs["a"].astype(int) - outputs["d"]).max() <= 1  # any block batch: the same image
+
+
+def test_traversal_names_have_one_home():
+    """"row-major" / "column-major" are defined once (uniba/infdit/blockwise.py); the planner, the engine and the
+    benchmarks import them, so a renamed traversal cannot leave a stale copy behind."""
+    from pathlib import Path
+
+    import uniba
+
+    root = Path(uniba.__file__).parent
+    homes = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                   if any(name in p.read_text(encoding="utf-8") for name in ('"row-major"', '"column-major"')))
+    assert homes == ["infdit/blockwise.py"]

@@ -152,30 +152,3 @@ def test_accelerator_messages_are_out_of_memory(message: str) -> None:
 def test_unrelated_errors_are_not_out_of_memory() -> None:
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     assert not is_out_of_memory(ValueError("out of memory"))  # only allocator error types count
-
-
-def test_host_oom_check_is_consulted_and_removable() -> None:
-    from uniba.memory import register_oom_check, unregister_oom_check
-
-    class HostOnlyError(Exception):
-        pass
-
-    seen: list[BaseException] = []
-
-    def host_is_oom(exc: BaseException) -> bool:  # like comfy.model_management.is_oom
-        seen.append(exc)
-        return isinstance(exc, HostOnlyError)
-
-    def broken(exc: BaseException) -> bool:
-        raise RuntimeError("host hook broke")
-
-    register_oom_check(host_is_oom)
-    register_oom_check(broken)
-    try:
-        assert is_out_of_memory(HostOnlyError())
-        assert not is_out_of_memory(KeyError("x"))  # the broken hook is ignored, not raised
-        assert len(seen) == 2
-    finally:
-        unregister_oom_check(host_is_oom)
-        unregister_oom_check(broken)
-    assert not is_out_of_memory(HostOnlyError())

@@ -42,7 +42,7 @@ def test_defaults() -> None:
     assert (sigmas["steps"][1]["default"], sigmas["shift"][1]["default"], sigmas["denoise"][1]["default"]) == (
         20, 3.0, 1.0)
     loader = sana_nodes.SanaDiTLoader.INPUT_TYPES()["required"]
-    assert loader["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
+    assert loader["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
 
 
 def test_empty_latent_custom_and_presets() -> None:

@@ -30,8 +30,8 @@ from typing import Any
 import safetensors.torch  # noqa: F401 - imported before the baseline, so the load does not count it
 import torch
 
-from . import dcae, infdit, sana
-from .devices import DTYPES, dtype_name
+from . import dcae, fit, infdit, sana
+from .devices import DTYPES, FP8, STORAGE_DTYPES, dtype_name
 from .infdit.blockwise import denoise
 
 # Where tests/make_release_size.py puts each format, and which loader reads it.
@@ -39,6 +39,7 @@ KNOWN_FILES: tuple[tuple[str, str], ...] = (
     ("infdit", "infdit/mp_rank_00_model_states.pt"),
     ("sana", "diffusion_models/Sana_1600M_1024px_BF16.pth"),
     ("sana", "diffusion_models/Sana_1600M_4Kpx_BF16.pth"),
+    ("sana", "diffusion_models/SANA1.5_4.8B_1024px_BF16.pth"),
     ("sana", "diffusion_models/Sana_1600M_1024px_BF16_diffusers/transformer"),
     ("gemma", "text_encoders/gemma-2-2b-it"),
     ("gemma", "text_encoders/gemma_2_2b_fp16.safetensors"),
@@ -103,8 +104,13 @@ def _loader(kind: str) -> Callable[..., Any]:
     raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
-def _load(kind: str, path: str, dtype: torch.dtype | None) -> tuple[Any, torch.nn.Module]:
-    loaded = _loader(kind)(path, dtype)
+def _load(kind: str, path: str, dtype_name: str | None) -> tuple[Any, torch.nn.Module]:
+    if dtype_name == FP8:  # fp8 storage computes in bf16, as on a GPU (only Sana's loader offers it)
+        if kind != "sana":
+            raise ValueError(f"{FP8} storage is offered for the Sana DiT only, not {kind}")
+        loaded = sana.load_sana(path, torch.bfloat16, storage_dtype=STORAGE_DTYPES[FP8])
+        return loaded, loaded
+    loaded = _loader(kind)(path, DTYPES.get(dtype_name or ""))
     return loaded, (loaded.model if kind == "gemma" else loaded)
 
 
@@ -146,15 +152,22 @@ def _forward(kind: str, loaded: Any, seed: int = 0) -> torch.Tensor:
     raise ValueError(kind)
 
 
+def _main_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype holding most of the model's bytes (fp8 storage keeps norms and tables in the compute dtype)."""
+    totals: dict[torch.dtype, int] = {}
+    for t in module.state_dict().values():
+        totals[t.dtype] = totals.get(t.dtype, 0) + t.numel() * t.element_size()
+    return max(totals, key=totals.__getitem__)
+
+
 def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     kind, path = spec["kind"], spec["path"]
-    dtype = DTYPES.get(spec.get("dtype") or "")
     torch.set_num_threads(int(spec.get("threads") or 2))
     _warm_imports(kind)
     meter = PeakRss()
     meter.start()
     start = time.perf_counter()
-    loaded, module = _load(kind, path, dtype)
+    loaded, module = _load(kind, path, spec.get("dtype"))
     seconds = time.perf_counter() - start
     # Memory-mapped weights are read lazily: touch every page, as the first forward would, so the peak
     # counts what the model really occupies once in use.
@@ -162,7 +175,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     ready = time.perf_counter() - start
     result: dict[str, Any] = {
         "kind": kind, "path": path, "load_s": seconds, "ready_s": ready, "peak_bytes": meter.peak_above_baseline(),
-        "model_bytes": model_bytes(module), "dtype": dtype_name(next(module.parameters()).dtype),
+        "model_bytes": model_bytes(module), "dtype": dtype_name(_main_dtype(module)),
     }
     if spec.get("forward_out"):
         meter.start()
@@ -244,12 +257,17 @@ def run(argv: list[str] | None = None) -> int:
                         help="the folder written by tests/make_release_size.py, or checkpoint files/folders")
     parser.add_argument("--kind", choices=KINDS, help="loader for explicit files (default: from the folder layout)")
     parser.add_argument("--dtype", default="stored",
-                        help="comma-separated load dtypes: stored (the file's own), bf16, fp16, fp32 (default stored)")
+                        help="comma-separated load dtypes: stored (the file's own), bf16, fp16, fp32, and for the Sana "
+                             f"DiT {FP8} (weights stored in fp8, computed in bf16) (default stored)")
     parser.add_argument("--only", default="", help="comma-separated kinds to run (infdit, sana, dcae, gemma)")
     parser.add_argument("--forward", action="store_true",
                         help="also run one forward per model in bf16 and fp32 and compare (fresh process each)")
     parser.add_argument("--forward-dtypes", default="bf16",
-                        help="comma-separated half dtypes the forward smoke compares with fp32 (bf16, fp16)")
+                        help=f"comma-separated dtypes the forward smoke compares with the reference (bf16, fp16, "
+                             f"{FP8})")
+    parser.add_argument("--forward-reference", default="fp32", choices=("fp32", "bf16"),
+                        help="the forward smoke's reference dtype; bf16 for models whose fp32 copy does not fit in RAM "
+                             "(SANA-1.5 4.8B: 19 GB in fp32)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--comfyui-child", type=Path,
                         help="with COMFYUI_DIR: also load Sana through the node in ComfyUI, run by this script (the "
@@ -259,12 +277,13 @@ def run(argv: list[str] | None = None) -> int:
         parser.error(f"--comfyui-child {args.comfyui_child} does not exist")
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    bad = [d for d in dtypes if d != "stored" and d not in DTYPES]
+    bad = [d for d in dtypes if d not in ("stored", *DTYPES, FP8)]
     if bad:
-        parser.error(f"--dtype {','.join(bad)}: choose from stored, {', '.join(DTYPES)}")
+        parser.error(f"--dtype {','.join(bad)}: choose from stored, {', '.join(DTYPES)}, {FP8}")
     halves = [d.strip() for d in args.forward_dtypes.split(",") if d.strip()]
-    if not halves or set(halves) - {"bf16", "fp16"}:
-        parser.error(f"--forward-dtypes {args.forward_dtypes}: choose from bf16, fp16")
+    if not halves or set(halves) - {"bf16", "fp16", FP8} or args.forward_reference in halves:
+        parser.error(f"--forward-dtypes {args.forward_dtypes}: choose from bf16, fp16, {FP8}, other than the "
+                     f"reference {args.forward_reference}")
     only = {k.strip() for k in args.only.split(",") if k.strip()}
     if only - set(KINDS):
         parser.error(f"--only {','.join(sorted(only - set(KINDS)))}: choose from {', '.join(KINDS)}")
@@ -284,7 +303,7 @@ def run(argv: list[str] | None = None) -> int:
               f"{'ready s':>7s} {'peak GiB':>8s} {'peak/model':>10s}")
     print(header)
     failures = 0
-    runs = [(kind, path, dtype, False) for kind, path in targets for dtype in dtypes]
+    runs = [(kind, path, dtype, False) for kind, path in targets for dtype in dtypes if dtype != FP8 or kind == "sana"]
     if os.environ.get("COMFYUI_DIR") and args.comfyui_child:
         runs += [(kind, path, dtype, True) for kind, path, dtype, _ in runs if kind == "sana"]
     else:
@@ -302,31 +321,34 @@ def run(argv: list[str] | None = None) -> int:
         ratio = result["peak_bytes"] / max(result["model_bytes"], 1)
         verdict = "" if ratio <= RATIO_LIMIT else "  over"
         failures += bool(verdict)
-        print(f"{name[-52:]:52s} {_format_of(path):18s} {_gib(_file_bytes(path)):>8s} {result['dtype']:>6s} "
+        print(f"{name[-52:]:52s} {_format_of(path):18s} {_gib(_file_bytes(path)):>8s} "
+              f"{result['dtype'].removesuffix('_e4m3fn'):>6s} "
               f"{_gib(result['model_bytes']):>9s} {result['load_s']:7.1f} {result['ready_s']:7.1f} "
               f"{_gib(result['peak_bytes']):>8s} "
               f"{ratio:10.2f}{verdict}", flush=True)
     if args.forward:
-        failures += _forward_table(targets, args.threads, halves)
+        failures += _forward_table(targets, args.threads, halves, args.forward_reference)
+    if any(kind == "sana" for kind, _ in targets):
+        print("\n" + fit.residency_table(fit.SANA_4800M_PIPELINE, (12, 16)))
     return 1 if failures else 0
 
 
-def _forward_table(targets: list[tuple[str, Path]], threads: int, halves: list[str]) -> int:
-    print(f"\nforward smoke, {' and '.join(halves)} against fp32 (same weights; fresh process each; inputs seeded "
-          "on the CPU)")
-    print(f"{'file':52s} {'dtype':>5s} {'half s':>7s} {'fp32 s':>7s} {'max abs':>9s} {'rel L2':>9s}  finite")
+def _forward_table(targets: list[tuple[str, Path]], threads: int, halves: list[str], reference: str = "fp32") -> int:
+    print(f"\nforward smoke, {' and '.join(halves)} against {reference} (same weights; fresh process each; inputs "
+          f"seeded on the CPU; {FP8} = weights stored in fp8, computed in bf16)")
+    print(f"{'file':52s} {'dtype':>5s} {'this s':>7s} {reference + ' s':>7s} {'max abs':>9s} {'rel L2':>9s}  finite")
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for i, (kind, path) in enumerate(targets):
             outs: dict[str, torch.Tensor] = {}
             times: dict[str, float] = {}
-            for dtype in ["fp32"] + halves:
+            for dtype in [reference] + [h for h in halves if h != FP8 or kind == "sana"]:
                 out_file = os.path.join(tmp, f"{i}_{dtype}.pt")
                 result = run_child(kind, path, dtype, forward_out=out_file, threads=threads)
                 if "error" in result:
                     print(f"{str(path)[-52:]:52s} {dtype:>5s} ERROR {result['error']}", flush=True)
                     failures += 1
-                    if dtype == "fp32":
+                    if dtype == reference:
                         break
                     continue
                 times[dtype] = result["forward_s"]
@@ -336,11 +358,11 @@ def _forward_table(targets: list[tuple[str, Path]], threads: int, halves: list[s
                     failures += 1
                     outs.pop(dtype)
                     continue
-                if dtype == "fp32":
+                if dtype == reference:
                     continue
-                max_abs, rel = _compare(outs[dtype], outs["fp32"])
-                print(f"{str(path)[-52:]:52s} {dtype:>5s} {times[dtype]:7.1f} {times['fp32']:7.1f} {max_abs:9.3g} "
-                      f"{rel:9.3g}  yes", flush=True)
+                max_abs, rel = _compare(outs[dtype], outs[reference])
+                print(f"{str(path)[-52:]:52s} {dtype.removesuffix('_e4m3fn'):>5s} {times[dtype]:7.1f} "
+                      f"{times[reference]:7.1f} {max_abs:9.3g} {rel:9.3g}  yes", flush=True)
     return failures
 
 

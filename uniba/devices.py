@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "DTYPES", "STORAGE_DTYPES", "COMPUTE_DTYPES", "DTYPE_CHOICES", "DtypeSupport", "dtype_name", "dtype_from_name",
-    "torch_dtype_support", "allowed_dtypes", "choose_dtype", "default_device",
+    "DTYPES", "STORAGE_DTYPES", "COMPUTE_DTYPES", "DTYPE_CHOICES", "WEIGHT_DTYPE_CHOICES", "DtypeSupport", "dtype_name",
+    "dtype_from_name",
+    "torch_dtype_support", "allowed_dtypes", "choose_dtype", "choose_weight_dtypes", "default_device",
 ]
 
 # The dtypes models compute in, by the names the nodes and the command line use.
@@ -25,6 +26,10 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {**DTYPES, "fp8_e4m3fn": torch.float8_e
 COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
 # What a "dtype" input offers: the rule below, or one of the compute dtypes.
 DTYPE_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+# A DiT loader's "weight_dtype" also offers fp8 storage: weights kept in fp8, each layer cast to auto's compute
+# dtype when it runs (the role of core's UNETLoader weight_dtype fp8_e4m3fn).
+FP8 = "fp8_e4m3fn"
+WEIGHT_DTYPE_CHOICES: tuple[str, ...] = (*DTYPE_CHOICES, FP8)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -86,6 +91,21 @@ def choose_dtype(requested: str, device: torch.device, support: DtypeSupport, *,
     if torch.float16 in allowed and support.fp16:
         return torch.float16
     return torch.float32
+
+
+def choose_weight_dtypes(requested: str, device: torch.device, support: DtypeSupport, *,
+                         supported: Iterable[torch.dtype] = COMPUTE_DTYPES,
+                         stored: torch.dtype | None = None) -> tuple[torch.dtype, torch.dtype | None]:
+    """``(compute dtype, storage dtype or None)`` for a DiT loader's ``weight_dtype`` (:data:`WEIGHT_DTYPE_CHOICES`).
+
+    fp8 stores the weights in ``float8_e4m3fn`` and computes in what ``auto`` would choose; every other choice
+    stores and computes in one dtype, as :func:`choose_dtype` resolves it.
+    """
+    if requested == FP8:
+        return choose_dtype("auto", device, support, supported=supported, stored=stored), STORAGE_DTYPES[FP8]
+    if requested not in WEIGHT_DTYPE_CHOICES:
+        raise ValueError(f"weight dtype must be one of {', '.join(WEIGHT_DTYPE_CHOICES)}, got {requested!r}")
+    return choose_dtype(requested, device, support, supported=supported, stored=stored), None
 
 
 def default_device() -> torch.device:

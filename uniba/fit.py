@@ -39,9 +39,6 @@ from .sana.text_encoder import ENCODE_WORK_BYTES
 CARDS_GB = (8, 12, 16, 24)
 SAFETY_FRACTION = 0.1
 GIB = 1024**3
-# fp8 weight storage (uniba.devices.STORAGE_DTYPES) for Sana 4.8B is planned, no loader offers it yet: listed as
-# parameters x 1 byte.
-PLANNED = ("fp8_e4m3fn",)
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,6 @@ class Fit:
     weights_bytes: int
     fits: bool
     offloaded: str = ""  # what the plan keeps in host RAM
-    planned: bool = False  # a storage dtype the pack does not offer yet
 
 
 @dataclass(frozen=True)
@@ -123,8 +119,7 @@ class SanaWork(Work):
         weights = _params("sana", self.release) * _size(dtype)
         latent = self.side // LATENT_DOWNSCALE
         work = sana_sampling_peak_bytes(1, latent, latent, hidden_size=RELEASES[self.release].hidden_size)
-        return Fit(dtype, weights + work, weights, work <= _usable(card_bytes, weights),
-                   planned=dtype in PLANNED)
+        return Fit(dtype, weights + work, weights, work <= _usable(card_bytes, weights))
 
 
 class GemmaWork(Work):
@@ -133,14 +128,17 @@ class GemmaWork(Work):
         return Fit(dtype, weights + ENCODE_WORK_BYTES, weights, ENCODE_WORK_BYTES <= _usable(card_bytes, weights))
 
 
+@dataclass(frozen=True)
 class DCAEWork(Work):
+    side: int = 4096
+
     def fit(self, dtype: str, card_bytes: int) -> Fit:
         weights = _params("dcae") * _size(dtype)
         usable = _usable(card_bytes, weights)
         with torch.device("meta"):
             steps = decoder_steps(DCAE(DCAEConfig.sana_f32c32()))
-        plan = plan_pass(steps, (1, 32, 4096 // LATENT_DOWNSCALE, 4096 // LATENT_DOWNSCALE), STORAGE_DTYPES[dtype],
-                         budget_bytes=usable)
+        cells = self.side // LATENT_DOWNSCALE
+        plan = plan_pass(steps, (1, 32, cells, cells), STORAGE_DTYPES[dtype], budget_bytes=usable)
         offloaded = "" if plan.store_on_compute else "whole activations"
         return Fit(dtype, weights + plan.estimated_peak_bytes, weights, plan.estimated_peak_bytes <= usable, offloaded)
 
@@ -159,6 +157,39 @@ WORKS: tuple[Work, ...] = (
 )
 
 
+# One SANA-1.5 4.8B text-to-image run, step by step: (step, its work, the dtypes offered for it).
+SANA_4800M_PIPELINE: tuple[tuple[str, Work, tuple[str, ...]], ...] = (
+    ("1 Gemma-2 encodes", GemmaWork("Gemma-2-2B", ("bf16",)), ("bf16",)),
+    ("2 DiT samples", SanaWork("Sana 1.5 4.8B", ("fp8_e4m3fn", "bf16"), "SANA1.5_4.8B_1024px", 1024),
+     ("fp8_e4m3fn", "bf16")),
+    ("3 DC-AE decodes", DCAEWork("DC-AE 1024 px", ("bf16",), 1024), ("bf16",)),
+)
+
+
+def residency_table(pipeline: tuple[tuple[str, Work, tuple[str, ...]], ...] = SANA_4800M_PIPELINE,
+                    cards: tuple[int, ...] = (12, 16)) -> str:
+    """What is on the card at each step of a pipeline, per card and DiT weight dtype (planned, no weights needed).
+
+    Each step runs alone: the models of the other steps wait in RAM (ComfyUI unloads them when the next one needs
+    the room), so a step's peak is its own weights plus its working memory.
+    """
+    dit_dtypes = max((dtypes for _, _, dtypes in pipeline), key=len)
+    lines = ["Resident on the card per step, 1024 px SANA-1.5 4.8B (planned from byte counts; other steps' models "
+             "in RAM):", "| card | DiT weights | " + " | ".join(step for step, _, _ in pipeline) + " |",
+             "|---|---|" + "---|" * len(pipeline)]
+    for card in cards:
+        for dit_dtype in dit_dtypes:
+            cells = []
+            for _, work, dtypes in pipeline:
+                dtype = dit_dtype if dit_dtype in dtypes else dtypes[0]
+                f = work.fit(dtype, card * GIB)
+                text = f"{dtype} {_gib(f.weights_bytes)} + {_gib(f.peak_bytes - f.weights_bytes)} work"
+                cells.append(text + ("" if f.fits else " DOES NOT FIT") + (f", {f.offloaded} in RAM" if f.offloaded
+                                                                             else ""))
+            lines.append(f"| {card} GB | {dit_dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:.1f}"
 
@@ -170,7 +201,7 @@ def cell(work: Work, card_gb: int) -> str:
     for f in fits:
         if not f.fits:
             continue
-        text = f"{f.dtype}{' (planned)' if f.planned else ''} {_gib(f.peak_bytes)}"
+        text = f"{f.dtype} {_gib(f.peak_bytes)}"
         shown.append(text + (f", {f.offloaded} in RAM" if f.offloaded else ""))
     if shown:
         return "; ".join(shown)

@@ -6,8 +6,9 @@
   values came from (loaded weights are checked by :mod:`uniba.checkpoint`, with the same scan from
   :mod:`uniba.finite`).
 * :class:`WorkTooLarge`: work refused before allocating because its estimate exceeds the budget.
-* Config values read from checkpoint metadata (:func:`config_from_metadata`): invalid JSON or
-  impossible values become a :class:`~uniba.checkpoint.CheckpointError` naming the file.
+* Config values (:func:`validate_config`): impossible values become a
+  :class:`~uniba.checkpoint.CheckpointError` naming the file (configs stored in metadata are read by
+  :mod:`uniba.metadata`).
 * Values handed to the engine's public functions and the nodes (:func:`check_image`, :func:`check_seed`,
   :func:`check_choice`, :func:`check_whole_number`, :func:`check_text`): one sentence naming the input, what
   it got and the fix, instead of a library error from deep inside (or a silently wrong image).
@@ -31,8 +32,8 @@ from .checkpoint import CheckpointError
 from .finite import describe_non_finite, first_non_finite
 
 __all__ = [
-    "NonFiniteError", "WorkTooLarge", "check_finite", "finite_denoiser", "check_step_finite",
-    "config_from_metadata", "validate_config", "check_image", "check_seed", "check_choice", "check_whole_number",
+    "NonFiniteError", "WorkTooLarge", "check_finite", "finite_denoiser", "check_step_finite", "check_denoised_finite",
+    "validate_config", "check_image", "check_seed", "check_choice", "check_whole_number",
     "check_text",
 ]
 
@@ -56,12 +57,14 @@ def check_finite(tensor: torch.Tensor, where: str, fix: str = "") -> torch.Tenso
     return tensor
 
 
+_STEP_FIX = ("Try float32 or bfloat16 instead of float16 (float16 overflows in many models), fewer or different "
+             "steps, or check the inputs.")
+
+
 def check_step_finite(tensor: torch.Tensor, step: int, total: int, where: str, sigma: float | None = None) -> None:
     """The sampler's output at ``step`` (0-based) of ``total`` must be finite."""
     at = f"step {step + 1} of {total}" + (f" (sigma {sigma:.4g})" if sigma is not None else "")
-    check_finite(tensor, f"{where} produced non-finite values at {at}",
-                 "Try float32 or bfloat16 instead of float16 (float16 overflows in many models), fewer or "
-                 "different steps, or check the inputs.")
+    check_finite(tensor, f"{where} produced non-finite values at {at}", _STEP_FIX)
 
 
 def finite_denoiser(denoiser: Callable[..., torch.Tensor], sigmas: torch.Tensor,
@@ -85,21 +88,11 @@ def finite_denoiser(denoiser: Callable[..., torch.Tensor], sigmas: torch.Tensor,
     return checked
 
 
-def finite_callback(callback: Callable[[dict], Any] | None, total: int, where: str) -> Callable[[dict], Any]:
-    """A k-diffusion ``callback`` that checks ``denoised`` at every step, then calls ``callback``.
-
-    For samplers run by a host (ComfyUI's ``sample_custom``), where the denoiser cannot be wrapped.
-    """
-
-    def checked(info: dict) -> Any:
-        denoised = info.get("denoised")
-        if isinstance(denoised, torch.Tensor):
-            sigma = info.get("sigma")
-            check_step_finite(denoised, int(info.get("i", 0)), total, where,
-                              None if sigma is None else float(torch.as_tensor(sigma).flatten()[0]))
-        return callback(info) if callback is not None else None
-
-    return checked
+def check_denoised_finite(denoised: torch.Tensor, sigma: torch.Tensor | float, where: str) -> torch.Tensor:
+    """A model's prediction at noise level ``sigma`` must be finite. For samplers a host runs (a stock
+    KSampler), whose step the model cannot see: the message names the noise level instead."""
+    value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    return check_finite(denoised, f"{where} produced non-finite values at sigma {value:.4g}", _STEP_FIX)
 
 
 # --------------------------------------------------------------------------- configs from metadata
@@ -157,23 +150,6 @@ def validate_config(config: T, path: str | os.PathLike | None, source: str = "it
         raise CheckpointError(path, f"{source} has impossible values: {'; '.join(problems[:4])}.",
                               "The file's metadata is damaged: convert the original release again.")
     return config
-
-
-def config_from_metadata(parse: Callable[[str], T], text: object, path: str | os.PathLike | None,
-                         key: str = "config") -> T:
-    """Parse a config stored as JSON in a file's metadata and validate it (CheckpointError naming the file)."""
-    if not isinstance(text, str):
-        raise CheckpointError(path, f"has a '{key}' metadata entry that is not text ({type(text).__name__}).",
-                              "Convert the original release again.")
-    try:
-        config = parse(text)
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        raise CheckpointError(path, f"has '{key}' metadata that is not valid JSON ({exc}).",
-                              "The file's metadata is damaged: convert the original release again.") from None
-    except (TypeError, AttributeError, KeyError) as exc:
-        raise CheckpointError(path, f"has '{key}' metadata of the wrong form ({exc}).",
-                              "The file's metadata is damaged: convert the original release again.") from None
-    return validate_config(config, path, f"the '{key}' metadata")
 
 
 # --------------------------------------------------------------------------- values at the public functions

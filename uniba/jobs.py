@@ -119,13 +119,23 @@ class Job:
     world_size: int
     local_rank: int
     store: dist.Store
+    base_store: dist.Store | None = None  # the rendezvous store under torchrun (the job's keys are a prefix of it)
 
     @classmethod
     def start(cls) -> Job:
         if not launched_by_torchrun():
             return cls(0, 1, 0, dist.HashStore())
         store, rank, world_size = next(iter(dist.rendezvous("env://", timeout=WAIT)))
-        return cls(rank, world_size, int(os.environ.get("LOCAL_RANK", 0)), dist.PrefixStore("uniba/job/", store))
+        return cls(rank, world_size, int(os.environ.get("LOCAL_RANK", 0)), dist.PrefixStore("uniba/job/", store),
+                   store)
+
+    def process_group(self, backend: str) -> object:
+        """torch.distributed's default process group over the job's ranks (``gloo`` on CPUs, ``nccl`` on CUDA), made
+        once, on the job's store; every rank must call this (it is a collective)."""
+        if not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.PrefixStore("uniba/group/", self.base_store or self.store),
+                                    rank=self.rank, world_size=self.world_size)
+        return dist.group.WORLD
 
     @property
     def is_main(self) -> bool:

@@ -112,42 +112,14 @@ def largest_unit(
 _OOM_PHRASES = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate",
                 "defaultcpuallocator: not enough memory")
 
-# Extra out-of-memory tests registered by a host (ComfyUI's ``model_management.is_oom`` also clears
-# the queued CUDA error); see :func:`register_oom_check`.
-_HOST_OOM_CHECKS: list[Callable[[BaseException], bool]] = []
-
-
-def register_oom_check(check: Callable[[BaseException], bool]) -> None:
-    """Let a host add its own out-of-memory test, consulted first by :func:`is_out_of_memory`.
-
-    The ComfyUI adapter registers ``comfy.model_management.is_oom`` here when it exists, so its
-    side effects (clearing the queued CUDA error) happen wherever the engine checks for OOM.
-    Registering the same function twice is a no-op.
-    """
-    if check not in _HOST_OOM_CHECKS:
-        _HOST_OOM_CHECKS.append(check)
-
-
-def unregister_oom_check(check: Callable[[BaseException], bool]) -> None:
-    """Remove a test added by :func:`register_oom_check` (no error if it was not registered)."""
-    if check in _HOST_OOM_CHECKS:
-        _HOST_OOM_CHECKS.remove(check)
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for the out-of-memory errors of CUDA, ROCm, MPS, XPU and the CPU allocator.
 
     Recognised: ``torch.OutOfMemoryError``, ``MemoryError`` (Python's own allocator), and any
     ``RuntimeError``/``torch.AcceleratorError`` whose message says the allocator failed (on the CPU:
-    ``DefaultCPUAllocator: can't allocate memory``). Host tests registered with
-    :func:`register_oom_check` are asked first; a host test that itself fails is ignored.
+    ``DefaultCPUAllocator: can't allocate memory``). Hosts with their own test pass it where the
+    engine takes ``is_oom`` (the ComfyUI adapter passes ``host.is_oom``).
     """
-    for check in tuple(_HOST_OOM_CHECKS):
-        try:
-            if check(exc):
-                return True
-        except Exception:  # noqa: BLE001 - a broken host hook must not hide the real error
-            log.debug("host out-of-memory check %r failed", check, exc_info=True)
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
     if oom_types and isinstance(exc, oom_types):

@@ -26,7 +26,7 @@ import torch
 
 from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 from uniba.devices import COMPUTE_DTYPES, allowed_dtypes
-from uniba.guards import check_finite, check_image
+from uniba.guards import check_denoised_finite, check_finite, check_image
 from uniba.sana.checks import SOURCE_KEY, check_context_mask, check_sana_conditioning, check_sana_latent
 from uniba.sana.config import (
     DEFAULT_SHIFT,
@@ -97,8 +97,9 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         sampling_settings = {"shift": DEFAULT_SHIFT, "multiplier": 1000}
         supported_inference_dtypes = list(COMPUTE_DTYPES)
         # ComfyUI reserves dtype_size x 0.01 x this MiB per latent token (flash-attention hosts): 168 KB in fp32,
-        # 84 KB in bf16. One forward of Sana 1600M measured on the CPU peaks at 118 KB per token in fp32 (600M:
-        # 61 KB), so this is a safe over-estimate; bf16 keeps the linear attention in fp32 and lands in between.
+        # 84 KB in bf16. A forward holds uniba.sana.checks.FORWARD_VALUES_PER_TOKEN hidden-sized fp32 values per token
+        # (125 KB at the 1600M's width, 65 KB at the 600M's), so this is a safe over-estimate; bf16 keeps the linear
+        # attention in fp32 and lands in between.
         memory_usage_factor = 4.0
 
         def __init__(self, sana_config: SanaConfig) -> None:
@@ -116,6 +117,10 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
         def __init__(self, model_config: Any, dit: torch.nn.Module) -> None:
             super().__init__(model_config, comfy.model_base.ModelType.FLOW, unet_model=lambda **_: dit)
             self.diffusion_model.compute_dtype = model_config.manual_cast_dtype
+
+        def apply_model(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # every sampler ComfyUI runs on this MODEL (stock KSampler too) stops at the first NaN/inf prediction
+            return check_denoised_finite(super().apply_model(x, t, *args, **kwargs), t, "the Sana DiT")
 
         def extra_conds(self, **kwargs: Any) -> dict[str, Any]:
             out = super().extra_conds(**kwargs)
@@ -142,19 +147,23 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             return out
 
 
-def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype) -> Any:
-    """A MODEL of a read Sana checkpoint with weights in ``dtype`` (:func:`uniba.devices.choose_dtype`'s choice).
+def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype, storage: torch.dtype | None = None) -> Any:
+    """A MODEL of a read Sana checkpoint computing in ``dtype`` (:func:`uniba.devices.choose_weight_dtypes`'s choice),
+    its layers' weights stored in ``storage`` (fp8) when given.
 
     Inside ComfyUI the DiT is built with ComfyUI's layer classes, which compute in the dtype the
-    device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``.
+    device supports when the weights' one is not (``unet_manual_cast``), and wrapped in ``SanaModel``. With fp8
+    storage those layers cast each weight when it runs, and ``--lowvram``/Dynamic VRAM stream them from RAM.
     """
     if not host.IN_COMFYUI:
-        return host.wrap_model(build_sana(checkpoint, dtype))
+        return host.wrap_model(build_sana(checkpoint, dtype, storage_dtype=storage))
     supported = allowed_dtypes(checkpoint.stored_dtype)
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, host.torch_device(), supported)
+    weight_dtype = storage or dtype
+    manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, host.torch_device(), supported)
     model_config = SanaModelConfig(checkpoint.config)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    dit = build_sana(checkpoint, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast))
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    dit = build_sana(checkpoint, manual_cast or dtype, storage_dtype=storage,
+                     operations=comfy.ops.pick_operations(weight_dtype, manual_cast))
     dit.between_blocks = host.check_interrupt  # hosts before 0.28 check Cancel only between sampler steps
     return host.wrap_model(SanaModel(model_config, dit))
 

@@ -251,3 +251,27 @@ def test_pag_node_equals_the_engine(adapters_host, run_prompt) -> None:
         return x0_uncond + CFG * (x0_cond - x0_uncond) + 2.0 * (x0_cond - perturbed)
 
     assert (samples - _engine(adapters_host, velocity)).abs().max().item() <= 1e-4
+
+
+def test_lora_key_map_changes_nothing_for_other_models(adapters_host) -> None:
+    import types
+
+    import comfy.lora
+
+    wrapped = comfy.lora.model_lora_keys_unet
+    original = wrapped.__wrapped__
+
+    class OtherModel:  # any model that is not the pack's Sana
+        model_config = types.SimpleNamespace(unet_config={})
+
+        def state_dict(self):
+            return {"diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+                    "diffusion_model.out.2.bias": torch.zeros(1)}
+
+    assert wrapped(OtherModel(), {}) == original(OtherModel(), {})
+    sana = _load_model(adapters_host).model
+    ours, theirs = wrapped(sana, {}), original(sana, {})
+    assert {k: ours[k] for k in theirs} == theirs  # ComfyUI's own entries are kept as they were
+    assert ours["base_model.model.transformer_blocks.1.ff.conv_depth"] == \
+        "diffusion_model.transformer_blocks.1.ff.conv_depth.weight"
+    assert "transformer.caption_projection.linear_1" not in theirs

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from ..cast_ops import to_storage
 from .dtype import stored_dtype
 from .errors import CheckpointError, short_list
 from .keys import check_keys
@@ -56,6 +57,13 @@ def check_kinds(state_dict: Mapping[str, torch.Tensor], layout: Mapping[str, tor
                               "The file is damaged or was changed after it was saved: download it again.")
 
 
+def _layer_parameters(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the weights and biases of the model's ``Linear`` and ``Conv2d`` layers."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            for name, _ in module.named_parameters(recurse=False)}
+
+
 def load_model(
     build: Callable[[], M],
     state_dict: Mapping[str, torch.Tensor],
@@ -66,6 +74,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     real_buffers: bool = False,
+    storage_dtype: torch.dtype | None = None,
 ) -> M:
     """The one way every family turns a converted state dict into a model.
 
@@ -74,6 +83,10 @@ def load_model(
     dict is then checked strictly against the model (:func:`check_keys`, with the family's documented
     ``ignore`` patterns) and its tensors are assigned, cast to ``dtype`` (``None``: the stored dtype,
     :func:`stored_dtype`) and moved to ``device``. Returns the model in eval mode without gradients.
+
+    ``storage_dtype`` (e.g. fp8) keeps the weights and biases of every ``Linear``/``Conv2d`` in that dtype
+    and the rest (norms, tables, embeddings) in ``dtype``: the model must then be built with layers that
+    cast their weights to the input's dtype when they run (:mod:`uniba.cast_ops`, ComfyUI's ops).
     """
     if real_buffers:
         with parameters_on_meta():
@@ -86,12 +99,16 @@ def load_model(
     check_keys(state_dict, expected, path=path, family=family, ignore=ignore)
     check_kinds(state_dict, layout, path=path, family=family)
     dtype = dtype or stored_dtype(state_dict) or torch.float32
+    in_storage = _layer_parameters(model) if storage_dtype not in (None, dtype) else set()
     weights = {}
     mappings = checkpoint_mappings()
     for key, value in state_dict.items():  # one tensor at a time: never a second full copy of the model
         if key not in expected:
             continue
-        converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        if key in in_storage:
+            converted = to_storage(value.to(device), storage_dtype)
+        else:
+            converted = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
         if converted is not value:
             release_pages([value], mappings)
         weights[key] = converted

@@ -72,13 +72,12 @@ def _upscale(args: argparse.Namespace) -> int:
 
 def upscale_image(model: InfDiT, image: torch.Tensor, plan: UpscalePlan, args: argparse.Namespace,
                   progress: ProgressFn | None = None, group: Any = None) -> torch.Tensor:
-    """The engine call for one input of the command. ``group``: the ranks that share this one image (the
-    single-image split across ranks plugs in here; None: this rank upscales it alone)."""
+    """The engine call for one input of the command. ``group``: the process group whose ranks share this one
+    image (``Job.process_group()``; every rank of it calls this with the same image and plan), None: this rank
+    upscales it alone."""
     from .upscale import upscale
 
-    if group is not None:
-        raise NotImplementedError("splitting one image across ranks is not available in this version")
-    return upscale(model, image, plan, seed=args.seed, color_match=args.color_match, progress=progress)
+    return upscale(model, image, plan, seed=args.seed, color_match=args.color_match, progress=progress, group=group)
 
 
 def _upscale_one_file(args: argparse.Namespace) -> int:

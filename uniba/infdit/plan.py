@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError, check_file, read_safetensors_header, wrong_family_error, zip_pickle_shapes
-from ..guards import check_choice, config_from_metadata
+from ..guards import check_choice
 from ..memory import Budget, format_bytes, largest_unit
+from ..metadata import config_from_metadata
 from ..wording import count
 from .blockwise import ROW_MAJOR, batch_order, choose_traversal
 from .config import METADATA_KEY, InfDiTConfig, infer_config, release_config

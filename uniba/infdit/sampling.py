@@ -441,11 +441,6 @@ def named_sampler(name: str) -> Sampler:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}") from None
 
 
-def evaluations_per_step(name: str, steps: int) -> int:
-    """Evaluations of a named sampler on a ``steps``-step schedule ending in 0."""
-    return model_evaluations(steps) if name == "heun" else steps
-
-
 __all__ = ["get_sigmas_karras", "model_evaluations", "sample_heun_edm", "sample_euler", "sample_euler_ancestral",
            "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_3m_sde", "sample_unipc", "cpu_noise_sampler",
            "position_noise_sampler", "count_evaluations", "run_sampler", "Sampling", "resolve_sampling",

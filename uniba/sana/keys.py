@@ -151,12 +151,3 @@ def ours_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     for (block, kind), parts in kv.items():
         out[f"blocks.{block}.cross_attn.kv_linear.{kind}"] = torch.cat([parts["k"], parts["v"]], dim=0)
     return out
-
-
-def to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Strip a prefix, detect the format and convert: ``(state dict in our keys, format)``."""
-    stripped = strip_prefix(state_dict)
-    fmt = detect_format(stripped)
-    if fmt == "original":
-        return original_to_ours(stripped), fmt
-    return stripped, fmt

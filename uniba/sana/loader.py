@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..cast_ops import CastOnUseOps
 from ..checkpoint import (
     CheckpointError,
     load_model,
@@ -27,6 +28,7 @@ from ..checkpoint import (
     stored_dtype,
     wrong_family_error,
 )
+from ..metadata import metadata_object
 from . import keys as sana_keys
 from .config import SHIFT_4K, SanaConfig, config_from_diffusers, hints_from_name, infer_config
 from .model import SanaDiT, sincos_position_embedding
@@ -82,16 +84,7 @@ def _metadata_config(path: Path) -> dict[str, Any]:
     if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
         text = read_safetensors_metadata(path).get(METADATA_KEY)
         if text:
-            try:
-                data = json.loads(text)
-            except ValueError as exc:
-                raise CheckpointError(path, f"has '{METADATA_KEY}' metadata that is not valid JSON ({exc}).",
-                                      "The file's metadata is damaged: convert the original release again "
-                                      "with python -m uniba convert-sana.") from None
-            if not isinstance(data, dict):
-                raise CheckpointError(path, f"has '{METADATA_KEY}' metadata that is not a JSON object.",
-                                      "Convert the original release again with python -m uniba convert-sana.")
-            return data
+            return metadata_object(text, path, METADATA_KEY)
     return {}
 
 
@@ -205,23 +198,34 @@ def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def build_sana(checkpoint: SanaCheckpoint, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
-               operations: Any = None) -> SanaDiT:
+               operations: Any = None, storage_dtype: torch.dtype | None = None) -> SanaDiT:
     """The model of a read checkpoint: built on meta, keys checked strictly, weights assigned.
 
-    ``dtype`` None keeps the checkpoint's dtype. ``operations`` are the host's layer classes
-    (ComfyUI's weight-casting ops); the default is ``torch.nn``.
+    ``dtype`` is the compute dtype (None keeps the checkpoint's). ``storage_dtype`` (fp8) keeps the layers'
+    weights smaller and casts each to ``dtype`` when it runs (SANA-1.5 4.8B on a 12 GB card); the layers are
+    then :mod:`uniba.cast_ops` unless the host brings its own casting ones. ``operations`` are the host's
+    layer classes (ComfyUI's ops); the default is ``torch.nn``.
     """
-    return load_model(lambda: SanaDiT(checkpoint.config, operations=operations), checkpoint.state_dict,
-                      path=checkpoint.path, family=FAMILY, dtype=dtype or checkpoint.stored_dtype, device=device)
+    dtype = dtype or checkpoint.stored_dtype
+    casting = storage_dtype is not None and storage_dtype != dtype
+    ops = operations or (CastOnUseOps if casting else None)
+    model = load_model(lambda: SanaDiT(checkpoint.config, operations=ops), checkpoint.state_dict,
+                       path=checkpoint.path, family=FAMILY, dtype=dtype, device=device,
+                       storage_dtype=storage_dtype if casting else None)
+    if casting:
+        model.compute_dtype = dtype
+    return model
 
 
 def load_sana(source: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, *,
-              device: str | torch.device = "cpu", overrides: Mapping[str, Any] | None = None) -> SanaDiT:
+              device: str | torch.device = "cpu", overrides: Mapping[str, Any] | None = None,
+              storage_dtype: torch.dtype | None = None) -> SanaDiT:
     """Load a Sana DiT from a file, a diffusers folder or a state dict (either key format).
 
     The one load path: :func:`read_sana_checkpoint` then :func:`build_sana`, which the ComfyUI
     loader node also calls (it only adds ComfyUI's layer classes and wraps the result).
     ``dtype`` None keeps the checkpoint's dtype. ``overrides`` sets config fields the weights cannot
     tell (``use_pe``, ``pe_base_size``, ``pe_interpolation``, ``cross_heads``, ``flow_shift``).
+    ``storage_dtype`` (fp8) stores the layers' weights smaller, see :func:`build_sana`.
     """
-    return build_sana(read_sana_checkpoint(source, overrides), dtype, device=device)
+    return build_sana(read_sana_checkpoint(source, overrides), dtype, device=device, storage_dtype=storage_dtype)
