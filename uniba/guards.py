@@ -6,8 +6,9 @@
   values came from (loaded weights are checked by :mod:`uniba.checkpoint`, with the same scan from
   :mod:`uniba.finite`).
 * :class:`WorkTooLarge`: work refused before allocating because its estimate exceeds the budget.
-* Config values read from checkpoint metadata (:func:`config_from_metadata`): invalid JSON or
-  impossible values become a :class:`~uniba.checkpoint.CheckpointError` naming the file.
+* Config values (:func:`validate_config`): impossible values become a
+  :class:`~uniba.checkpoint.CheckpointError` naming the file (configs stored in metadata are read by
+  :mod:`uniba.metadata`).
 * Values handed to the engine's public functions and the nodes (:func:`check_image`, :func:`check_seed`,
   :func:`check_choice`, :func:`check_whole_number`, :func:`check_text`): one sentence naming the input, what
   it got and the fix, instead of a library error from deep inside (or a silently wrong image).
@@ -32,7 +33,7 @@ from .finite import describe_non_finite, first_non_finite
 
 __all__ = [
     "NonFiniteError", "WorkTooLarge", "check_finite", "finite_denoiser", "check_step_finite", "check_denoised_finite",
-    "config_from_metadata", "validate_config", "check_image", "check_seed", "check_choice", "check_whole_number",
+    "validate_config", "check_image", "check_seed", "check_choice", "check_whole_number",
     "check_text",
 ]
 
@@ -149,23 +150,6 @@ def validate_config(config: T, path: str | os.PathLike | None, source: str = "it
         raise CheckpointError(path, f"{source} has impossible values: {'; '.join(problems[:4])}.",
                               "The file's metadata is damaged: convert the original release again.")
     return config
-
-
-def config_from_metadata(parse: Callable[[str], T], text: object, path: str | os.PathLike | None,
-                         key: str = "config") -> T:
-    """Parse a config stored as JSON in a file's metadata and validate it (CheckpointError naming the file)."""
-    if not isinstance(text, str):
-        raise CheckpointError(path, f"has a '{key}' metadata entry that is not text ({type(text).__name__}).",
-                              "Convert the original release again.")
-    try:
-        config = parse(text)
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        raise CheckpointError(path, f"has '{key}' metadata that is not valid JSON ({exc}).",
-                              "The file's metadata is damaged: convert the original release again.") from None
-    except (TypeError, AttributeError, KeyError) as exc:
-        raise CheckpointError(path, f"has '{key}' metadata of the wrong form ({exc}).",
-                              "The file's metadata is damaged: convert the original release again.") from None
-    return validate_config(config, path, f"the '{key}' metadata")
 
 
 # --------------------------------------------------------------------------- values at the public functions

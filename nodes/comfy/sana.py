@@ -156,14 +156,16 @@ def load_dit(checkpoint: SanaCheckpoint, dtype: torch.dtype, storage: torch.dtyp
     storage those layers cast each weight when it runs, and ``--lowvram``/Dynamic VRAM stream them from RAM.
     """
     if not host.IN_COMFYUI:
-        return host.wrap_model(build_sana(checkpoint, dtype, storage_dtype=storage))
+        with host.loading("Sana weights") as progress:
+            return host.wrap_model(build_sana(checkpoint, dtype, storage_dtype=storage, progress=progress))
     supported = allowed_dtypes(checkpoint.stored_dtype)
     weight_dtype = storage or dtype
     manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, host.torch_device(), supported)
     model_config = SanaModelConfig(checkpoint.config)
     model_config.set_inference_dtype(weight_dtype, manual_cast)
-    dit = build_sana(checkpoint, manual_cast or dtype, storage_dtype=storage,
-                     operations=comfy.ops.pick_operations(weight_dtype, manual_cast))
+    with host.loading("Sana weights") as progress:
+        dit = build_sana(checkpoint, manual_cast or dtype, storage_dtype=storage,
+                         operations=comfy.ops.pick_operations(weight_dtype, manual_cast), progress=progress)
     dit.between_blocks = host.check_interrupt  # hosts before 0.28 check Cancel only between sampler steps
     return host.wrap_model(SanaModel(model_config, dit))
 

@@ -204,17 +204,38 @@ def _engine(host, velocity) -> torch.Tensor:
         return sample_flow_dpm_solver(denoiser, x, sigmas, disable=True) / LATENT_SCALE
 
 
-def test_stock_apply_controlnet_equals_the_engine(adapters_host, run_prompt) -> None:
-    extra = {
+def _controlnet_extra(start: float = 0.0, end: float = 1.0) -> dict:
+    return {
         "10": {"class_type": "SanaVAELoader", "inputs": {"vae_name": VAE, "dtype": "fp32"}},
         "11": {"class_type": "SanaControlNetLoader", "inputs": {"control_net_name": CONTROLNET,
                                                                 "weight_dtype": "auto"}},
         "12": {"class_type": "ControlNetApplyAdvanced", "inputs": {
             "positive": ["2", 0], "negative": ["3", 0], "control_net": ["11", 0], "image": ["2", 1],
-            "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0, "vae": ["10", 0]}},
+            "strength": 0.8, "start_percent": start, "end_percent": end, "vae": ["10", 0]}},
         "_conds": (["12", 0], ["12", 1]),
     }
-    samples = run_prompt(_prompt(["1", 0], extra)).outputs["7"][0][0]["samples"]
+
+
+def _plain(dit):
+    def velocity(xt, sigma, context, mask):
+        x0_cond, x0_uncond = (xt - sigma * dit(xt.repeat(2, 1, 1, 1), sigma.repeat(2) * 1000, context,
+                                               mask)).chunk(2)
+        return x0_uncond + CFG * (x0_cond - x0_uncond)
+
+    return velocity
+
+
+def test_controlnet_start_end_percent_select_the_steps(adapters_host, run_prompt) -> None:
+    dit = load_sana(adapters_host.model_folder("diffusion_models") / CKPT, torch.float32)
+    never = run_prompt(_prompt(["1", 0], _controlnet_extra(0.0, 0.0))).outputs["7"][0][0]["samples"]
+    assert (never - _engine(adapters_host, _plain(dit))).abs().max().item() <= 1e-4
+    late = run_prompt(_prompt(["1", 0], _controlnet_extra(0.5, 1.0))).outputs["7"][0][0]["samples"]
+    full = run_prompt(_prompt(["1", 0], _controlnet_extra())).outputs["7"][0][0]["samples"]
+    assert (late - never).abs().max().item() > 1e-3 and (late - full).abs().max().item() > 1e-3
+
+
+def test_stock_apply_controlnet_equals_the_engine(adapters_host, run_prompt) -> None:
+    samples = run_prompt(_prompt(["1", 0], _controlnet_extra())).outputs["7"][0][0]["samples"]
 
     dit = load_sana(adapters_host.model_folder("diffusion_models") / CKPT, torch.float32)
     controlnet = load_controlnet(adapters_host.model_folder("controlnet") / CONTROLNET, torch.float32)
@@ -227,14 +248,8 @@ def test_stock_apply_controlnet_equals_the_engine(adapters_host, run_prompt) -> 
         x0_cond, x0_uncond = (xt - sigma * dit(x2, t, context, mask, control=control)).chunk(2)
         return x0_uncond + CFG * (x0_cond - x0_uncond)
 
-    def plain(xt, sigma, context, mask):
-        x0_cond, x0_uncond = (xt - sigma * dit(xt.repeat(2, 1, 1, 1), sigma.repeat(2) * 1000, context,
-                                               mask)).chunk(2)
-        return x0_uncond + CFG * (x0_cond - x0_uncond)
-
-    expected = _engine(adapters_host, velocity)
-    assert (samples - expected).abs().max().item() <= 1e-4
-    assert (samples - _engine(adapters_host, plain)).abs().max().item() > 0.01  # the ControlNet acted
+    assert (samples - _engine(adapters_host, velocity)).abs().max().item() <= 1e-4
+    assert (samples - _engine(adapters_host, _plain(dit))).abs().max().item() > 0.01  # the ControlNet acted
 
 
 def test_pag_node_equals_the_engine(adapters_host, run_prompt) -> None:

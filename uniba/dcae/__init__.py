@@ -11,6 +11,8 @@ _EXPORTS = {
     "DCAEConfig": ".config",
     "DCAE": ".model",
     "load_dcae": ".loader",
+    "read_dcae_checkpoint": ".loader",
+    "build_dcae": ".loader",
     "decode_exact": ".tiling",
     "encode_exact": ".tiling",
     "plan_pass": ".tiling",

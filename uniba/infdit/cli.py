@@ -199,6 +199,7 @@ def _upscale_job(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
     display = TerminalProgress(work["units"], unit="batch") if job.is_main else None
     progress = JobProgress(job, work["units"], work["todo"], display)
+    progress.draw()
     while (index := job.take()) < len(items):
         source, target = items[index]
         if Path(target).exists() and not args.overwrite:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +24,9 @@ from ..checkpoint import (
     save_safetensors,
     wrong_family_error,
 )
-from ..guards import config_from_metadata, validate_config
+from ..guards import validate_config
+from ..metadata import config_from_metadata
+from ..progress import ProgressFn
 from .config import METADATA_KEY, OPEN_CLIP_PREFIX, SAT_CLIP_PREFIX, InfDiTConfig, infer_clip_config, infer_config
 from .keys import IGNORED, is_our_layout, is_sat_layout, map_open_clip_visual, map_sat_state_dict
 from .model import InfDiT
@@ -52,10 +55,18 @@ def _clip_state(clip: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[S
     return mapped, path
 
 
-def prepare_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                       path: str | None = None) -> tuple[InfDiTConfig, StateDict]:
+@dataclass(frozen=True)
+class InfDiTCheckpoint:
+    """A checkpoint converted to our keys, with its config (from the tensor shapes or the file's metadata)."""
+
+    state_dict: StateDict
+    config: InfDiTConfig
+    path: str | None = None
+
+
+def _config_and_state(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                      path: str | None) -> tuple[InfDiTConfig, StateDict]:
     """(config, state dict in our key names) from a SAT-layout or converted state dict."""
-    metadata = metadata or {}
     if is_sat_layout(state):
         try:
             config = infer_config(_shapes(state))
@@ -72,38 +83,46 @@ def prepare_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[str,
     raise wrong_family_error(path, FAMILY, state.keys(), FIX)
 
 
-def build_model(config: InfDiTConfig, state: Mapping[str, torch.Tensor], path: str | None,
-                dtype: torch.dtype | None) -> InfDiT:
-    """Strict key check, then the weights are assigned into a model built without initialisation."""
-    return load_model(lambda: InfDiT(config), state, path=path, family=FAMILY, ignore=IGNORED, dtype=dtype)
-
-
-def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                *, clip: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> InfDiT:
-    """Load Inf-DiT from the released ``.pt``, a converted ``.safetensors`` or a state dict.
-
-    ``dtype=None`` keeps the stored dtype. ``clip`` optionally supplies the CLIP ViT-L/14 visual
-    tower separately (an open_clip file) when the checkpoint does not contain it.
-    """
+def read_infdit_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                           clip: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> InfDiTCheckpoint:
+    """Read and convert the released ``.pt``, a converted ``.safetensors`` or a state dict, without building
+    the model. ``clip`` supplies the CLIP ViT-L/14 visual tower separately (an open_clip file) when the
+    checkpoint does not contain it."""
     metadata: dict[str, str] = {}
-    if isinstance(path_or_state_dict, Mapping):
-        path, state = None, dict(path_or_state_dict)
+    if isinstance(source, Mapping):
+        path, state = None, dict(source)
     else:
-        path = os.fspath(path_or_state_dict)
+        path = os.fspath(source)
         state = read_state_dict(path)
         if path.lower().endswith((".safetensors", ".sft")):
             metadata = read_safetensors_metadata(path)
-    config, mapped = prepare_state_dict(state, metadata, path)
+    config, mapped = _config_and_state(state, metadata, path)
     if clip is not None:
         clip_state, _ = _clip_state(clip)
         mapped = {k: v for k, v in mapped.items() if not k.startswith("clip.")}
         mapped.update(clip_state)
         config = config.replace(clip=infer_clip_config({"visual." + k[5:]: tuple(v.shape)
                                                         for k, v in clip_state.items()}, OPEN_CLIP_PREFIX))
-    model = build_model(config, mapped, path, dtype)
+    return InfDiTCheckpoint(mapped, config, path)
+
+
+def build_infdit(checkpoint: InfDiTCheckpoint, dtype: torch.dtype | None = None,
+                 progress: ProgressFn | None = None) -> InfDiT:
+    """The model of a read checkpoint: built without initialisation, keys checked strictly, weights assigned
+    (``dtype`` None keeps the stored dtype; ``progress`` is told of every tensor, raising from it cancels)."""
+    model = load_model(lambda: InfDiT(checkpoint.config), checkpoint.state_dict, path=checkpoint.path,
+                       family=FAMILY, ignore=IGNORED, dtype=dtype, progress=progress)
     if model.clip is None:
-        log.info("%s has no CLIP image tower: pass clip= or clip_embedding= to upscale", path or "state dict")
+        log.info("%s has no CLIP image tower: pass clip= or clip_embedding= to upscale",
+                 checkpoint.path or "state dict")
     return model
+
+
+def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                *, clip: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+                progress: ProgressFn | None = None) -> InfDiT:
+    """Load Inf-DiT: :func:`read_infdit_checkpoint` then :func:`build_infdit`."""
+    return build_infdit(read_infdit_checkpoint(path_or_state_dict, clip=clip), dtype, progress)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
