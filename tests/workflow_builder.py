@@ -27,7 +27,7 @@ GEMMA = "gemma-2-2b-it"
 DCAE = "dc-ae-f32c32-sana-1.1.safetensors"
 INFDIT = "mp_rank_00_model_states.pt"  # the released file name (see INFDIT_NOTE)
 ROW2 = 640  # y of the second row: decode, preview, upscale, save
-GAP = 20  # px between a node and the title bar of the node below it
+GAP = 40  # px between a node and the title bar below it, room for the frontend's "UniBA" badge above that title
 # Widths frontends 1.27-1.58 widen a node to when it loads (its computeSize): the readout makes Inf-DiT Upscale 404 px.
 MIN_WIDTH = {"InfDiTUpscale": 420}
 SDXL = "sd_xl_base_1.0.safetensors"
