@@ -5,6 +5,7 @@ Thin: the engine (:mod:`uniba.infdit`) does the work; ComfyUI is reached only th
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -58,7 +59,9 @@ class InfDiTLoader:
         path = host.model_path(host.INFDIT_FOLDER, model_name)
         device = host.torch_device()
         chosen = choose_dtype(dtype, device, host.dtype_support(device), stored=stored_dtype(path))
-        model = load_infdit(path, dtype=chosen)
+        with host.loading("Inf-DiT weights") as progress:
+            model = load_infdit(path, dtype=chosen, progress=progress)
+        model.source_file = os.path.realpath(path)  # lets the plan route tell whether this file is loaded
         return (host.wrap_model(model, device, host.offload_device()),)
 
 
@@ -117,7 +120,7 @@ class InfDiTUpscale:
         # the one plan of this run: the progress total, the memory request, the batches and the sampling
         plan = plan_upscale(module.config, lr_h, lr_w, int(scale), free_bytes=host.free_memory(device, patcher=model),
                             sampling=sampling_for(module.config, sampler, sigmas, steps), block_batch=block_batch,
-                            offload_cache=offload_cache, dtype=module.dtype, weights_resident=True)
+                            offload_cache=offload_cache, dtype=module.dtype, weights_resident=host.is_loaded(model))
         plan.check_fits()
         module = host.load_to_device(model, memory_required=max(0, plan.peak_bytes - plan.weights_bytes))
         progress = host.Progress(image.shape[0] * plan.total_batches, node_id=unique_id, desc="Inf-DiT")

@@ -136,6 +136,18 @@ def model_facts(model: str | None) -> tuple[InfDiTConfig, torch.dtype | None, st
     return config, stored, model
 
 
+def _is_loaded(model: str | None) -> bool:
+    """Whether the host holds this file's Inf-DiT on its device now: then the free figure already excludes its
+    weights (and the readout may say so); otherwise they must fit in it too."""
+    if not model:
+        return False
+    try:
+        path = os.path.realpath(host.model_path(host.INFDIT_FOLDER, model, listed_only=True))
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+    return any(getattr(module, "source_file", None) == path for module in host.loaded_modules())
+
+
 def plan_for_query(query: Mapping[str, str], free_bytes: Callable[[], int] = host.free_memory) -> dict[str, Any]:
     """The plan answer for a query string; raises :class:`BadRequest` for invalid parameters.
 
@@ -157,7 +169,7 @@ def plan_for_query(query: Mapping[str, str], free_bytes: Callable[[], int] = hos
         sampling = infdit_nodes.sampling_for(config, sampler, None, steps)
         plan = plan_upscale(config, height, width, scale, free_bytes=int(free_bytes()), sampling=sampling,
                             block_batch=block_batch, offload_cache=offload_cache, dtype=dtype,
-                            weights_resident=True)
+                            weights_resident=_is_loaded(query.get("model") or None))
     except ValueError as exc:  # the planner's own refusals (size, scale) are the user's to fix
         raise BadRequest(str(exc)) from None
     return {**plan.to_dict(), "model": source, "dtype": str(dtype).removeprefix("torch."), "device": str(device)}

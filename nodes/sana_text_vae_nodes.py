@@ -78,7 +78,8 @@ def load_text_encoder_handle(path: str, dtype: str) -> SanaTextEncoderHandle:
     """Gemma-2 from a folder, a single file or a whole Sana pipeline folder, managed by the host (every loader)."""
     device = host.text_encoder_device()
     weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
-    encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu")
+    with host.loading("Gemma-2 weights") as progress:
+        encoder = load_text_encoder(path, dtype=weight_dtype, device="cpu", progress=progress)
     patcher = host.wrap_model(encoder.model, load_device=device, offload=host.offload_device())
     return SanaTextEncoderHandle(patcher, encoder.tokenizer, path)
 
@@ -147,7 +148,8 @@ def load_vae(path: str, dtype: str) -> Any:
     """The DC-AE of a file or a diffusers (pipeline) folder as a VAE, with the VAE loader's dtype rule."""
     device = host.vae_device()
     weight_dtype = choose_dtype(dtype, device, host.dtype_support(device), supported=NO_FP16)
-    return comfy_sana.make_vae(load_dcae(path, dtype=weight_dtype))
+    with host.loading("DC-AE weights") as progress:
+        return comfy_sana.make_vae(load_dcae(path, dtype=weight_dtype, progress=progress))
 
 
 class SanaVAEDecode:

@@ -127,3 +127,25 @@ def test_sana_dit_checks_cancel_between_transformer_blocks(one_thread) -> None:
         for h in handles:
             h.remove()
     assert host.after == 0, f"{host.after} of {len(blocks)} blocks ran after Cancel"
+
+
+def test_model_loading_stops_within_one_tensor(tmp_path) -> None:
+    """Reading the weights (seconds to minutes for a multi-GB file on a slow disk) checks Cancel per tensor."""
+    from tiny_infdit import write_tiny_infdit
+
+    from uniba.infdit import load_infdit
+
+    path = write_tiny_infdit(tmp_path)
+    host, reports = Host(), []
+
+    def progress(done: int, total: int | None = None, preview=None) -> None:
+        reports.append((done, total))
+        host.after += host.flag  # a tensor was read after Cancel was pressed
+        host.check_cancel()
+        if done == 3:
+            host.press_cancel()
+
+    with pytest.raises(Interrupted):
+        load_infdit(path, progress=progress)
+    assert reports[-1][0] == 4 and reports[-1][1] > 50  # stopped at the next tensor of ~86
+    assert host.after == 1

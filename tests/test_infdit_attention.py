@@ -46,7 +46,8 @@ def test_half_precision_attention_inputs_stay_half_and_kernel_friendly(monkeypat
     monkeypatch.setattr("uniba.infdit.blockwise.BlockKVCache.store", store)
     x, lr, vec = _inputs(TINY)
     denoiser = BlockwiseDenoiser(model, lr, vec, block_batch=1, offload_cache=True)
-    assert denoiser.cond.k_map.dtype == denoiser.cond.v_map.dtype == torch.bfloat16
+    k, v = model.condition(lr, vec).windows(model_module.BlockRect(0, 1, 0, 1))  # the LR K/V stay half
+    assert k.dtype == v.dtype == torch.bfloat16
     out = denoiser(x, 3.0)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     # every attention call (self and LR cross-attention) in bf16 with a unit last stride, head dim a multiple of 8

@@ -134,6 +134,7 @@ def test_progress_counts_the_chosen_samplers_evaluations(models_dir, monkeypatch
 
     monkeypatch.setattr(host, "Progress", Recorder)
     (patcher,) = InfDiTLoader().load("infdit_tiny.safetensors", "fp32")
+    seen.clear()  # the loader reports its tensors too
     InfDiTUpscale().upscale(patcher, torch.rand(1, 32, 32, 3), "4", 20, 0, "2", "off", "none",
                             FakeKSampler(sample_dpmpp_2m), get_sigmas_karras(5))
     assert seen[0] == ("total", 5 * 4) and seen[-1] == (20, 20)  # 5 evaluations x 4 batches of 2x2 blocks

@@ -19,6 +19,7 @@ from uniba.infdit.model import BlockRect
 from uniba.infdit.plan import block_cache_bytes, plan_upscale
 from uniba.infdit.ranks import ACROSS, ALONG, plan_ranks, split_bands
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-5
 
@@ -130,3 +131,77 @@ def test_planner_reports_per_rank_memory_bytes_and_speedup():
     assert all(peak < one for peak in p.peak_bytes)  # a band's canvases and KV strip are smaller
     text = across.describe()
     assert text.count("estimated peak") == 4 and "per boundary" in text
+
+
+# ------------------------------------------------------------------ memory up to 16K (issue 21 item 5)
+
+
+def test_a_16384_px_output_fits_a_16_gb_card_in_bf16():
+    from uniba.infdit.plan import release_config
+
+    plan = plan_upscale(release_config(), 4096, 4096, 4, 16 * 2**30, dtype=torch.bfloat16)
+    assert plan.fits and plan.peak_bytes <= 16 * 2**30 * 0.9
+    last = plan.last
+    assert (last.offload_cache, last.keep_lr_maps, last.state_on_host) == (True, False, True)
+    assert "LR maps per batch" in plan.describe() and "in host RAM" in plan.describe()
+
+
+def test_the_planner_frees_the_largest_area_sized_part_first():
+    from uniba.infdit.plan import RUNGS, release_config
+
+    config = release_config()
+    seen = []
+    for gib in (64, 24, 16, 12, 8, 6):
+        last = plan_upscale(config, 2048, 2048, 4, gib * 2**30, dtype=torch.bfloat16, block_batch=1).last
+        seen.append((last.offload_cache, last.keep_lr_maps, last.state_on_host))
+    assert seen == sorted(seen, key=RUNGS.index) and set(seen) == set(RUNGS)
+
+
+@pytest.mark.parametrize("rung", [(False, False, False), (True, False, True)])
+def test_every_rung_gives_the_same_image(rung):
+    import dataclasses
+
+    from tiny_infdit import load_tiny_infdit
+
+    from uniba.infdit import upscale
+    from uniba.infdit.sampling import resolve_sampling
+
+    model = load_tiny_infdit(TINY, seed=3)
+    lr = torch.rand(1, 4, 24, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1  # with alpha
+    plan = plan_upscale(TINY, 24, 40, 4, None, sampling=resolve_sampling(steps=2), block_batch=2,
+                        dtype=model.dtype)
+    assert (plan.last.offload_cache, plan.last.keep_lr_maps, plan.last.state_on_host) == (False, True, False)
+    other = dataclasses.replace(plan, passes=tuple(dataclasses.replace(
+        p, offload_cache=rung[0], keep_lr_maps=rung[1], state_on_host=rung[2]) for p in plan.passes))
+    assert (upscale(model, lr, other, seed=3) - upscale(model, lr, plan, seed=3)).abs().max().item() <= 1e-6
+
+
+def test_torchrun_splits_a_single_input_across_its_ranks_with_the_same_output(tmp_path):
+    """`uniba upscale` under torchrun with one input: no flag, both ranks work on it, rank 0 prints the
+    per-rank plan first and writes the same image as one process."""
+    import numpy as np
+    from PIL import Image
+    from tiny_infdit import write_tiny_infdit
+
+    from uniba.cli import main
+
+    model = write_tiny_infdit(tmp_path, "model.safetensors")
+    src = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(3).random((24, 32, 3)) * 255).astype("uint8")).save(src)
+    run = ["--model", str(model), "--steps", "2", "--block-batch", "1", "--seed", "4", "--sampler", "euler_ancestral"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["upscale", str(src), str(tmp_path / "one.png"), *run]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--monitor-interval", "0.1", "-m", "uniba", "upscale", str(src), str(tmp_path / "two.png"),
+                           *run], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "one image across 2 ranks" in done.stderr and "rank 1: blocks" in done.stderr
+    assert "upscaled 1 image" in done.stdout and "each split across 2 processes" in done.stdout
+    one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
+    two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
+    assert one.shape == two.shape == (96, 128, 3) and np.abs(one - two).max() == 0

@@ -146,9 +146,9 @@ def test_lr_conditioning_is_computed_once_per_image_not_per_evaluation(model, mo
     assert calls == {"proj_lr": 3, "lr_k_norm": 5, "clip_embed": 1, "clip_tower": 1, "t_embed": 5}
 
 
-def test_lr_maps_per_strip_hold_only_the_lines_unfinished_blocks_read(model):
-    """Not kept, the maps are a strip of n + 2 padded LR block lines, projected again by every evaluation,
-    with the same numbers as maps kept whole; a line owns no more memory than it shows."""
+def test_lr_maps_not_kept_are_projected_per_batch_and_never_held(model):
+    """Kept, the maps are projected once per image, line by line; not kept, every batch projects its own LR
+    blocks and nothing outlives the batch, with the same numbers; a kept line owns no more than it shows."""
     from uniba.infdit.blockwise import BlockwiseDenoiser
 
     g = torch.Generator().manual_seed(2)
@@ -157,17 +157,17 @@ def test_lr_maps_per_strip_hold_only_the_lines_unfinished_blocks_read(model):
     emb = torch.nn.functional.normalize(torch.randn(1, model.config.vector_dim, generator=g), dim=-1)
     kept = BlockwiseDenoiser(model, lr, emb, block_batch=1, keep_lr_maps=True)
     whole = kept(x, 3.0)
+    assert (kept(x, 3.0) - whole).abs().max().item() == 0
     assert kept.lr_lines.peak_lines == 6 + 2 and kept.lr_lines.projected == 8
     for k, v in kept.lr_lines.lines.values():
         for t in (k, v):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     for n in (1, 2):
-        stats = {}
-        strip = BlockwiseDenoiser(model, lr, emb, block_batch=n, keep_lr_maps=False, stats=stats)
+        per_batch = BlockwiseDenoiser(model, lr, emb, block_batch=n, keep_lr_maps=False)
         for _ in range(2):
-            assert (strip(x, 3.0) - whole).abs().max().item() <= 1e-6
-        assert stats["peak_lr_lines"] == n + 2  # the lines of the batch and the one on each side
-        assert strip.lr_lines.projected == 2 * 8 and not strip.lr_lines.lines
+            assert (per_batch(x, 3.0) - whole).abs().max().item() <= 1e-6
+        assert per_batch.lr_lines.projected == 2 * per_batch.batches_per_evaluation()
+        assert not per_batch.lr_lines.lines and per_batch.lr_lines.peak_lines == 0
 
 
 def test_the_fast_preset_rule_picks_the_cheapest_candidate_as_close_as_heun_20_on_every_model():

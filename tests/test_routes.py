@@ -32,7 +32,7 @@ def models_dir(tmp_path, monkeypatch):
 def test_release_plan_equals_the_planner(models_dir) -> None:
     answer = routes.plan_for_query(_query(), free_bytes=lambda: 12 * GIB)
     direct = planner.plan_upscale(planner.release_config(), 768, 1024, 4, 12 * GIB, dtype=torch.float32,
-                                  weights_resident=True).to_dict()
+                                  weights_resident=False).to_dict()  # nothing loaded: the weights must fit too
     assert {k: answer[k] for k in direct} == direct
     assert answer["model"] == "release" and answer["dtype"] == "float32"  # auto on the CPU is fp32
     last, first = answer["passes"][-1], answer["passes"][0]
@@ -60,7 +60,7 @@ def test_model_file_config_is_read_from_its_header(models_dir) -> None:
     path = write_tiny_infdit(models_dir / "infdit", "tiny.safetensors")
     answer = routes.plan_for_query(_query(model="tiny.safetensors", width=64, height=48), free_bytes=lambda: GIB)
     config = planner.config_for_file(path)
-    direct = planner.plan_upscale(config, 48, 64, 4, GIB, dtype=torch.float32, weights_resident=True).to_dict()
+    direct = planner.plan_upscale(config, 48, 64, 4, GIB, dtype=torch.float32, weights_resident=False).to_dict()
     assert {k: answer[k] for k in direct} == direct
     assert answer["model"] == "tiny.safetensors"
     assert answer["block_px"] == config.block_px != planner.release_config().block_px
@@ -226,3 +226,17 @@ def test_file_reads_run_off_the_event_loop_with_a_time_limit(models_dir, monkeyp
         assert status == 400 and body["error"].startswith("model 'slow.safetensors' took more than 0.3 s to read")
     assert ticks >= 20  # the event loop kept running while the file was being read
     assert len(reads) == 1 and reads[0].startswith("uniba-plan") and reads[0] != loop_threads[0]
+
+
+def test_readout_says_the_weights_are_loaded_only_when_they_are(models_dir, monkeypatch) -> None:
+    """The plan route planned every file as if its weights were already loaded: the readout said so (and left
+    the weights out of the budget) with nothing loaded. Now only a loaded file's plan does."""
+    write_tiny_infdit(models_dir / "infdit", "tiny.safetensors")
+    query = _query(model="tiny.safetensors", width=64, height=48)
+    cold = routes.plan_for_query(query, free_bytes=lambda: GIB)
+    assert cold["weights_resident"] is False and "already loaded" not in cold["description"]
+    (model,) = infdit_nodes.InfDiTLoader().load("tiny.safetensors", "fp32")
+    warm = routes.plan_for_query(query, free_bytes=lambda: GIB)
+    assert warm["weights_resident"] is True and "already loaded" in warm["description"]
+    assert cold["usable_bytes"] < warm["usable_bytes"]  # the weights come out of the budget only when not loaded
+    del model

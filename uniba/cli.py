@@ -23,6 +23,7 @@ BENCHMARKS = {
     "dcae": ("uniba.dcae.bench", "DC-AE exact-tiled vs untiled decode: time, memory, max difference"),
     "load": ("uniba.bench_load", "load time and peak RSS per released checkpoint; --forward: bf16 vs fp32 smoke"),
     "hidiffusion": ("uniba.hidiffusion.bench", "MSW-MSA vs global self-attention at SD1.5's top level"),
+    "scan": ("uniba.checkpoint.bench", "pre-scan of a .pt pickle vs the torch.load it protects: time ratio"),
 }
 
 

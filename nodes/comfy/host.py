@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -188,7 +189,12 @@ def wrap_model(model: torch.nn.Module, load_device: torch.device | None = None,
             # modules are complete in memory, so the twin is a legacy patcher on the same module
             patcher.cached_patcher_init = (_legacy_patcher, (model, load_device, offload))
         return patcher
-    return HeadlessPatcher(model.to(offload), load_device, offload)
+    patcher = HeadlessPatcher(model.to(offload), load_device, offload)
+    _HEADLESS_PATCHERS.add(patcher)
+    return patcher
+
+
+_HEADLESS_PATCHERS: weakref.WeakSet[HeadlessPatcher] = weakref.WeakSet()  # what loaded_modules() looks at headless
 
 
 def _legacy_patcher(model: torch.nn.Module, load_device: torch.device, offload: torch.device,
@@ -228,6 +234,22 @@ def load_to_device(patcher: Any, memory_required: int = 0) -> torch.nn.Module:
         return patcher.model
     patcher.model.to(patcher.load_device)
     return patcher.model
+
+
+def is_loaded(patcher: Any) -> bool:
+    """Whether a wrapped model's weights are on its compute device now, so a free-memory figure excludes them."""
+    if IN_COMFYUI:
+        return any(getattr(loaded, "model", None) is patcher for loaded in list(_mm.current_loaded_models))
+    first = next(patcher.model.parameters(), None)
+    return first is not None and first.device.type == torch.device(patcher.load_device).type
+
+
+def loaded_modules() -> list[torch.nn.Module]:
+    """The modules of the models held on their compute device now (headless: the live patchers' that are)."""
+    if not IN_COMFYUI:
+        return [p.model for p in list(_HEADLESS_PATCHERS) if is_loaded(p)]
+    patchers = [getattr(loaded, "model", None) for loaded in list(_mm.current_loaded_models)]
+    return [p.model for p in patchers if p is not None and getattr(p, "model", None) is not None]
 
 
 def offload(patcher: Any) -> None:
@@ -336,6 +358,17 @@ def engine_warnings(node_id: str | None = None) -> Iterator[None]:
                     warn(str(item.message), node_id)
             else:
                 warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+
+
+@contextlib.contextmanager
+def loading(what: str, node_id: str | None = None) -> Iterator[Progress]:
+    """Progress for reading a model's weights (one step per tensor), with Cancel between tensors."""
+    check_interrupt()
+    progress = Progress(1, node_id=node_id, desc=what)
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 # --------------------------------------------------------------------------- model folders

@@ -51,9 +51,9 @@ def sana_host(comfy_host):
     comfy_host.nodes.pop("_SanaTestConditioning", None)
 
 
-def _base(width: int = 128, height: int = 96) -> dict:
+def _base(width: int = 128, height: int = 96, weight_dtype: str = "auto") -> dict:
     return {
-        "1": {"class_type": "SanaDiTLoader", "inputs": {"unet_name": CKPT, "weight_dtype": "auto"}},
+        "1": {"class_type": "SanaDiTLoader", "inputs": {"unet_name": CKPT, "weight_dtype": weight_dtype}},
         "2": {"class_type": "_SanaTestConditioning", "inputs": {"seed": 1, "tokens": 12}},
         "3": {"class_type": "_SanaTestConditioning", "inputs": {"seed": 2, "tokens": 1}},
         "4": {"class_type": "SanaEmptyLatent", "inputs": {"width": width, "height": height, "preset": "custom",
@@ -67,9 +67,10 @@ def _with_output(prompt: dict, node: str) -> dict:
     return prompt
 
 
-def _engine_reference(comfy_host, steps: int, cfg: float, noise_scale_sigma0: bool) -> torch.Tensor:
+def _engine_reference(comfy_host, steps: int, cfg: float, noise_scale_sigma0: bool,
+                      storage: torch.dtype | None = None) -> torch.Tensor:
     """The same sampling done with the engine only: model, CFG on x0, Flow-DPM-Solver."""
-    model = load_sana(comfy_host.model_folder("diffusion_models") / CKPT, torch.float32)
+    model = load_sana(comfy_host.model_folder("diffusion_models") / CKPT, torch.float32, storage_dtype=storage)
     context = torch.cat([_embedding(1), _embedding(2)])
     mask = torch.cat([_mask(12), _mask(1)])
     sigmas = flow_sigmas(steps, 3.0)
@@ -100,16 +101,24 @@ def test_stock_ksampler_and_model_patch_node(sana_host, run_prompt) -> None:
     assert model.get_model_object("model_sampling").shift == 3.0
 
 
-def test_sampler_custom_with_flow_dpm_solver_equals_the_engine(sana_host, run_prompt) -> None:
-    prompt = _base()
+@pytest.mark.parametrize("weight_dtype", ["auto", "fp8_e4m3fn"])
+def test_sampler_custom_with_flow_dpm_solver_equals_the_engine(sana_host, run_prompt, weight_dtype) -> None:
+    """fp8: ComfyUI's manual-cast layers (fp8 weights, fp32 compute on the CPU) equal the engine's cast-on-use ones."""
+    prompt = _base(weight_dtype=weight_dtype)
     prompt["5"] = {"class_type": "FlowDPMSolverSampler", "inputs": {}}
     prompt["6"] = {"class_type": "SanaFlowSigmas", "inputs": {"steps": 6, "shift": 3.0, "denoise": 1.0}}
     prompt["7"] = {"class_type": "SamplerCustom", "inputs": {
         "model": ["1", 0], "add_noise": True, "noise_seed": SEED, "cfg": 4.5, "positive": ["2", 0],
         "negative": ["3", 0], "sampler": ["5", 0], "sigmas": ["6", 0], "latent_image": ["4", 0]}}
-    samples = run_prompt(_with_output(prompt, "7")).outputs["7"][0][0]["samples"]
-    expected = _engine_reference(sana_host, 6, 4.5, noise_scale_sigma0=True)
+    result = run_prompt(_with_output(prompt, "7"))
+    samples = result.outputs["7"][0][0]["samples"]
+    storage = torch.float8_e4m3fn if weight_dtype == "fp8_e4m3fn" else None
+    expected = _engine_reference(sana_host, 6, 4.5, noise_scale_sigma0=True, storage=storage)
     assert (samples - expected).abs().max().item() <= 1e-4
+    dit = result.outputs["1"][0][0].model.diffusion_model
+    assert dit.transformer_blocks[0].attn1.to_q.weight.dtype == (storage or torch.float32)
+    if storage is not None:  # really quantised: differs from the full-precision sampling
+        assert (samples - _engine_reference(sana_host, 6, 4.5, noise_scale_sigma0=True)).abs().max().item() > 1e-3
 
 
 def test_sampler_custom_advanced_gives_the_same(sana_host, run_prompt) -> None:
@@ -159,10 +168,11 @@ def test_sana_sampler_reuses_the_solver_from_unscaled_noise(sana_host, run_promp
     expected = _engine_reference(sana_host, 6, 4.5, noise_scale_sigma0=False)
     assert (samples - expected).abs().max().item() <= 1e-4
     # one tick per solver step; newer hosts may drop ticks closer than 100 ms, never the first or the last
-    values = [v for v, _, _ in progress]
+    sampling = [tick for tick in progress if tick[1] == 6]  # the loader reports its tensors too, without previews
+    assert all(not has_preview for _, t, has_preview in progress if t != 6)
+    values = [v for v, _, _ in sampling]
     assert values[0] == 1 and values[-1] == 6 and values == sorted(set(values)), values
-    assert all(t == 6 for _, t, _ in progress)
-    assert all(has_preview for _, _, has_preview in progress)  # latent-RGB previews of the 32-channel latent
+    assert all(has_preview for _, _, has_preview in sampling)  # latent-RGB previews of the 32-channel latent
 
 
 def test_sd_latent_into_sana_sampler_says_what_to_use(sana_host, run_prompt) -> None:

@@ -26,11 +26,13 @@ from .keys import check_keys, guess_family, matches_any, strip_prefix, wrong_fam
 from .pages import checkpoint_mappings, release_pages
 from .readers import (
     MAX_HEADER_BYTES,
+    MAX_JSON_BYTES,
     WRAPPER_KEYS,
     StateDict,
     check_weights_finite,
     header_shapes,
     load_pickle,
+    read_json,
     read_safetensors,
     read_safetensors_header,
     read_safetensors_metadata,
@@ -48,7 +50,8 @@ __all__ = [
     "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES", "check_file", "open_regular",
     "LIMITS", "Limits", "PickleRefused", "scan_file", "scan_pickle",
     "DEEPSPEED_EXTRA_KEYS", "EXTRA_SAFE_GLOBALS", "check_loaded",
-    "MAX_HEADER_BYTES", "WRAPPER_KEYS", "StateDict", "check_weights_finite", "header_shapes", "load_pickle",
+    "MAX_HEADER_BYTES", "MAX_JSON_BYTES", "read_json", "WRAPPER_KEYS", "StateDict", "check_weights_finite",
+    "header_shapes", "load_pickle",
     "read_safetensors", "read_safetensors_header", "read_safetensors_metadata", "read_sharded_folder",
     "read_state_dict", "unwrap_state_dict",
     "SAFETENSORS_DTYPES", "stored_dtype", "zip_pickle_storage_dtypes", "zip_pickle_shapes",

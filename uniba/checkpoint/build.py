@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 
 from ..cast_ops import to_storage
+from ..progress import ProgressFn, report
 from .dtype import stored_dtype
 from .errors import CheckpointError, short_list
 from .keys import check_keys
@@ -75,6 +76,7 @@ def load_model(
     device: str | torch.device = "cpu",
     real_buffers: bool = False,
     storage_dtype: torch.dtype | None = None,
+    progress: ProgressFn | None = None,
 ) -> M:
     """The one way every family turns a converted state dict into a model.
 
@@ -87,6 +89,8 @@ def load_model(
     ``storage_dtype`` (e.g. fp8) keeps the weights and biases of every ``Linear``/``Conv2d`` in that dtype
     and the rest (norms, tables, embeddings) in ``dtype``: the model must then be built with layers that
     cast their weights to the input's dtype when they run (:mod:`uniba.cast_ops`, ComfyUI's ops).
+    ``progress(done, total)`` after each tensor read (a multi-GB file on a slow disk takes a while); raising
+    from it cancels safely: nothing is kept, the model is dropped.
     """
     if real_buffers:
         with parameters_on_meta():
@@ -102,9 +106,9 @@ def load_model(
     in_storage = _layer_parameters(model) if storage_dtype not in (None, dtype) else set()
     weights = {}
     mappings = checkpoint_mappings()
-    for key, value in state_dict.items():  # one tensor at a time: never a second full copy of the model
-        if key not in expected:
-            continue
+    wanted = [key for key in state_dict if key in expected]
+    for done, key in enumerate(wanted, 1):  # one tensor at a time: never a second full copy of the model
+        value = state_dict[key]
         if key in in_storage:
             converted = to_storage(value.to(device), storage_dtype)
         else:
@@ -112,6 +116,7 @@ def load_model(
         if converted is not value:
             release_pages([value], mappings)
         weights[key] = converted
+        report(progress, done, len(wanted))
     model.load_state_dict(weights, strict=True, assign=True)
     unset = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if unset:  # a non-persistent buffer built on meta: the model needs real_buffers=True

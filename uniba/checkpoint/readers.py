@@ -236,17 +236,35 @@ def check_weights_finite(state: Mapping[str, torch.Tensor], path: str | os.PathL
         release_pages([value], mappings)
 
 
+MAX_JSON_BYTES = 64 * 2**20  # a config, index or tokenizer JSON beside a model is kilobytes to a few MB
+
+
+def read_json(path: str | os.PathLike, fix: str = "Download the model folder again.") -> Any:
+    """A JSON file beside a model (config, shard index): regular file, bounded size, any damage one error.
+
+    Deep nesting (RecursionError), bad UTF-8 and a file larger than :data:`MAX_JSON_BYTES` are a
+    :class:`CheckpointError` naming the file like a syntax error is.
+    """
+    with open_regular(path, fix=fix) as fh:
+        raw = fh.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(path, f"is larger than {MAX_JSON_BYTES // 2**20} MB, not a JSON file of a model.", fix)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise CheckpointError(path, f"is not valid JSON ({problem}).", fix) from None
+
+
 def read_sharded_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
     """Read a diffusers-style folder: ``*.safetensors.index.json`` shards, or a single safetensors file."""
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        fix = "Replace it with the real shard index of the model."
+        data = read_json(indexes[0], "Replace it with the real shard index of the model.")
         try:
-            with open_regular(indexes[0], fix=fix) as fh:
-                weight_map = json.loads(fh.read(MAX_HEADER_BYTES))["weight_map"]
-            shards = sorted(set(map(str, weight_map.values())))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            shards = sorted(set(map(str, data["weight_map"].values())))
+        except (KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(indexes[0], f"is not a valid shard index ({type(exc).__name__}: {str(exc)[:200]}).",
                                   "Download the folder again.") from None
         state: StateDict = {}

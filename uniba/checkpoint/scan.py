@@ -39,7 +39,7 @@ class Limits:
     max_memo: int = 500_000
     max_stack: int = 200_000
     max_depth: int = 100  # containers inside containers
-    max_seconds: float = 5.0
+    max_seconds: float = 10.0  # of this thread's CPU time: a busy machine does not refuse an honest file
 
 
 LIMITS = Limits()
@@ -68,23 +68,30 @@ class _Node:
 
 
 _ATOM = _Node(0)  # every number, None, bool and bytes value: shared, so pushing one costs no memory
-_MARK = object()
 
-_ATOMS = frozenset({
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "NONE", "NEWTRUE", "NEWFALSE", "FLOAT",
-    "BINFLOAT", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NEXT_BUFFER", "EXT1", "EXT2", "EXT4",
-    "PERSID",
-})
-_STRINGS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
-                      "BINUNICODE8"})
-_EMPTY = frozenset({"EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_DICT", "EMPTY_SET"})
-_FROM_MARK = frozenset({"TUPLE", "LIST", "DICT", "FROZENSET", "INST", "OBJ"})
-_ADD_FROM_MARK = frozenset({"APPENDS", "SETITEMS", "ADDITEMS"})
-_POP_INTO = {"APPEND": 1, "SETITEM": 2, "BUILD": 1}
-_POP_BUILD = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "REDUCE": 2, "NEWOBJ": 2, "NEWOBJ_EX": 3, "BINPERSID": 1}
-_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
-_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_NOTHING = frozenset({"PROTO", "FRAME", "READONLY_BUFFER"})
+# What each opcode does to the simulated stack, as a small number (checked in order of frequency).
+(_PUT, _GET, _TEXT, _ATOM_OP, _BUILD_N, _MARK_OP, _FROM_MARK, _ADD_FROM_MARK, _POP_INTO, _EMPTY, _GLOBAL,
+ _STACK_GLOBAL, _POP, _POP_MARK, _DUP, _STOP, _NOTHING) = range(17)
+_KIND: dict[str, int] = {
+    **dict.fromkeys(("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"), _PUT),
+    **dict.fromkeys(("GET", "BINGET", "LONG_BINGET"), _GET),
+    **dict.fromkeys(("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+                     "BINUNICODE8"), _TEXT),
+    **dict.fromkeys(("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "NONE", "NEWTRUE",
+                     "NEWFALSE", "FLOAT", "BINFLOAT", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8",
+                     "NEXT_BUFFER", "EXT1", "EXT2", "EXT4", "PERSID"), _ATOM_OP),
+    **dict.fromkeys(("TUPLE1", "TUPLE2", "TUPLE3", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BINPERSID"), _BUILD_N),
+    "MARK": _MARK_OP,
+    **dict.fromkeys(("TUPLE", "LIST", "DICT", "FROZENSET", "INST", "OBJ"), _FROM_MARK),
+    **dict.fromkeys(("APPENDS", "SETITEMS", "ADDITEMS"), _ADD_FROM_MARK),
+    **dict.fromkeys(("APPEND", "SETITEM", "BUILD"), _POP_INTO),
+    **dict.fromkeys(("EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_DICT", "EMPTY_SET"), _EMPTY),
+    "GLOBAL": _GLOBAL, "STACK_GLOBAL": _STACK_GLOBAL, "POP": _POP, "POP_MARK": _POP_MARK, "DUP": _DUP,
+    "STOP": _STOP, **dict.fromkeys(("PROTO", "FRAME", "READONLY_BUFFER"), _NOTHING),
+}
+# values taken from the stack by the opcodes that take a fixed number
+_TAKES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "REDUCE": 2, "NEWOBJ": 2, "NEWOBJ_EX": 3, "BINPERSID": 1,
+          "APPEND": 1, "SETITEM": 2, "BUILD": 1}
 
 
 class _Walk:
@@ -94,44 +101,41 @@ class _Walk:
         self.deadline = deadline
         self.opcodes = 0
 
-    def _new(self, children: list[object]) -> _Node:
+    def _new(self, children: list[_Node]) -> _Node:
         depth = 0
         for child in children:
-            if child is _MARK:
-                raise PickleRefused("a MARK where a value was expected", broken=True)
-            child.contained = True  # type: ignore[union-attr]
-            depth = max(depth, child.depth)  # type: ignore[union-attr]
+            child.contained = True
+            if child.depth > depth:
+                depth = child.depth
         node = _Node(depth + 1)
         if node.depth > self.limits.max_depth:
             raise PickleRefused(f"values nested more than {self.limits.max_depth} deep")
         return node
 
-    def _grow(self, target: object, children: list[object]) -> None:
-        if target is _MARK:
-            raise PickleRefused("a MARK where a container was expected", broken=True)
+    def _grow(self, target: _Node, children: list[_Node]) -> None:
         grown = self._new(children)
-        if target is _ATOM or grown.depth <= target.depth:  # type: ignore[union-attr]
+        if target is _ATOM or grown.depth <= target.depth:
             return
-        if target.contained:  # type: ignore[union-attr]
+        if target.contained:
             # its containers were measured without this: a depth only honest pickles keep honest
             raise PickleRefused("a container grown after it was placed inside another one")
-        target.depth = grown.depth  # type: ignore[union-attr]
+        target.depth = grown.depth
 
     def run(self, stream: BinaryIO) -> None:
         """Walk one pickle (up to its STOP); raise :class:`PickleRefused` when it is past a limit or broken."""
         limits = self.limits
-        stack: list[object] = []
+        stack: list[_Node] = []
         marks: list[int] = []
-        memo: dict[int, object] = {}
+        memo: dict[int, _Node] = {}
 
-        def pop(count: int) -> list[object]:
+        def pop(count: int) -> list[_Node]:
             if len(stack) - (marks[-1] if marks else 0) < count:
                 raise PickleRefused("a stack underflow (an opcode takes more values than were pushed)", broken=True)
             taken = stack[-count:]
             del stack[-count:]
             return taken
 
-        def pop_mark() -> list[object]:
+        def pop_mark() -> list[_Node]:
             if not marks:
                 raise PickleRefused("a stack underflow (no MARK to return to)", broken=True)
             start = marks.pop()
@@ -139,7 +143,7 @@ class _Walk:
             del stack[start:]
             return taken
 
-        def top() -> object:
+        def top() -> _Node:
             if len(stack) <= (marks[-1] if marks else 0):
                 raise PickleRefused("a stack underflow (an opcode needs a value that is not there)", broken=True)
             return stack[-1]
@@ -150,69 +154,67 @@ class _Walk:
                 if self.opcodes % _CLOCK_EVERY == 0:
                     if self.opcodes > limits.max_opcodes:
                         raise PickleRefused(f"more than {limits.max_opcodes:,} pickle opcodes")
-                    if time.monotonic() > self.deadline:
+                    if time.thread_time() > self.deadline:
                         raise PickleRefused(f"more than {limits.max_seconds:g} s of pickle opcodes to examine")
                 name = opcode.name
-                if name in _ATOMS:
-                    stack.append(_ATOM)
-                elif name in _STRINGS:
-                    text = arg if isinstance(arg, str) else None
-                    stack.append(_Node(0, text if text is not None and len(text) <= _TEXT_CHARS else None))
-                elif name in _GETS:
-                    if arg not in memo:
-                        raise PickleRefused(f"a read of memo slot {arg} that was never written", broken=True)
-                    value = memo[arg]
-                    stack.append(value)
-                    if self.on_global and value.text and value.text.startswith("global:"):  # type: ignore[union-attr]
-                        self.on_global(value.text[7:])  # type: ignore[union-attr]
-                elif name in _PUTS or name == "MEMOIZE":
+                kind = _KIND.get(name)
+                if kind == _PUT:
                     value = top()
-                    if value is _MARK:
-                        raise PickleRefused("a MARK stored in the memo", broken=True)
                     memo[len(memo) if name == "MEMOIZE" else arg] = value
                     if len(memo) > limits.max_memo:
                         raise PickleRefused(f"more than {limits.max_memo:,} memo entries")
-                elif name in _EMPTY:
-                    stack.append(_Node(1))
-                elif name == "MARK":
+                elif kind == _GET:
+                    value = memo.get(arg)
+                    if value is None:
+                        raise PickleRefused(f"a read of memo slot {arg} that was never written", broken=True)
+                    stack.append(value)
+                    if self.on_global and value.text and value.text.startswith("global:"):
+                        self.on_global(value.text[7:])
+                elif kind == _TEXT:
+                    stack.append(_Node(0, arg if isinstance(arg, str) and len(arg) <= _TEXT_CHARS else None))
+                elif kind == _ATOM_OP:
+                    stack.append(_ATOM)
+                elif kind == _BUILD_N:
+                    stack.append(self._new(pop(_TAKES[name])))
+                elif kind == _MARK_OP:
                     marks.append(len(stack))
                     if len(marks) > limits.max_depth:
                         raise PickleRefused(f"MARKs nested more than {limits.max_depth} deep")
-                elif name in _FROM_MARK:
+                elif kind == _FROM_MARK:
                     stack.append(self._new(pop_mark()))
-                elif name in _ADD_FROM_MARK:
+                elif kind == _ADD_FROM_MARK:
                     items = pop_mark()
                     self._grow(top(), items)
-                elif name in _POP_INTO:
-                    items = pop(_POP_INTO[name])
+                elif kind == _POP_INTO:
+                    items = pop(_TAKES[name])
                     self._grow(top(), items)
-                elif name in _POP_BUILD:
-                    stack.append(self._new(pop(_POP_BUILD[name])))
-                elif name == "GLOBAL":
+                elif kind == _EMPTY:
+                    stack.append(_Node(1))
+                elif kind == _GLOBAL:
                     text = "global:" + arg if isinstance(arg, str) and len(arg) <= _TEXT_CHARS else None
                     stack.append(_Node(0, text))
                     if self.on_global and text:
                         self.on_global(text[7:])
-                elif name == "STACK_GLOBAL":
+                elif kind == _STACK_GLOBAL:
                     module, attr = pop(2)
-                    parts = (getattr(module, "text", None), getattr(attr, "text", None))
+                    parts = (module.text, attr.text)
                     text = f"global:{parts[0]} {parts[1]}" if all(parts) else None
                     stack.append(_Node(0, text))
                     if self.on_global and text:
                         self.on_global(text[7:])
-                elif name == "POP":
+                elif kind == _POP:
                     if len(stack) > (marks[-1] if marks else 0):
                         stack.pop()
                     else:
                         pop_mark()  # what CPython's unpickler does with POP right after MARK
-                elif name == "POP_MARK":
+                elif kind == _POP_MARK:
                     pop_mark()
-                elif name == "DUP":
+                elif kind == _DUP:
                     stack.append(top())
-                elif name == "STOP":
+                elif kind == _STOP:
                     pop(1)
                     return
-                elif name not in _NOTHING:
+                elif kind != _NOTHING:
                     raise PickleRefused(f"the opcode {name}, which checkpoints do not use", broken=True)
                 if len(stack) > limits.max_stack:
                     raise PickleRefused(f"more than {limits.max_stack:,} values on the pickle stack")
@@ -228,7 +230,7 @@ def scan_pickle(data: bytes | BinaryIO, limits: Limits = LIMITS,
     Raises :class:`PickleRefused` when it is past ``limits`` or broken.
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    _Walk(limits, on_global, time.monotonic() + limits.max_seconds).run(stream)
+    _Walk(limits, on_global, time.thread_time() + limits.max_seconds).run(stream)
 
 
 def _scan_legacy(head: bytes, limits: Limits, on_global: Callable[[str], None] | None) -> None:
@@ -238,7 +240,7 @@ def _scan_legacy(head: bytes, limits: Limits, on_global: Callable[[str], None] |
     after the fifth are never examined. Only the first must be a pickle at all.
     """
     stream = io.BytesIO(head)
-    walk = _Walk(limits, on_global, time.monotonic() + limits.max_seconds)
+    walk = _Walk(limits, on_global, time.thread_time() + limits.max_seconds)
     for index in range(5):
         if stream.tell() >= len(head):
             return

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from uniba.checkpoint import StateDict, load_model, read_state_dict
+from uniba.progress import ProgressFn
 
 from .config import FAMILY, DCAEConfig
 from .keys import to_diffusers_state_dict
@@ -39,14 +40,14 @@ def read_dcae_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor])
 
 
 def build_dcae(checkpoint: DCAECheckpoint, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> DCAE:
+               device: torch.device | str = "cpu", progress: ProgressFn | None = None) -> DCAE:
     """:func:`uniba.checkpoint.load_model` (meta build, strict keys, assign); ``dtype`` ``None`` keeps the stored
-    floating dtype."""
+    floating dtype; ``progress`` is told of every tensor (raising from it cancels)."""
     return load_model(lambda: DCAE(checkpoint.config), checkpoint.state_dict, path=checkpoint.path, family=FAMILY,
-                      dtype=dtype, device=device)
+                      dtype=dtype, device=device, progress=progress)
 
 
 def load_dcae(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-              device: torch.device | str = "cpu") -> DCAE:
+              device: torch.device | str = "cpu", progress: ProgressFn | None = None) -> DCAE:
     """Load a DC-AE: :func:`read_dcae_checkpoint` then :func:`build_dcae`."""
-    return build_dcae(read_dcae_checkpoint(path_or_state_dict), dtype, device)
+    return build_dcae(read_dcae_checkpoint(path_or_state_dict), dtype, device, progress)

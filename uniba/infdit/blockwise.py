@@ -105,16 +105,15 @@ class BlockKVCache:
 
 
 class LRLineCache:
-    """The LR cross-attention K/V maps, projected one padded LR block line at a time as batches read them.
+    """The LR cross-attention K/V maps of a pass, as the block batches read them.
 
-    A line is one padded LR block row across the grid's columns (row-major traversal) or one column
-    across its rows (column-major). A batch reads the lines of its blocks and the one on each side.
-    ``keep=True`` keeps every line once projected, for the whole sampling (each is projected once per
-    image); ``keep=False`` drops the lines before the first unfinished block's after every batch, so
-    only a strip of ``n + 2`` lines is alive and each evaluation projects the map again: 1/512 of a
-    release block's compute, instead of maps that grow with the area (22 GiB in bf16 at 16384 px).
-    The lines are projected in one shape whatever the batch, so every batch size, rank and setting
-    reads the same numbers.
+    ``keep=True`` projects them one padded LR block line at a time (a row across the blocks computed
+    here for row-major traversal, a column for column-major) as batches first read them and keeps
+    every line for the whole sampling: each line is projected once per image, always in one shape, so
+    every batch size and setting reads the same numbers. ``keep=False`` keeps nothing: each batch
+    projects its own (n_h + 2) x (n_w + 2) LR blocks from their pixels, (n + 2)^2 / n^2 times the map
+    per evaluation, each pass of it 1/512 of a release block's compute, instead of maps that grow with
+    the area (22 GiB in bf16 at 16384 px) or a strip that grows with the side.
     """
 
     def __init__(self, model: InfDiT, lr: torch.Tensor, own: BlockRect, traversal: str, keep: bool) -> None:
@@ -135,23 +134,19 @@ class LRLineCache:
         return self.lines[index]
 
     def windows(self, rect: BlockRect) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.keep:
+            self.projected += 1
+            k, v = self.model.lr_kv(self.lr, (rect.row0, rect.row1 + 2), (rect.col0, rect.col1 + 2))
+            return self.model.lr_unfold(k), self.model.lr_unfold(v)
         lrb = self.model.config.lr_block_tokens
         lo, hi = (rect.row0, rect.row1) if self.rows else (rect.col0, rect.col1)
         a, b = (rect.col0, rect.col1) if self.rows else (rect.row0, rect.row1)
         lines = [self._line(i) for i in range(lo, hi + 2)]
         axis, other = (1, 2) if self.rows else (2, 1)
-        out = []
-        for which in (0, 1):
-            t = torch.cat([line[which] for line in lines], dim=axis)
-            out.append(self.model.lr_unfold(t.narrow(other, (a - self.across[0]) * lrb, (b - a + 2) * lrb)))
-        return out[0], out[1]
-
-    def evict(self, first: int) -> None:
-        """Drop the lines before ``first``, the first block line with an unfinished block (nothing when kept)."""
-        if self.keep:
-            return
-        for index in [i for i in self.lines if i < first]:
-            del self.lines[index]
+        start, size = (a - self.across[0]) * lrb, (b - a + 2) * lrb
+        # each line narrowed to the batch before the concatenation: a batch-sized copy, not a strip-wide one
+        k, v = (torch.cat([line[which].narrow(other, start, size) for line in lines], dim=axis) for which in (0, 1))
+        return self.model.lr_unfold(k), self.model.lr_unfold(v)
 
     def clear(self) -> None:
         self.lines.clear()
@@ -258,7 +253,7 @@ class BlockwiseDenoiser:
     whole-canvas :meth:`InfDiT.denoise`, the tests and the benchmarks all call it. Built once per
     image (pass): what does not depend on sigma (the concatenated LR channels, the CLIP vector) is
     computed here, once; the LR cross-attention K/V maps are projected line by line as batches read
-    them and kept for every evaluation (``keep_lr_maps``) or only as a strip (:class:`LRLineCache`).
+    them and kept for every evaluation (``keep_lr_maps``) or per batch and dropped (:class:`LRLineCache`).
     Per evaluation only the adaLN modulations are computed (once, not per batch); per batch the
     RoPE tables (once, shared by every layer).
 
@@ -410,7 +405,6 @@ class BlockwiseDenoiser:
                     exchange.send({key: entry for key, entry in view.pending.items() if exchange.sends(*key)})
                 cache.evict(done)
                 first[0] = first_unfinished_line(done, traversal, first[0])
-                self.lr_lines.evict(first[0])
                 remaining -= rect.n_h * rect.n_w
                 if self.stats is not None:
                     self.stats.setdefault("rects", []).append(rect)
@@ -423,8 +417,6 @@ class BlockwiseDenoiser:
                 exchange.end_call()
         finally:
             cache.clear()
-            if not self.lr_lines.keep:
-                self.lr_lines.clear()
         return out
 
 

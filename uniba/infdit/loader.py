@@ -26,6 +26,7 @@ from ..checkpoint import (
 )
 from ..guards import validate_config
 from ..metadata import config_from_metadata
+from ..progress import ProgressFn
 from .config import METADATA_KEY, OPEN_CLIP_PREFIX, SAT_CLIP_PREFIX, InfDiTConfig, infer_clip_config, infer_config
 from .keys import IGNORED, is_our_layout, is_sat_layout, map_open_clip_visual, map_sat_state_dict
 from .model import InfDiT
@@ -105,11 +106,12 @@ def read_infdit_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor
     return InfDiTCheckpoint(mapped, config, path)
 
 
-def build_infdit(checkpoint: InfDiTCheckpoint, dtype: torch.dtype | None = None) -> InfDiT:
+def build_infdit(checkpoint: InfDiTCheckpoint, dtype: torch.dtype | None = None,
+                 progress: ProgressFn | None = None) -> InfDiT:
     """The model of a read checkpoint: built without initialisation, keys checked strictly, weights assigned
-    (``dtype`` None keeps the stored dtype)."""
+    (``dtype`` None keeps the stored dtype; ``progress`` is told of every tensor, raising from it cancels)."""
     model = load_model(lambda: InfDiT(checkpoint.config), checkpoint.state_dict, path=checkpoint.path,
-                       family=FAMILY, ignore=IGNORED, dtype=dtype)
+                       family=FAMILY, ignore=IGNORED, dtype=dtype, progress=progress)
     if model.clip is None:
         log.info("%s has no CLIP image tower: pass clip= or clip_embedding= to upscale",
                  checkpoint.path or "state dict")
@@ -117,9 +119,10 @@ def build_infdit(checkpoint: InfDiTCheckpoint, dtype: torch.dtype | None = None)
 
 
 def load_infdit(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                *, clip: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> InfDiT:
+                *, clip: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+                progress: ProgressFn | None = None) -> InfDiT:
     """Load Inf-DiT: :func:`read_infdit_checkpoint` then :func:`build_infdit`."""
-    return build_infdit(read_infdit_checkpoint(path_or_state_dict, clip=clip), dtype)
+    return build_infdit(read_infdit_checkpoint(path_or_state_dict, clip=clip), dtype, progress)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,

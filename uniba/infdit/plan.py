@@ -9,9 +9,16 @@ test models. For one denoiser call on an output of ``grid_h x grid_w`` blocks:
 * batch activations: ``ACT_FACTOR`` hidden-sized tensors per token (what is alive at once of the
   hidden state, q/k/v, the gathered K/V and the attention output) plus the MLP's two ``mlp_hidden``
   tensors per token;
-* LR condition: cross-attention K/V of the whole LR image, computed once per image (on the host when
-  the cache is offloaded), and each batch's gathered 3x3 LR windows;
-* sampler state: a few float32 canvases (x, denoised, derivatives, c_in-scaled input, output).
+* LR condition: cross-attention K/V of the LR image, projected once per image and kept (they grow
+  with the area: 1.41 GiB in bf16 at 4096 px, 22 GiB at 16384 px) or, when they do not fit, each
+  batch's own (n + 2)^2 LR blocks projected by the batch (1/512 of a block's compute each); and each
+  batch's gathered 3x3 LR windows;
+* sampler state: a few float32 canvases (x, denoised, derivatives, c_in-scaled input, output), on
+  the device or, when they do not fit (20 GiB at 16384 px), in host RAM with each batch's pixels
+  visiting the device.
+
+When memory is short the planner goes down a ladder, each rung freeing the biggest area-sized part
+left: LR maps kept -> LR maps per batch -> KV cache offloaded -> sampler canvases in host RAM.
 
 ``ACT_FACTOR`` and ``STATE_CANVASES`` were calibrated against measured peaks (``python -m uniba
 bench infdit`` prints estimate vs measurement).
@@ -96,6 +103,11 @@ def lr_condition_bytes(config: InfDiTConfig, grid: tuple[int, int], dtype: torch
     return 2 * tokens * config.hidden_size * dtype_bytes(dtype)
 
 
+def lr_batch_bytes(config: InfDiTConfig, n_h: int, n_w: int, dtype: torch.dtype) -> int:
+    """The LR K/V a batch of n_h x n_w blocks projects for itself: its LR blocks and one on each side."""
+    return 2 * (n_h + 2) * (n_w + 2) * config.lr_block_tokens**2 * config.hidden_size * dtype_bytes(dtype)
+
+
 def batch_activation_bytes(config: InfDiTConfig, n_h: int, n_w: int, dtype: torch.dtype) -> int:
     s = dtype_bytes(dtype)
     tokens = n_h * n_w * config.tokens_per_block
@@ -156,6 +168,8 @@ class PassPlan:
     traversal: str
     block_batch: tuple[int, int]
     offload_cache: bool
+    keep_lr_maps: bool  # False: each batch projects its own LR K/V, nothing kept
+    state_on_host: bool  # the sampler's canvases in host RAM, each batch's pixels visit the device
     batches_per_step: int
     cache_bytes: int
     peak_bytes: int
@@ -242,7 +256,9 @@ class UpscalePlan:
             f"block batch {last.block_batch[0]}x{last.block_batch[1]} ({count(last.batches_per_step, 'batch')} per "
             f"model call, {count(self.evaluations, 'model call')})",
             f"KV cache {format_bytes(last.cache_bytes)} "
-            f"({'offloaded to host RAM' if last.offload_cache else 'on device'})",
+            f"({'offloaded to host RAM' if last.offload_cache else 'on device'}), LR maps "
+            f"{'kept' if last.keep_lr_maps else 'per batch'}, sampler canvases "
+            f"{'in host RAM' if last.state_on_host else 'on device'}",
         ]
         work = self.peak_bytes - self.weights_bytes
         if self.free_bytes is None:
@@ -301,8 +317,13 @@ class UpscalePlan:
             f"smaller input, block_batch 1 and offload_cache on, or free memory (close other models).")
 
 
+# (offload the KV cache, keep the LR maps, sampler canvases in host RAM): the planner's rungs, least
+# memory last; offload_cache on/off keeps only the rungs with that setting
+RUNGS = ((False, True, False), (False, False, False), (True, False, False), (True, False, True))
+
+
 def _peak(config: InfDiTConfig, grid: tuple[int, int], n: tuple[int, int], traversal: str, offload: bool,
-          dtype: torch.dtype) -> tuple[int, int]:
+          dtype: torch.dtype, keep_maps: bool = True, state_on_host: bool = False) -> tuple[int, int]:
     """(cache bytes on device, peak bytes above the weights) for one pass."""
     grid_h, grid_w = grid
     strip = grid_w if traversal == ROW_MAJOR else grid_h
@@ -311,18 +332,26 @@ def _peak(config: InfDiTConfig, grid: tuple[int, int], n: tuple[int, int], trave
     per_block = block_cache_bytes(config, dtype)
     whole = n[0] >= grid_h and n[1] >= grid_w
     cache = 0 if whole else cached_blocks(strip, beside, along) * per_block
-    # offloaded: per layer only the 2n+1 neighbour blocks and the new entries visit the device;
-    # the LR condition maps stay in host RAM too and only the batch's windows visit the device
+    # offloaded: per layer only the 2n+1 neighbour blocks and the new entries visit the device
     on_device = (2 * (beside + along) + 1) * per_block // config.num_layers if offload else cache
-    lr_maps = 0 if offload else lr_condition_bytes(config, grid, dtype)
-    state = STATE_CANVASES * 4 * grid_h * grid_w * config.block_px**2
+    lr_maps = lr_condition_bytes(config, grid, dtype) if keep_maps else lr_batch_bytes(config, n[0], n[1], dtype)
+    # on the host the device still holds the batch's input, result and canvas slices
+    state_px = n[0] * n[1] if state_on_host else grid_h * grid_w
+    state = STATE_CANVASES * 4 * state_px * config.block_px**2
     return cache, on_device + lr_maps + batch_activation_bytes(config, n[0], n[1], dtype) + state
 
 
+def work_bytes(config: InfDiTConfig, grid: tuple[int, int], n: tuple[int, int], traversal: str, offload: bool,
+               dtype: torch.dtype, keep_maps: bool = True, state_on_host: bool = False) -> int:
+    """Peak bytes above the weights of sampling a ``grid`` of blocks (a pass, or one rank's band)."""
+    return _peak(config, grid, n, traversal, offload, dtype, keep_maps, state_on_host)[1]
+
+
 def denoiser_call_bytes(config: InfDiTConfig, grid: tuple[int, int], n: tuple[int, int], traversal: str,
-                        offload: bool, dtype: torch.dtype) -> int:
-    """Peak of one denoiser call above its inputs: device cache + batch + the float32 result canvas."""
-    cache, above = _peak(config, grid, n, traversal, offload, dtype)
+                        offload: bool, dtype: torch.dtype, keep_maps: bool = False) -> int:
+    """Peak of one denoiser call above its inputs: device cache + batch + the float32 result canvas
+    (a single call keeps no LR maps: :func:`uniba.infdit.blockwise.denoise`)."""
+    cache, above = _peak(config, grid, n, traversal, offload, dtype, keep_maps)
     sampler_rest = (STATE_CANVASES - config.out_channels) * 4 * grid[0] * grid[1] * config.block_px**2
     return above - sampler_rest
 
@@ -369,27 +398,28 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
             n_h, n_w = (n, n) if isinstance(n, int) else n
             return min(n_h, grid[0]), min(n_w, grid[1])
 
-        def cost(n: int | tuple[int, int], offload: bool, grid=grid, traversal=traversal, clip=clip) -> int:
-            return _peak(config, grid, clip(n), traversal, offload, dtype)[1]
+        def cost(n: int | tuple[int, int], rung: tuple[bool, bool, bool], grid=grid, traversal=traversal,
+                 clip=clip) -> int:
+            return _peak(config, grid, clip(n), traversal, rung[0], dtype, rung[1], rung[2])[1]
 
-        if offload_cache == "auto":
-            offload = usable is not None and cost(requested or 1, False) > usable
-        else:
-            offload = offload_cache == "on"
+        rungs = [r for r in RUNGS if offload_cache == "auto" or r[0] == (offload_cache == "on")]
+        rung = rungs[0] if usable is None else next(
+            (r for r in rungs if cost(requested or 1, r) <= usable), rungs[-1])
+        offload, keep_maps, state_on_host = rung
         if requested is None:
-            n = 1 if usable is None else largest_unit(lambda u, offload=offload: cost(u, offload), usable,
+            n = 1 if usable is None else largest_unit(lambda u, rung=rung: cost(u, rung), usable,
                                                       max_unit=min(MAX_BLOCK_BATCH, max(grid)))
         else:
             n = requested
         n_hw = clip(n)
-        cache, above = _peak(config, grid, n_hw, traversal, offload, dtype)
+        cache, above = _peak(config, grid, n_hw, traversal, offload, dtype, keep_maps, state_on_host)
         order = batch_order(grid[0], grid[1], n_hw, traversal)
         passes.append(PassPlan(
             scale=f, in_height=h, in_width=w, padded_height=ph, padded_width=pw, out_height=h * f, out_width=w * f,
             canvas_height=ph * f, canvas_width=pw * f, grid_rows=grid[0], grid_cols=grid[1], traversal=traversal,
-            block_batch=n_hw, offload_cache=offload,
+            block_batch=n_hw, offload_cache=offload, keep_lr_maps=keep_maps, state_on_host=state_on_host,
             batches_per_step=math.ceil(grid[0] / n_hw[0]) * math.ceil(grid[1] / n_hw[1]), cache_bytes=cache,
-            peak_bytes=above + weights, minimum_bytes=cost(1, True) + weights,
+            peak_bytes=above + weights, minimum_bytes=cost(1, RUNGS[-1]) + weights,
             block_order=tuple((r.row0, r.col0, r.n_h, r.n_w) for r in order),
         ))
         h, w = h * f, w * f

@@ -38,14 +38,12 @@ from .blockwise import ROW_MAJOR, BatchCallback, BlockKVCache, BlockwiseDenoiser
 from .config import InfDiTConfig
 from .model import BlockRect, InfDiT
 from .plan import (
-    STATE_CANVASES,
     PassPlan,
     UpscalePlan,
-    batch_activation_bytes,
     block_cache_bytes,
-    cached_blocks,
     dtype_bytes,
     weights_bytes,
+    work_bytes,
 )
 from .sampling import Sampler, run_sampler
 
@@ -305,23 +303,13 @@ class RankPlan:
 
 
 def _band_peak(config: InfDiTConfig, band: BlockRect, p: PassPlan, dtype: torch.dtype, traversal: str) -> int:
-    """Peak bytes of one rank: its canvases, a KV strip as wide as its band, LR lines, one batch, messages."""
-    n_h, n_w = (min(p.block_batch[0], band.n_h), min(p.block_batch[1], band.n_w))
-    rows = traversal == ROW_MAJOR
-    strip, beside, along = (band.n_w, n_h, n_w) if rows else (band.n_h, n_w, n_h)
-    per_block = block_cache_bytes(config, dtype)
-    size = dtype_bytes(dtype)
-    if p.offload_cache:
-        cache = (2 * (beside + along) + 1) * per_block // config.num_layers
-    else:
-        cache = cached_blocks(strip, beside, along) * per_block
-    line_tokens = config.lr_block_tokens**2 * (strip + 2)
-    lr_lines = (band.n_h + 2 if rows else band.n_w + 2) if getattr(p, "keep_lr_maps", True) else beside + 2
-    lr_maps = 2 * lr_lines * line_tokens * config.hidden_size * size
-    state = 0 if getattr(p, "state_on_host", False) else STATE_CANVASES * 4 * band.n_h * band.n_w * config.block_px**2
-    messages = (2 * max(n_h, n_w) + 2 + beside + 1) * per_block
-    return weights_bytes(config, dtype) + cache + lr_maps + state + messages + batch_activation_bytes(
-        config, n_h, n_w, dtype)
+    """Peak bytes of one rank: a pass over its band (canvases, a KV strip as wide as the band, LR maps, one
+    batch) plus the messages in flight (sends not yet taken, blocks received ahead)."""
+    n = (min(p.block_batch[0], band.n_h), min(p.block_batch[1], band.n_w))
+    along = n[0] if traversal == ROW_MAJOR else n[1]
+    messages = (2 * max(n) + 2 + along + 1) * block_cache_bytes(config, dtype)
+    return weights_bytes(config, dtype) + messages + work_bytes(
+        config, (band.n_h, band.n_w), n, traversal, p.offload_cache, dtype, p.keep_lr_maps, p.state_on_host)
 
 
 def _speedup(bands: list[BlockRect], p: PassPlan, axis: str, evaluations: int, traversal: str) -> float:

@@ -101,18 +101,20 @@ def sample_canvas(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor | 
                   block_batch: tuple[int, int] | int | None = None, offload_cache: bool = False,
                   on_batch: BatchCallback | None = None,
                   is_oom: Callable[[BaseException], bool] = is_out_of_memory,
-                  between_layers: Callable[[], None] | None = None) -> torch.Tensor:
+                  between_layers: Callable[[], None] | None = None, keep_lr_maps: bool = True) -> torch.Tensor:
     """The reference's ``sample`` on a whole-block canvas: ``x_T = up(lr) + sigmas[0] * noise``, then the
     sampler (default EDM Heun on the reference's Karras schedule) over the block-wise denoiser (float32).
 
     ``seed`` seeds the CPU noise of ancestral/SDE samplers (not the initial noise, which is ``noise``).
+    The sampler's canvases live where ``noise`` is (the host when they do not fit the device).
     """
     sampler = sample_heun_edm if sampler is None else sampler
     sigmas = get_sigmas_karras(steps) if sigmas is None else sigmas
     sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
     denoiser = BlockwiseDenoiser(model, lr, clip_embedding, canvas=tuple(noise.shape[-2:]), concat_lr=concat_lr,
                                  block_batch=block_batch, offload_cache=offload_cache, on_batch=on_batch,
-                                 is_oom=is_oom, between_layers=between_layers)
+                                 is_oom=is_oom, between_layers=between_layers, keep_lr_maps=keep_lr_maps,
+                                 state_device=noise.device)
     x = denoiser.concat_lr.float() + sigmas[0] * noise.float()
     # a step that produces NaN/inf stops here, named, instead of ending as a black image
     return run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed,
@@ -246,11 +248,14 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
         image = lr[index:index + 1].to(device=device, dtype=torch.float32)
         rgb, alpha = image[:, :3], image[:, 3:]
         for pass_index, p in enumerate(plan.passes):
+            # the canvases (x_T, the upsampled LR, the sampler's state) live where the plan says
+            state = torch.device("cpu") if p.state_on_host else device
+            rgb = rgb.to(state)
             cond_lr, concat_lr, clip_source = _pass_inputs(model, rgb, p)
             if clip_embedding is not None:
                 emb = clip_embedding[index:index + 1] if clip_embedding.shape[0] > 1 else clip_embedding
             else:
-                emb = model.clip.embed(clip_source)
+                emb = model.clip.embed(clip_source.to(device))
             canvas = (p.canvas_height, p.canvas_width)
             if noise is not None:
                 if tuple(noise.shape[-2:]) != canvas:
@@ -262,19 +267,19 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
             ticker.start_pass(concat_lr)
             if group is None:
                 out = sample_canvas(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
-                                    noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
+                                    noise=eps.to(device=state, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
                                     seed=_noise_seed(seed, index, pass_index), block_batch=p.block_batch,
                                     offload_cache=p.offload_cache, on_batch=ticker.on_batch, is_oom=is_oom,
-                                    between_layers=lambda: check_cancel(progress))
+                                    between_layers=lambda: check_cancel(progress), keep_lr_maps=p.keep_lr_maps)
             else:
                 split_pass = ranks_plan.passes[pass_index]
                 band = sample_band(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
-                                   noise=eps.to(device=device, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
+                                   noise=eps.to(device=state, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
                                    seed=_noise_seed(seed, index, pass_index), bands=list(split_pass.bands),
                                    axis=split_pass.axis, group=group, block_batch=p.block_batch,
                                    offload_cache=p.offload_cache, on_batch=ticker.on_batch, is_oom=is_oom,
-                                   between_layers=lambda: check_cancel(progress))
-                out = gather_bands(band, list(split_pass.bands), config.block_px, canvas, 1, group, device)
+                                   between_layers=lambda: check_cancel(progress), keep_lr_maps=p.keep_lr_maps)
+                out = gather_bands(band, list(split_pass.bands), config.block_px, canvas, 1, group, state)
             out = out[:, :, :p.out_height, :p.out_width]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)
@@ -282,7 +287,8 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
             # returned unclipped like the reference's sample() (clipping happens when it is saved)
             rgb = out.clamp(-1, 1) if pass_index < len(plan.passes) - 1 else out
         if alpha.shape[1]:
-            alpha = F.interpolate(alpha, size=rgb.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+            alpha = F.interpolate(alpha.to(rgb.device), size=rgb.shape[-2:], mode="bicubic",
+                                  align_corners=False).clamp(-1, 1)
             rgb = torch.cat([rgb, alpha], dim=1)
         results.append(rgb.to(lr.device))
     return torch.cat(results, dim=0)

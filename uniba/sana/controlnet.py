@@ -21,7 +21,6 @@ The output is aligned with the DiT's blocks: item ``j`` is added after block ``j
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_model, read_state_dict, stored_dtype, wrong_family_error
+from ..checkpoint import CheckpointError, load_model, read_json, read_state_dict, stored_dtype, wrong_family_error
 from . import keys as sana_keys
 from .config import SanaConfig, config_from_diffusers, infer_config
 from .model import RMSNorm, SanaBlock, _AdaLNSingle, _DefaultOps, _Mlp2, _PatchEmbed, sincos_position_embedding
@@ -161,8 +160,8 @@ def _sidecar(path: Path) -> dict[str, Any]:
     for candidate in (folder / "config.json", path.with_suffix(".json") if path.is_file() else None):
         if candidate is not None and candidate.is_file():
             try:
-                data = json.loads(candidate.read_text())
-            except (OSError, ValueError):
+                data = read_json(candidate)
+            except CheckpointError:  # not this model's config: the weights decide
                 continue
             if isinstance(data, dict) and data.get("_class_name") == "SanaControlNetModel":
                 return config_from_diffusers(data)

@@ -9,7 +9,6 @@ dropped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -23,12 +22,14 @@ from ..cast_ops import CastOnUseOps
 from ..checkpoint import (
     CheckpointError,
     load_model,
+    read_json,
     read_safetensors_metadata,
     read_state_dict,
     stored_dtype,
     wrong_family_error,
 )
 from ..metadata import metadata_object
+from ..progress import ProgressFn
 from . import keys as sana_keys
 from .config import SHIFT_4K, SanaConfig, config_from_diffusers, hints_from_name, infer_config
 from .model import SanaDiT, sincos_position_embedding
@@ -54,8 +55,8 @@ def _sidecar_config(path: Path) -> dict[str, Any]:
     for candidate in (folder / "config.json", path.with_suffix(".json") if path.is_file() else None):
         if candidate is not None and candidate.is_file():
             try:
-                data = json.loads(candidate.read_text())
-            except (OSError, ValueError):
+                data = read_json(candidate)
+            except CheckpointError:  # not this model's config: the weights decide
                 continue
             if isinstance(data, dict) and data.get("_class_name", "SanaTransformer2DModel") == \
                     "SanaTransformer2DModel" and ("num_layers" in data or "attention_head_dim" in data):
@@ -74,8 +75,8 @@ def _scheduler_shift(path: Path) -> dict[str, Any]:
     if not path.is_file():  # also skips a FIFO or device of that name, which read_text would block on
         return {}
     try:
-        shift = json.loads(path.read_text()).get("flow_shift")
-    except (OSError, ValueError, AttributeError):
+        shift = read_json(path).get("flow_shift")
+    except (CheckpointError, AttributeError):
         return {}
     return {"flow_shift": float(shift)} if shift else {}
 
@@ -173,11 +174,7 @@ def pipeline_parts(folder: str | os.PathLike) -> PipelineParts:
     """
     root = Path(folder)
     index = root / "model_index.json"
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(index, f"could not be read as a diffusers pipeline index ({exc}).",
-                              "Download the whole <name>_diffusers folder again.") from None
+    data = read_json(index, "Download the whole <name>_diffusers folder again.")
     pipeline_class = str(data.get("_class_name", "")) if isinstance(data, dict) else ""
     if not pipeline_class.startswith("Sana"):
         raise CheckpointError(root, f"is a '{pipeline_class or 'unknown'}' pipeline, not a Sana or Sana-Sprint one.",
@@ -198,7 +195,8 @@ def expected_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def build_sana(checkpoint: SanaCheckpoint, dtype: torch.dtype | None = None, *, device: str | torch.device = "cpu",
-               operations: Any = None, storage_dtype: torch.dtype | None = None) -> SanaDiT:
+               operations: Any = None, storage_dtype: torch.dtype | None = None,
+               progress: ProgressFn | None = None) -> SanaDiT:
     """The model of a read checkpoint: built on meta, keys checked strictly, weights assigned.
 
     ``dtype`` is the compute dtype (None keeps the checkpoint's). ``storage_dtype`` (fp8) keeps the layers'
@@ -211,7 +209,7 @@ def build_sana(checkpoint: SanaCheckpoint, dtype: torch.dtype | None = None, *, 
     ops = operations or (CastOnUseOps if casting else None)
     model = load_model(lambda: SanaDiT(checkpoint.config, operations=ops), checkpoint.state_dict,
                        path=checkpoint.path, family=FAMILY, dtype=dtype, device=device,
-                       storage_dtype=storage_dtype if casting else None)
+                       storage_dtype=storage_dtype if casting else None, progress=progress)
     if casting:
         model.compute_dtype = dtype
     return model
