@@ -377,7 +377,7 @@ def _sana_controlnet(first_id: int, x0: float) -> list[N]:
         *base,
         N(i + 8, "LoadImage", (x0 + 1600, 0), {"image": HED_IMAGE}, title="HED control image", size=(340, 420)),
         N(i + 9, "SanaControlNetLoader", (x0 + 1200, 520), {"control_net_name": SANA_CONTROLNET,
-                                                            "weight_dtype": "auto"}),
+                                                            "weight_dtype": "auto", "wiring": "diffusers"}),
         N(i + 11, "ControlNetApplyAdvanced", (x0 + 1600, 480),
           {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
           links={"positive": (i + 2, 0), "negative": (i + 3, 0), "control_net": (i + 9, 0), "image": (i + 8, 0),
