@@ -22,7 +22,7 @@ from __future__ import annotations
 from .build import check_kinds, load_model, parameters_on_meta
 from .dtype import SAFETENSORS_DTYPES, stored_dtype, zip_pickle_storage_dtypes
 from .errors import CheckpointError, describe_size, short_list, with_article
-from .files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SUPPORTED_SUFFIXES, check_file, open_regular
+from .files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SUPPORTED_SUFFIXES, check_file, open_regular, read_head
 from .keys import check_keys, guess_family, matches_any, strip_prefix, wrong_family_error
 from .pages import checkpoint_mappings, release_pages
 from .readers import (
@@ -48,7 +48,7 @@ from .write import save_safetensors
 
 __all__ = [
     "CheckpointError", "describe_size", "short_list", "with_article",
-    "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES", "check_file", "open_regular",
+    "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES", "check_file", "open_regular", "read_head",
     "LIMITS", "Limits", "PickleRefused", "scan_file", "scan_pickle",
     "DEEPSPEED_EXTRA_KEYS", "EXTRA_SAFE_GLOBALS", "check_loaded",
     "MAX_HEADER_BYTES", "MAX_JSON_BYTES", "read_json", "WRAPPER_KEYS", "StateDict", "check_weights_finite",
