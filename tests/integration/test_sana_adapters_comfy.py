@@ -297,3 +297,16 @@ def test_nvlabs_wiring_of_a_diffusers_file_is_refused(adapters_host, run_prompt)
     extra["11"]["inputs"]["wiring"] = "nvlabs"
     with pytest.raises(AssertionError, match=r"sana_tiny_cn\.safetensors: has no copy of the DiT's first block"):
         run_prompt(_prompt(["1", 0], extra))
+
+
+def test_bypass_lora_node_gives_the_patched_result(adapters_host, run_prompt) -> None:
+    if "LoraLoaderBypassModelOnly" not in adapters_host.nodes:
+        pytest.skip("this ComfyUI has no bypass LoRA loader (added after 0.3.64)")
+    results = []
+    for loader in ("LoraLoaderModelOnly", "LoraLoaderBypassModelOnly"):
+        extra = {"14": {"class_type": loader, "inputs": {"model": ["1", 0], "lora_name": LORA_PEFT,
+                                                         "strength_model": 0.5}}}
+        results.append(run_prompt(_prompt(["14", 0], extra)).outputs["7"][0][0]["samples"])
+    plain = run_prompt(_prompt(["1", 0], {})).outputs["7"][0][0]["samples"]
+    assert (results[0] - results[1]).abs().max().item() <= 1e-4
+    assert (results[0] - plain).abs().max().item() > 1e-3
