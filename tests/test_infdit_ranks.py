@@ -133,6 +133,17 @@ def test_planner_reports_per_rank_memory_bytes_and_speedup():
     assert text.count("estimated peak") == 4 and "per boundary" in text
 
 
+def test_each_rank_fits_the_budget_with_its_messages_in_flight():
+    from uniba.infdit.plan import release_config
+
+    config = release_config()
+    plan = plan_upscale(config, 4096, 4096, 4, 16 * 2**30, dtype=torch.bfloat16)  # 16384 px out
+    for ranks in (2, 8):
+        p = plan_ranks(plan, config, ranks, dtype=torch.bfloat16).passes[0]
+        assert max(p.peak_bytes) - plan.weights_bytes <= plan.usable_bytes
+        assert p.block_batch[0] <= plan.last.block_batch[0]
+
+
 # ------------------------------------------------------------------ memory up to 16K (issue 21 item 5)
 
 
