@@ -11,6 +11,7 @@ from typing import Any
 
 from uniba.checkpoint import stored_dtype
 from uniba.devices import DTYPE_CHOICES, choose_dtype
+from uniba.sana.controlnet import WIRINGS
 from uniba.sana.pag import DEFAULT_LAYERS
 
 from .comfy import host, sana_adapters
@@ -58,6 +59,10 @@ class SanaControlNetLoader:
                            "or a diffusers SanaControlNetModel .safetensors)"}),
             "weight_dtype": (list(DTYPE_CHOICES), {
                 "default": "auto", "tooltip": "auto: fp32 on CPU, bf16 where supported (as the DiT loader)"}),
+            "wiring": (list(WIRINGS), {
+                "default": "diffusers", "tooltip": "diffusers: as diffusers' SanaControlNetPipeline (tested equal); "
+                                                   "nvlabs: as the NVlabs code the weights were trained with "
+                                                   "(original .pth only; docs/sana-adapters.md)"}),
         }}
 
     RETURN_TYPES = ("CONTROL_NET",)
@@ -67,11 +72,11 @@ class SanaControlNetLoader:
                    "the Sana VAE, a control image, strength and start/end percent.")
     SEARCH_ALIASES = ["UniBA", "Sana", "ControlNet", "controlnet loader", "HED"]
 
-    def load(self, control_net_name: str, weight_dtype: str) -> tuple[Any]:
+    def load(self, control_net_name: str, weight_dtype: str, wiring: str = "diffusers") -> tuple[Any]:
         path = host.model_path("controlnet", control_net_name)
         device = host.torch_device()
         dtype = choose_dtype(weight_dtype, device, host.dtype_support(device), stored=stored_dtype(path))
-        return (sana_adapters.load_control_net(path, dtype),)
+        return (sana_adapters.load_control_net(path, dtype, wiring),)
 
 
 class SanaPAG:

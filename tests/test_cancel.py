@@ -68,6 +68,24 @@ def test_one_pass_dcae_stops_within_one_block(dcae, direction, one_thread) -> No
     assert host.after == 0, f"{host.after} of {len(blocks)} blocks ran after Cancel"
 
 
+def test_one_pass_dcae_stops_within_one_layer_of_a_block(dcae, one_thread) -> None:
+    """On a CPU one full-resolution ResBlock of a 4K decode runs for seconds: Cancel is also honoured between
+    the layers inside a block (the host's check, no progress redraw)."""
+    host = Host()
+    leaves = [m for m in dcae.decoder.modules() if next(m.children(), None) is None]
+    resblock = dcae.decoder.up_blocks[0][-1]  # a full-resolution block near the end of the decode
+    handles = [m.register_forward_pre_hook(host.count) for m in leaves]
+    handles.append(resblock.conv1.register_forward_hook(host.press_cancel))  # Cancel during its first conv
+    try:
+        with pytest.raises(Interrupted):
+            dcae.decode(torch.randn(1, 32, 4, 4), progress=host)
+    finally:
+        for h in handles:
+            h.remove()
+    assert host.after == 0, f"{host.after} layers ran after Cancel (its block has {len(list(resblock.modules()))})"
+    assert not dcae.decoder._forward_hooks and not resblock.conv2._forward_hooks  # the cancel points are removed
+
+
 def test_infdit_block_batch_stops_within_one_layer(one_thread) -> None:
     """One block batch holds the whole canvas here: Cancel is honoured between its transformer layers."""
     import dataclasses

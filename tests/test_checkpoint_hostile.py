@@ -282,3 +282,14 @@ def test_a_damaged_shard_index_is_one_checkpoint_error(tmp_path: Path, content: 
     index.write_bytes(content)
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*(index|JSON).*\. .+"):
         read_state_dict(tmp_path)
+
+
+def test_a_text_encoder_folder_with_a_deeply_nested_config_is_one_error(tmp_path: Path) -> None:
+    """transformers raises RecursionError on a deeply nested config.json; the loader names the file."""
+    from uniba.sana.text_encoder import load_text_encoder
+
+    folder = tmp_path / "gemma-2-2b-it"
+    folder.mkdir()
+    (folder / "config.json").write_text("[" * 100_000)
+    with pytest.raises(CheckpointError, match=r"config\.json: is not valid JSON \(nested too deeply\)"):
+        load_text_encoder(folder)

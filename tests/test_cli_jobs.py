@@ -59,6 +59,9 @@ def test_folder_glob_and_frame_patterns_name_the_same_inputs(frames) -> None:
     assert expand_inputs(str(frames / "frames" / "f_%04d.png"), (".png",)) == folder
     assert expand_inputs(str(frames / "frames" / "f_####.png"), (".png",)) == folder
     assert is_many(str(frames / "frames")) and not is_many(str(frames / "frames" / "f_0001.png"))
+    odd = frames / "shot[1]_####.png"  # an existing file whose name looks like a pattern is one input
+    odd.write_bytes((frames / "frames" / "f_0001.png").read_bytes())
+    assert not is_many(str(odd)) and expand_inputs(str(odd), (".png",)) == [odd]
     with pytest.raises(JobError, match=r"f_%03d\.png: no file in .* matches this frame pattern"):
         expand_inputs(str(frames / "frames" / "f_%03d.png"), (".png",))
 

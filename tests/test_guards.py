@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from tiny_infdit import TINY, write_tiny_infdit
 from tiny_sana import tiny_sana_state_dict, to_original_format, write_tiny_sana_dit
 
+from uniba import guards
 from uniba.checkpoint import CheckpointError, check_file, read_safetensors_metadata, read_state_dict, with_article
 from uniba.guards import NonFiniteError, WorkTooLarge, check_denoised_finite, check_finite, finite_denoiser
 from uniba.memory import GIB
@@ -382,3 +383,14 @@ def test_conditioning_input_as_nodes_receive_it() -> None:
         check_sana_conditioning_input([[torch.zeros(3, 300, 2304), {}]], "positive", latent_batch=4)
     with pytest.raises(ValueError, match="positive: expected a CONDITIONING"):
         check_sana_conditioning_input([], "positive")
+
+
+@pytest.mark.parametrize("text", ["²", "٣", "1e3", "", "--2"])
+def test_whole_number_text_is_ascii_digits_only(text: str) -> None:
+    """str.isdigit() is True for superscripts (int() then fails with its own error) and other scripts' digits."""
+    with pytest.raises(ValueError, match="steps: expected a whole number"):
+        guards.check_whole_number(text, "steps")
+
+
+def test_whole_number_text_accepted() -> None:
+    assert [guards.check_whole_number(t, "steps") for t in ("20", " 7 ", "+3")] == [20, 7, 3]

@@ -133,6 +133,17 @@ def test_planner_reports_per_rank_memory_bytes_and_speedup():
     assert text.count("estimated peak") == 4 and "per boundary" in text
 
 
+def test_each_rank_fits_the_budget_with_its_messages_in_flight():
+    from uniba.infdit.plan import release_config
+
+    config = release_config()
+    plan = plan_upscale(config, 4096, 4096, 4, 16 * 2**30, dtype=torch.bfloat16)  # 16384 px out
+    for ranks in (2, 8):
+        p = plan_ranks(plan, config, ranks, dtype=torch.bfloat16).passes[0]
+        assert max(p.peak_bytes) - plan.weights_bytes <= plan.usable_bytes
+        assert p.block_batch[0] <= plan.last.block_batch[0]
+
+
 # ------------------------------------------------------------------ memory up to 16K (issue 21 item 5)
 
 
@@ -174,3 +185,34 @@ def test_every_rung_gives_the_same_image(rung):
     other = dataclasses.replace(plan, passes=tuple(dataclasses.replace(
         p, offload_cache=rung[0], keep_lr_maps=rung[1], state_on_host=rung[2]) for p in plan.passes))
     assert (upscale(model, lr, other, seed=3) - upscale(model, lr, plan, seed=3)).abs().max().item() <= 1e-6
+
+
+def test_torchrun_splits_a_single_input_across_its_ranks_with_the_same_output(tmp_path):
+    """`uniba upscale` under torchrun with one input: no flag, both ranks work on it, rank 0 prints the
+    per-rank plan first and writes the same image as one process."""
+    import numpy as np
+    from PIL import Image
+    from tiny_infdit import write_tiny_infdit
+
+    from uniba.cli import main
+
+    model = write_tiny_infdit(tmp_path, "model.safetensors")
+    src = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(3).random((24, 32, 3)) * 255).astype("uint8")).save(src)
+    run = ["--model", str(model), "--steps", "2", "--block-batch", "1", "--seed", "4", "--sampler", "euler_ancestral"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["upscale", str(src), str(tmp_path / "one.png"), *run]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--monitor-interval", "0.1", "-m", "uniba", "upscale", str(src), str(tmp_path / "two.png"),
+                           *run], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "one image across 2 ranks" in done.stderr and "rank 1: blocks" in done.stderr
+    assert "upscaled 1 image" in done.stdout and "each split across 2 processes" in done.stdout
+    one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
+    two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
+    assert one.shape == two.shape == (96, 128, 3) and np.abs(one - two).max() == 0

@@ -247,3 +247,17 @@ def test_pt_shape_reader_refuses_what_the_scan_refuses(tmp_path) -> None:
     torch.save({"module": {"w": torch.zeros(2)}, "junk": nested}, path)
     with pytest.raises(CheckpointError, match=r"deep\.pt.*values nested more than 100 deep"):
         config_for_file(path)
+
+
+def test_sampler_cfg_seed_and_empty_latent_size_are_named() -> None:
+    """NaN passes ComfyUI's min/max validation (JSON prompts may carry it): it ended as a NaN error blaming fp16."""
+    with pytest.raises(ValueError, match=r"^cfg: must be a finite number \(Sana's default is 4.5\), got nan"):
+        sana_nodes.SanaSampler().sample(_model(), GOOD, GOOD, {"samples": torch.zeros(1, 32, 4, 4)}, seed=0, steps=2,
+                                        cfg=float("nan"), solver="flow_dpm_solver", shift=3.0, denoise=1.0)
+    with pytest.raises(ValueError, match=r"^seed: must be from 0 to"):
+        sana_nodes.SanaSampler().sample(_model(), GOOD, GOOD, {"samples": torch.zeros(1, 32, 4, 4)}, seed=2**64,
+                                        steps=2, cfg=4.5, solver="flow_dpm_solver", shift=3.0, denoise=1.0)
+    with pytest.raises(ValueError, match=r"^SanaEmptyLatent: width: must be at least 32, got 0"):
+        sana_nodes.SanaEmptyLatent().generate(0, 64, "custom", 1)
+    with pytest.raises(ValueError, match=r"^SanaEmptyLatent: batch_size: must be at least 1, got 0"):
+        sana_nodes.SanaEmptyLatent().generate(64, 64, "custom", 0)

@@ -16,7 +16,7 @@ host = importlib.import_module("uniba_pack.nodes.comfy.host")
 
 CONTRACT = {
     "SanaLoraLoader": (["model", "lora_name", "strength_model"], ("MODEL",)),
-    "SanaControlNetLoader": (["control_net_name", "weight_dtype"], ("CONTROL_NET",)),
+    "SanaControlNetLoader": (["control_net_name", "weight_dtype", "wiring"], ("CONTROL_NET",)),
     "SanaPAG": (["model", "scale", "applied_layers", "adaptive_scale"], ("MODEL",)),
 }
 

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.tiny_sana_te_vae import TINY_DCAE, tiny_dcae_state_dict
 from uniba.checkpoint import CheckpointError, save_safetensors
 from uniba.dcae import load_dcae
 from uniba.sana import SanaConfig, flow_sigmas, load_sana, sample_flow_dpm_solver
 from uniba.sana.config import LATENT_SCALE, diffusers_config_dict
-from uniba.sana.controlnet import control_residuals, load_controlnet, read_controlnet
+from uniba.sana.controlnet import SanaControlNet, control_residuals, load_controlnet, read_controlnet
 from uniba.sana.keys import ours_to_original
+from uniba.sana.model import SanaDiT
 from uniba.sana.pag import PERTURBED_BLOCKS_OPTION, guided, parse_layers, scale_at
 
 diffusers = pytest.importorskip("diffusers")
@@ -179,3 +181,68 @@ def test_pag_layers_are_checked_against_the_depth() -> None:
     with pytest.raises(ValueError, match="'attn' is not a block index"):
         parse_layers("attn", 20)
     assert scale_at(3.0, 0.0, 10) == 3.0 and scale_at(3.0, 0.01, 900) == 2.0 and scale_at(3.0, 0.01, 0) == 0.0
+
+
+def _nvlabs_reference(dit, cn_blocks, before, afters, x, hint, t, context, mask) -> torch.Tensor:
+    """NVlabs' SanaMSControlNet.forward, transcribed (diffusion/model/nets/sana_multi_scale_controlnet.py): the
+    branch starts from the DiT's first block output plus before_proj(x_embedder(hint)); skip i enters block i + 1."""
+    b, _, h, w = x.shape
+    t0, t_emb = dit.time_embed(t.long().float(), x.dtype)
+    y = dit.caption_norm(dit.caption_projection(context))
+    bias = ((1 - mask) * -10000.0)[:, None, None, :]
+    hidden = dit.transformer_blocks[0](dit.patch_embed(x), y, bias, t0, h, w)
+    signal = dit.patch_embed(hint)
+    for i in range(1, len(cn_blocks) + 1):
+        signal = cn_blocks[0](hidden + before(signal), y, bias, t0, h, w) if i == 1 else \
+            cn_blocks[i - 1](signal, y, bias, t0, h, w)
+        hidden = dit.transformer_blocks[i](hidden + afters[i - 1](signal), y, bias, t0, h, w)
+    for block in dit.transformer_blocks[len(cn_blocks) + 1:]:
+        hidden = block(hidden, y, bias, t0, h, w)
+    shift, scale = (dit.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
+    hidden = F.layer_norm(hidden, (CONFIG.hidden_size,), eps=1e-6) * (1 + scale) + shift
+    return dit.proj_out(hidden).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def test_nvlabs_wiring_equals_the_original_forward(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(9)
+    dit = load_sana({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in SanaDiT(CONFIG).state_dict().items()},
+                    overrides={"cross_heads": 4})
+    branch = {k: torch.randn(v.shape, generator=g) * 0.1
+              for k, v in SanaControlNet(CONFIG.replace(depth=CN_LAYERS)).state_dict().items()}
+    original = ours_to_original(dit.state_dict())  # the released file holds the whole base DiT ...
+    for key, value in ours_to_original({k: v for k, v in branch.items() if k.startswith("transformer_")}).items():
+        index, rest = key[len("blocks."):].split(".", 1)
+        original[f"controlnet.{index}.copied_block.{rest}"] = value  # ... plus the branch
+    original["controlnet.0.before_proj.weight"] = branch["input_block.weight"]
+    original["controlnet.0.before_proj.bias"] = branch["input_block.bias"]
+    for i in range(CN_LAYERS):
+        original[f"controlnet.{i}.after_proj.weight"] = branch[f"controlnet_blocks.{i}.weight"]
+        original[f"controlnet.{i}.after_proj.bias"] = branch[f"controlnet_blocks.{i}.bias"]
+    path = tmp_path / "Sana_tiny_ControlNet_HED.pth"
+    torch.save({"state_dict": original}, path)
+    controlnet = load_controlnet(path, overrides={"cross_heads": 4}, wiring="nvlabs")
+
+    cn_blocks = SanaDiT(CONFIG.replace(depth=CN_LAYERS)).transformer_blocks
+    cn_blocks.load_state_dict({k[len("transformer_blocks."):]: v for k, v in branch.items()
+                               if k.startswith("transformer_blocks.")})
+    before, afters = torch.nn.Linear(64, 64), torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(CN_LAYERS)])
+    before.load_state_dict({"weight": branch["input_block.weight"], "bias": branch["input_block.bias"]})
+    afters.load_state_dict({k[len("controlnet_blocks."):]: v for k, v in branch.items()
+                            if k.startswith("controlnet_blocks.")})
+    x, hint = torch.randn(2, 32, 2, 3, generator=g), torch.randn(2, 32, 2, 3, generator=g)
+    context, mask = torch.randn(2, 8, 48, generator=g), torch.ones(2, 8)
+    mask[1, 4:] = 0
+    t = torch.tensor([999.0, 400.0])
+    with torch.no_grad():
+        expected = _nvlabs_reference(dit, cn_blocks, before, afters, x, hint, t, context, mask)
+        got = dit(x, t, context, mask, control=control_residuals(controlnet, x, hint, t, context, mask))
+        diffusers_wired = dit(x, t, context, mask, control=control_residuals(
+            load_controlnet(path, overrides={"cross_heads": 4}), x, hint, t, context, mask))
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (diffusers_wired - expected).abs().max().item() > 1e-3  # the two wirings really differ
+
+
+def test_nvlabs_wiring_needs_the_original_file() -> None:
+    state = {k: torch.zeros(v.shape) for k, v in SanaControlNet(CONFIG.replace(depth=CN_LAYERS)).state_dict().items()}
+    with pytest.raises(CheckpointError, match="has no copy of the DiT's first block.*Choose wiring 'diffusers'"):
+        read_controlnet(state, overrides={"cross_heads": 4}, wiring="nvlabs")

@@ -27,7 +27,9 @@ GEMMA = "gemma-2-2b-it"
 DCAE = "dc-ae-f32c32-sana-1.1.safetensors"
 INFDIT = "mp_rank_00_model_states.pt"  # the released file name (see INFDIT_NOTE)
 ROW2 = 640  # y of the second row: decode, preview, upscale, save
-GAP = 20  # px between a node and the title bar of the node below it
+GAP = 40  # px between a node and the title bar below it, room for the frontend's "UniBA" badge above that title
+# Widths frontends 1.27-1.58 widen a node to when it loads (its computeSize): the readout makes Inf-DiT Upscale 404 px.
+MIN_WIDTH = {"InfDiTUpscale": 420}
 SDXL = "sd_xl_base_1.0.safetensors"
 # the diffusers DreamBooth example LoRA for Sana 1600M (its file is pytorch_lora_weights.safetensors; the frontend
 # saves it under this name, which says what it is)
@@ -274,7 +276,8 @@ def build(name: str, spec: list[N], defs: dict[str, Any]) -> dict[str, Any]:
         if node.type == "InfDiTUpscale":
             height += 240  # the plan readout
         entry = {"id": node.id, "type": node.type, "pos": list(node.pos),
-                 "size": list(node.size or (340, height)), "flags": {}, "order": order, "mode": 0,
+                 "size": list(node.size or (max(340, MIN_WIDTH.get(node.type, 0)), height)), "flags": {},
+                 "order": order, "mode": 0,
                  "inputs": inputs_of[node.id], "outputs": outputs,
                  "properties": {"Node name for S&R": node.type}, "widgets_values": values}
         if node.type in LOADER_WIDGETS:
@@ -374,7 +377,7 @@ def _sana_controlnet(first_id: int, x0: float) -> list[N]:
         *base,
         N(i + 8, "LoadImage", (x0 + 1600, 0), {"image": HED_IMAGE}, title="HED control image", size=(340, 420)),
         N(i + 9, "SanaControlNetLoader", (x0 + 1200, 520), {"control_net_name": SANA_CONTROLNET,
-                                                            "weight_dtype": "auto"}),
+                                                            "weight_dtype": "auto", "wiring": "diffusers"}),
         N(i + 11, "ControlNetApplyAdvanced", (x0 + 1600, 480),
           {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
           links={"positive": (i + 2, 0), "negative": (i + 3, 0), "control_net": (i + 9, 0), "image": (i + 8, 0),
@@ -421,7 +424,7 @@ def specs() -> dict[str, list[N]]:
             _note(1, NOTES["sana_1024_to_4096_infdit"], (-500, 0)), *sana1k,
             N(10, "PreviewImage", (380, ROW2), links={"images": (9, 0)}, title="Sana 1024 px", size=(360, 400)),
             *_infdit(11, (9, 0), "4", 780, ROW2),
-            N(13, "SaveImage", (1160, ROW2), {"filename_prefix": "uniba/sana_infdit_4096"}, links={"images": (12, 0)},
+            N(13, "SaveImage", (1240, ROW2), {"filename_prefix": "uniba/sana_infdit_4096"}, links={"images": (12, 0)},
               size=(480, 520)),
         ],
         "sana_4k_native": [
@@ -453,14 +456,14 @@ def specs() -> dict[str, list[N]]:
             _note(1, NOTES["sdxl_hidiffusion_to_4096_infdit"], (-500, 0)), *_sdxl_hidiffusion(2, 0),
             N(9, "PreviewImage", (380, ROW2), links={"images": (8, 0)}, title="SDXL 2048 px", size=(360, 400)),
             *_infdit(10, (8, 0), "2", 780, ROW2),
-            N(12, "SaveImage", (1160, ROW2), {"filename_prefix": "uniba/sdxl_hidiffusion_infdit_4096"},
+            N(12, "SaveImage", (1240, ROW2), {"filename_prefix": "uniba/sdxl_hidiffusion_infdit_4096"},
               links={"images": (11, 0)}, size=(480, 520)),
         ],
         "upscale_render_4x": [
             _note(1, NOTES["upscale_render_4x"], (-500, 0)),
             N(2, "LoadImage", (0, 0), {"image": "example.png"}, size=(340, 420)),
             *_infdit(3, (2, 0), "4", 400),
-            N(5, "SaveImage", (800, 0), {"filename_prefix": "uniba/upscaled_4x"}, links={"images": (4, 0)},
+            N(5, "SaveImage", (860, 0), {"filename_prefix": "uniba/upscaled_4x"}, links={"images": (4, 0)},
               size=(480, 520)),
         ],
     }

@@ -19,6 +19,7 @@ METHOD_CLIS = ("uniba.infdit.cli", "uniba.sana.cli", "uniba.hidiffusion.cli", "u
 BENCHMARKS = {
     "infdit": ("uniba.infdit.bench", "Inf-DiT block-wise vs whole-canvas memory and time; presets; bf16"),
     "infdit-solvers": ("uniba.infdit.bench_solvers", "Inf-DiT samplers: distance to 200 Heun steps vs evaluations"),
+    "infdit-ranks": ("uniba.infdit.bench_ranks", "Inf-DiT one image on 1 vs 2 processes; 2/4/8 GPUs projected"),
     "sana": ("uniba.sana.bench", "Sana linear vs softmax attention scaling; Flow-DPM-Solver vs Flow-Euler"),
     "dcae": ("uniba.dcae.bench", "DC-AE exact-tiled vs untiled decode: time, memory, max difference"),
     "load": ("uniba.bench_load", "load time and peak RSS per released checkpoint; --forward: bf16 vs fp32 smoke"),

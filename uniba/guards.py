@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -166,8 +167,8 @@ def check_whole_number(value: object, where: str, minimum: int = 1) -> int:
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 100:
-        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,99}", value.strip()):
+        number = int(value)  # ASCII digits only: str.isdigit() also takes "²" (int() fails) and other scripts
     if number is None:
         raise ValueError(f"{where}: expected a whole number, got {_show(value)}.")
     if number < minimum:

@@ -64,6 +64,8 @@ def expand_inputs(spec: str, extensions: tuple[str, ...], what: str = "input") -
     (``renders/*.png``), a frame pattern (``frames/f_%04d.png`` or ``frames/f_####.png``, in frame order) or one
     file. Raises :class:`JobError` naming the argument when nothing matches."""
     path = Path(spec)
+    if path.is_file():
+        return [path]
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
         if not found:
@@ -86,8 +88,12 @@ def expand_inputs(spec: str, extensions: tuple[str, ...], what: str = "input") -
 
 
 def is_many(spec: str) -> bool:
-    """True when a command argument names several inputs (a folder, a glob or a frame pattern)."""
-    return Path(spec).is_dir() or glob.has_magic(spec) or _frame_regex(Path(spec).name) is not None
+    """True when a command argument names several inputs (a folder, a glob or a frame pattern); an existing file
+    is one input even if its name looks like a pattern (``shot[1].png``)."""
+    path = Path(spec)
+    if path.is_file():
+        return False
+    return path.is_dir() or glob.has_magic(spec) or _frame_regex(path.name) is not None
 
 
 def output_names(inputs: list[Path], folder: Path, suffix: str) -> list[Path]:

@@ -9,6 +9,7 @@ the budget, ``UNIBA_MODELS_DIR`` as the model folder).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -185,8 +186,8 @@ def wrap_model(model: torch.nn.Module, load_device: torch.device | None = None,
             patcher_class = _model_patcher.ModelPatcher
         patcher = patcher_class(model, load_device=load_device, offload_device=offload)
         if hasattr(patcher, "cached_patcher_init"):
-            # how core makes a non-dynamic twin (clone(disable_dynamic=True): hooked conds, multi-GPU); our
-            # modules are complete in memory, so the twin is a legacy patcher on the same module
+            # core's reload factory: a non-dynamic twin (clone(disable_dynamic=True), hooked conds) shares the
+            # module, a multi-GPU deep clone (deepclone_multigpu, no disable_dynamic) gets a copy of its own
             patcher.cached_patcher_init = (_legacy_patcher, (model, load_device, offload))
         return patcher
     patcher = HeadlessPatcher(model.to(offload), load_device, offload)
@@ -198,7 +199,14 @@ _HEADLESS_PATCHERS: weakref.WeakSet[HeadlessPatcher] = weakref.WeakSet()  # what
 
 
 def _legacy_patcher(model: torch.nn.Module, load_device: torch.device, offload: torch.device,
-                    disable_dynamic: bool = True) -> Any:
+                    disable_dynamic: bool | None = None) -> Any:
+    """``cached_patcher_init``'s factory. ``clone(disable_dynamic=True)`` passes the flag and gets a legacy
+    patcher on the same module; ``deepclone_multigpu`` calls it bare and gets a deep copy (on the offload
+    device, where the module rests), so the clone another GPU loads never moves the primary's weights."""
+    if disable_dynamic is None:
+        # a BaseModel's model_config is a description, not weights (and core's config classes do not deepcopy)
+        config = getattr(model, "model_config", None)
+        model = copy.deepcopy(model, memo={} if config is None else {id(config): config})
     return _model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
 
 

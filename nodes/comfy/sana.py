@@ -19,6 +19,7 @@ Headless, the loaders return the engine model in a :class:`host.HeadlessPatcher`
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 
 from uniba.dcae.tiling import DEFAULT_TILE_PX, activation_bytes_per_pixel
 from uniba.devices import COMPUTE_DTYPES, allowed_dtypes
-from uniba.guards import check_denoised_finite, check_finite, check_image
+from uniba.guards import check_denoised_finite, check_finite, check_image, check_seed
 from uniba.sana.checks import SOURCE_KEY, check_context_mask, check_sana_conditioning, check_sana_latent
 from uniba.sana.config import (
     DEFAULT_SHIFT,
@@ -213,6 +214,9 @@ def sample(model: Any, latent: dict[str, Any], *, sample_fn: Callable[..., torch
 
     ``text_to_image`` (full denoise of an empty latent) starts from Sana's unit noise.
     """
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
+        raise ValueError(f"cfg: must be a finite number (Sana's default is 4.5), got {cfg!r}.")  # NaN passes the UI
+    seed = check_seed(seed)
     host.require_comfyui("SanaSampler")
     samples = latent["samples"]
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))

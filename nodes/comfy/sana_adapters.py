@@ -110,14 +110,14 @@ class ComfyControlModel(SanaControlNet):
         return {"output": super().forward(x, hint, timesteps, context, context_mask)}
 
 
-def load_control_net(path: str, dtype: torch.dtype) -> Any:
+def load_control_net(path: str, dtype: torch.dtype, wiring: str = "diffusers") -> Any:
     """A CONTROL_NET (core ``ControlNet``) around a Sana ControlNet file, for the stock Apply ControlNet node."""
     host.require_comfyui("A Sana CONTROL_NET")
     device = host.torch_device()
     manual_cast = comfy.model_management.unet_manual_cast(dtype, device, [torch.bfloat16, torch.float16,
                                                                           torch.float32])
     model = load_controlnet(path, dtype, operations=comfy.ops.pick_operations(dtype, manual_cast),
-                            model_class=ComfyControlModel)
+                            wiring=wiring, model_class=ComfyControlModel)
     model.compute_dtype = manual_cast
     return comfy.controlnet.ControlNet(model, compression_ratio=1, latent_format=comfy_sana.SanaLatentFormat(),
                                        load_device=device, manual_cast_dtype=manual_cast,

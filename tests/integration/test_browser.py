@@ -102,10 +102,16 @@ def session(tmp_path_factory: pytest.TempPathFactory):
         shutil.copy(base / "comfyui.log", ARTIFACTS / "comfyui.log")
 
 
+# The help panel asks for docs/<node id>/<locale>.md first and falls back to docs/<node id>.md (ours): the first
+# request's 404 is the frontend's expected path, logged by the browser as a failed resource.
+LOCALE_HELP_404 = re.compile(rf"{re.escape(OUR_SCRIPT)}docs/\w+/[\w-]+\.md$")
+
+
 def _our_errors(page: cdp.Page) -> list[dict]:
     return [m for m in page.console
             if m["level"] in ("error", "exception", "assert")
-            and (OUR_SCRIPT in m.get("url", "") or OUR_SCRIPT in m.get("text", "") or "uniba" in m["text"].lower())]
+            and (OUR_SCRIPT in m.get("url", "") or OUR_SCRIPT in m.get("text", "") or "uniba" in m["text"].lower())
+            and not LOCALE_HELP_404.search(m.get("url", ""))]
 
 
 # Page-side helpers: visible dialogs by ARIA role, elements by their exact visible text, a dialog's close button
@@ -201,6 +207,137 @@ def test_pack_nodes_are_in_the_node_library(session) -> None:
     assert missing == []
 
 
+SEARCH = ("[...document.querySelectorAll('input')].find(i => window.__uniba_t.visible(i)"
+          " && /^search/i.test(i.placeholder ?? ''))")  # "Search Nodes..." (1.27), "Search..." (1.45+)
+LIBRARY = "app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library')"
+
+
+def _pack_nodes(server: cdp.ComfyServer) -> dict[str, dict]:
+    info = cdp.http_json(server.url + "/object_info")
+    return {name: d for name, d in info.items() if d.get("python_module", "").endswith(PACK)}
+
+
+def _library_search(page: cdp.Page, query: str) -> None:
+    page.wait_for(f"!!({SEARCH})", timeout=30)
+    page.evaluate(f"""(() => {{ const i = {SEARCH};
+        i.value = {json.dumps(query)}; i.dispatchEvent(new Event('input', {{bubbles: true}})); }})()""")
+    page.pump(1.5)
+
+
+def _visible_texts(page: cdp.Page) -> set[str]:
+    return set(page.evaluate("[...document.querySelectorAll('*')].filter(e => e.children.length === 0"
+                             " && e.tagName !== 'INPUT' && window.__uniba_t.visible(e))"
+                             ".map(e => (e.textContent ?? '').trim())"))
+
+
+def test_search_finds_every_node_by_uniba_its_family_and_upscale(session) -> None:
+    """The node library's search (frontend 1.27: name and display name; 1.58 also SEARCH_ALIASES)."""
+    server, page = session
+    ours = _pack_nodes(server)
+    queries = {"UniBA": set(ours), "upscale": {"InfDiTUpscale"}}
+    for name, node_def in ours.items():
+        family = node_def["category"].split("/")[1]
+        queries.setdefault(family, set()).add(name)
+    page.evaluate(LIBRARY)
+    missed = {}
+    try:
+        for query, expected in sorted(queries.items()):
+            _library_search(page, query)
+            texts = _visible_texts(page)
+            lost = sorted(n for n in expected if ours[n]["display_name"] not in texts)
+            if lost:
+                missed[query] = lost
+                page.screenshot(ARTIFACTS / f"search-{query}-FAILED.png")
+    finally:
+        page.evaluate(LIBRARY)
+    assert {"UniBA", "Inf-DiT", "Sana", "HiDiffusion", "upscale"} <= set(queries)
+    assert missed == {}
+
+
+def _help_from_library(page: cdp.Page, title: str) -> bool:
+    """Frontend 1.27: the help button next to the node in the node library opens the help view in the sidebar."""
+    page.evaluate(LIBRARY)
+    _library_search(page, title)
+    return page.evaluate(f"""(() => {{
+        const leaf = [...document.querySelectorAll('*')].find(e => e.children.length === 0
+            && window.__uniba_t.visible(e) && (e.textContent ?? '').trim() === {json.dumps(title)});
+        let r = leaf, button = null;
+        for (let k = 0; k < 8 && r && !button; k++, r = r.parentElement)
+            button = [...r.querySelectorAll('button')].find(b => /help/i.test(
+                (b.getAttribute('aria-label') ?? '') + (b.title ?? '')) || b.querySelector('.pi-question'));
+        button?.click(); return !!button; }})()""")
+
+
+def _help_from_side_panel(page: cdp.Page, node_id: str) -> bool:
+    """Frontend 1.5x: a node on the canvas, selected; the right side panel's Info tab shows its help."""
+    page.evaluate(f"""(() => {{ const n = LiteGraph.createNode({json.dumps(node_id)}); n.pos = [100, 100];
+        app.graph.add(n); app.canvas.deselectAll?.(); app.canvas.selectNode(n); window.__uniba_help_node = n;
+        return app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', true); }})()""")
+    tab = ("[...document.querySelectorAll('[role=tab], button')].find(e => window.__uniba_t.visible(e)"
+           " && (e.getAttribute('data-testid') === 'panel-tab-info' || (e.innerText ?? '').trim() === 'Info'))")
+    try:
+        page.wait_for(f"!!({tab})", timeout=15)
+    except TimeoutError:
+        return False
+    page.evaluate(f"({tab}).click()")
+    return True
+
+
+def test_help_panel_shows_our_page(session) -> None:
+    """ComfyUI's node-help panel shows web/docs/<node id>.md, one node per family."""
+    server, page = session
+    ours = _pack_nodes(server)
+    for node_id in ("InfDiTUpscale", "SanaSampler", "HiDiffusionPatch"):
+        title = ours[node_id]["display_name"]
+        page_md = (REPO / "web" / "docs" / f"{node_id}.md").read_text(encoding="utf-8").splitlines()
+        first_line = re.sub(r"[*`]", "", page_md[2])[:40]  # the description paragraph, as rendered
+        with _on_failure_screenshot(page, f"help-{node_id}"):
+            try:
+                opened = _help_from_library(page, title) or _help_from_side_panel(page, node_id)
+                assert opened, f"found no help button for {title} (node library) nor an Info tab (side panel)"
+                page.wait_for(f"document.body.innerText.includes({json.dumps(first_line)})", timeout=30)
+                page.screenshot(ARTIFACTS / f"help-{node_id}.png")
+            finally:
+                page.evaluate("""(() => { const b = [...document.querySelectorAll('button')].find(b =>
+                    window.__uniba_t.visible(b) && (/back/i.test(b.getAttribute('aria-label') ?? '')
+                    || b.querySelector('.pi-arrow-left'))); b?.click();
+                    if (window.__uniba_help_node) { app.graph.remove(window.__uniba_help_node);
+                        window.__uniba_help_node = null; }
+                    app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', false); })()""")
+                if page.evaluate(f"!!({SEARCH})"):
+                    page.evaluate(LIBRARY)
+                page.pump(0.5)
+    assert _our_errors(page) == []
+
+
+BLUEPRINTS = sorted(p.stem for p in (REPO / "subgraphs").glob("*.json"))
+
+
+def test_blueprints_are_in_the_node_library(session) -> None:
+    """ComfyUI v0.28 serves subgraphs/*.json (/global_subgraphs); frontend 1.5x lists them as blueprints."""
+    server, page = session
+    try:
+        served = cdp.http_json(server.url + "/api/global_subgraphs")
+    except OSError:
+        pytest.skip("this ComfyUI has no /global_subgraphs (added in v0.8)")
+    ours = {e["name"] for e in served.values() if e["info"]["node_pack"] == f"custom_nodes.{PACK}"}
+    assert ours == set(BLUEPRINTS)
+    if not page.evaluate("!!window.comfyAPI.api.api.getGlobalSubgraphs"):
+        pytest.skip("this frontend does not load global blueprints (1.27)")
+    page.evaluate(LIBRARY)
+    missing = []
+    try:  # listed under their file names; found by the start of the name, as a user types it (v0.28 sends no
+        # search aliases for a pack's blueprints, and Fuse scores whole 48-character queries out)
+        for name in BLUEPRINTS:
+            _library_search(page, name[:26])
+            if name not in _visible_texts(page):
+                missing.append(name)
+                page.screenshot(ARTIFACTS / f"blueprint-{name[:26]}-FAILED.png")
+    finally:
+        page.evaluate(LIBRARY)
+    assert missing == []
+
+
 def _open_template(page: cdp.Page, name: str) -> None:
     """Through the template browser as a user does: the pack's category by its text, the card by its title."""
     _close_dialogs(page)
@@ -265,6 +402,13 @@ def _check_template(server: cdp.ComfyServer, page: cdp.Page, name: str, workflow
     ours = wt.to_api(workflow, defs)
     assert {k: v["inputs"] for k, v in api_prompt.items()} == {k: v["inputs"] for k, v in ours.items()}
 
+    # no node covers another as the frontend lays them out (its own sizes, title bars included)
+    boxes = page.evaluate(f"{NODES}.map(n => [n.id, n.title, Array.from(n.getBounding ? n.getBounding()"
+                          f" : n.boundingRect)])")
+    covered = [f"{a[1]} / {b[1]}" for i, a in enumerate(boxes) for b in boxes[i + 1:]
+               if a[2][0] < b[2][0] + b[2][2] and b[2][0] < a[2][0] + a[2][2]
+               and a[2][1] < b[2][1] + b[2][3] and b[2][1] < a[2][1] + a[2][3]]
+    assert covered == [], covered
     _fit_view(page)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(ARTIFACTS / f"{name}.png")

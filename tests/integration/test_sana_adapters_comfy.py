@@ -208,7 +208,7 @@ def _controlnet_extra(start: float = 0.0, end: float = 1.0) -> dict:
     return {
         "10": {"class_type": "SanaVAELoader", "inputs": {"vae_name": VAE, "dtype": "fp32"}},
         "11": {"class_type": "SanaControlNetLoader", "inputs": {"control_net_name": CONTROLNET,
-                                                                "weight_dtype": "auto"}},
+                                                                "weight_dtype": "auto", "wiring": "diffusers"}},
         "12": {"class_type": "ControlNetApplyAdvanced", "inputs": {
             "positive": ["2", 0], "negative": ["3", 0], "control_net": ["11", 0], "image": ["2", 1],
             "strength": 0.8, "start_percent": start, "end_percent": end, "vae": ["10", 0]}},
@@ -290,3 +290,23 @@ def test_lora_key_map_changes_nothing_for_other_models(adapters_host) -> None:
     assert ours["base_model.model.transformer_blocks.1.ff.conv_depth"] == \
         "diffusion_model.transformer_blocks.1.ff.conv_depth.weight"
     assert "transformer.caption_projection.linear_1" not in theirs
+
+
+def test_nvlabs_wiring_of_a_diffusers_file_is_refused(adapters_host, run_prompt) -> None:
+    extra = _controlnet_extra()
+    extra["11"]["inputs"]["wiring"] = "nvlabs"
+    with pytest.raises(AssertionError, match=r"sana_tiny_cn\.safetensors: has no copy of the DiT's first block"):
+        run_prompt(_prompt(["1", 0], extra))
+
+
+def test_bypass_lora_node_gives_the_patched_result(adapters_host, run_prompt) -> None:
+    if "LoraLoaderBypassModelOnly" not in adapters_host.nodes:
+        pytest.skip("this ComfyUI has no bypass LoRA loader (added after 0.3.64)")
+    results = []
+    for loader in ("LoraLoaderModelOnly", "LoraLoaderBypassModelOnly"):
+        extra = {"14": {"class_type": loader, "inputs": {"model": ["1", 0], "lora_name": LORA_PEFT,
+                                                         "strength_model": 0.5}}}
+        results.append(run_prompt(_prompt(["14", 0], extra)).outputs["7"][0][0]["samples"])
+    plain = run_prompt(_prompt(["1", 0], {})).outputs["7"][0][0]["samples"]
+    assert (results[0] - results[1]).abs().max().item() <= 1e-4
+    assert (results[0] - plain).abs().max().item() > 1e-3

@@ -30,6 +30,7 @@ changes the result.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniba.memory import free_device_cache, is_out_of_memory, largest_unit, retry_on_oom
-from uniba.progress import ProgressFn, report
+from uniba.progress import ProgressFn, check_cancel, report
 
 from .blocks import Decoder, DownBlock, EfficientViTBlock, Encoder, ResBlock, UpBlock, linear_attention_sums
 from .config import VIT_BLOCK, DCAEConfig
@@ -469,6 +470,22 @@ def run_pass(model: AutoEncoder, x: torch.Tensor, steps: list[Step], *,
     return current
 
 
+@contextlib.contextmanager
+def cancel_inside_blocks(network: nn.Module, progress: ProgressFn | None) -> Iterator[None]:
+    """A Cancel point after every layer of ``network`` while it runs (:func:`uniba.progress.check_cancel`): on a
+    CPU one full-resolution block of a 4K decode takes seconds, and the blocks only report when they end."""
+    if getattr(progress, "check_cancel", None) is None:
+        yield
+        return
+    hooks = [m.register_forward_hook(lambda *_: check_cancel(progress)) for m in network.modules()
+             if next(m.children(), None) is None]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def decode_exact(model: AutoEncoder, latent: torch.Tensor, *, tile_size: int | None = None,
                  budget_bytes: int | None = None,
                  progress: ProgressFn | None = None, output_device: torch.device | str | None = None,
@@ -478,9 +495,10 @@ def decode_exact(model: AutoEncoder, latent: torch.Tensor, *, tile_size: int | N
     def preview(img: torch.Tensor) -> torch.Tensor:
         return (img[:1].float() * 0.5 + 0.5).clamp(0, 1)
 
-    return run_pass(model, latent, decoder_steps(model), full=model.decode_full, tile_size=tile_size,
-                     budget_bytes=budget_bytes, progress=progress, output_device=output_device, is_oom=is_oom,
-                     preview=preview, what="decode")
+    with cancel_inside_blocks(model.decoder, progress):
+        return run_pass(model, latent, decoder_steps(model), full=model.decode_full, tile_size=tile_size,
+                        budget_bytes=budget_bytes, progress=progress, output_device=output_device, is_oom=is_oom,
+                        preview=preview, what="decode")
 
 
 def encode_exact(model: AutoEncoder, image: torch.Tensor, *, tile_size: int | None = None,
@@ -488,6 +506,7 @@ def encode_exact(model: AutoEncoder, image: torch.Tensor, *, tile_size: int | No
                  progress: ProgressFn | None = None, output_device: torch.device | str | None = None,
                  is_oom: Callable[[BaseException], bool] = is_out_of_memory) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> latents in fp32, equal to ``model.encode_full`` at any tile size."""
-    return run_pass(model, image, encoder_steps(model), full=model.encode_full, tile_size=tile_size,
-                     budget_bytes=budget_bytes, progress=progress, output_device=output_device, is_oom=is_oom,
-                     preview=None, what="encode")
+    with cancel_inside_blocks(model.encoder, progress):
+        return run_pass(model, image, encoder_steps(model), full=model.encode_full, tile_size=tile_size,
+                        budget_bytes=budget_bytes, progress=progress, output_device=output_device, is_oom=is_oom,
+                        preview=None, what="encode")

@@ -157,6 +157,7 @@ def _upscale_job(args: argparse.Namespace) -> int:
     from ..wording import count
     from .loader import load_infdit
     from .plan import config_for_file, plan_upscale
+    from .ranks import plan_ranks
     from .upscale import NO_CLIP_TOWER
 
     job = Job.start()
@@ -188,7 +189,7 @@ def _upscale_job(args: argparse.Namespace) -> int:
         for i in todo:  # image headers only: the progress total of the whole job
             size = _image_size(items[i][0])
             units += plan_for(*size).total_batches if size else 0
-        return {"items": items, "todo": len(todo), "units": units}
+        return {"items": items, "todo": len(todo), "todo_indices": todo, "units": units}
 
     # every rank plans with rank 0's budget, so every rank (and a one-process run) makes the same plans
     budget = args.vram or job.share("budget", lambda: device_free_bytes(device))
@@ -197,11 +198,18 @@ def _upscale_job(args: argparse.Namespace) -> int:
     model = load_infdit(args.model, dtype, clip=args.clip).to(device)
     if model.clip is None:
         raise ValueError(f"--model {args.model}: {NO_CLIP_TOWER}")
+    # one image across every rank (the wavefront of uniba.infdit.ranks): a single input under torchrun, or each
+    # input with --split-image; otherwise each rank takes whole inputs from the queue
+    split = job.world_size > 1 and (args.split_image or not many)
+    group = job.process_group("nccl" if device.type == "cuda" else "gloo") if split else None
     display = TerminalProgress(work["units"], unit="batch") if job.is_main else None
     progress = JobProgress(job, work["units"], work["todo"], display)
-    while (index := job.take()) < len(items):
+    progress.draw()
+    shown: set[tuple[int, int]] = set()
+    order = iter(range(len(items)))  # split: every rank walks the inputs in the same order
+    while (index := (next(order, len(items)) if split else job.take())) < len(items):
         source, target = items[index]
-        if Path(target).exists() and not args.overwrite:
+        if split and index not in work["todo_indices"] or not split and Path(target).exists() and not args.overwrite:
             continue  # complete (outputs appear only by rename): a rerun skips it
         done = [0, 0]  # block batches reported by the engine for this input, and its planned total
 
@@ -213,12 +221,19 @@ def _upscale_job(args: argparse.Namespace) -> int:
             image = read_image(source)
             alpha_dropped(image.shape[1], target)
             plan = plan_for(image.shape[-2], image.shape[-1])
-            done[1] = plan.total_batches
             plan.check_fits()
-            # published without replacing: a file that appeared under this name meanwhile is kept (a failure)
-            write_image(upscale_image(model, image, plan, args, progress=tick), target, f"the upscaled {source}",
-                        overwrite=args.overwrite)
-            job.add(f"written/{job.rank}", 1)
+            done[1] = plan.total_batches
+            if split:
+                ranks_plan = plan_ranks(plan, config, job.world_size, dtype=dtype)
+                done[1] = ranks_plan.batches(job.rank, plan)  # this rank's share of the image
+                if job.is_main and image.shape[-2:] not in shown:
+                    shown.add(image.shape[-2:])
+                    print(ranks_plan.describe(), file=sys.stderr)
+            out = upscale_image(model, image, plan, args, progress=tick, group=group)
+            if job.is_main or not split:
+                # published without replacing: a file that appeared under this name meanwhile is kept (a failure)
+                write_image(out, target, f"the upscaled {source}", overwrite=args.overwrite)
+                job.add(f"written/{job.rank}", 1)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - one failing input is reported at the end, the others go on
@@ -234,7 +249,8 @@ def _upscale_job(args: argparse.Namespace) -> int:
         per_rank = [job.add(f"written/{rank}", 0) for rank in range(job.world_size)]
         print(f"upscaled {count(sum(per_rank), 'image')} into {args.output}"
               + (f", skipped {count(skipped, 'existing output')}" if skipped else "")
-              + (f" on {count(job.world_size, 'process')} ({', '.join(map(str, per_rank))} each)"
+              + (f", each split across {count(job.world_size, 'process')}" if split
+                 else f" on {count(job.world_size, 'process')} ({', '.join(map(str, per_rank))} each)"
                  if job.world_size > 1 else ""))
         for failure in failures:
             print(f"failed: {failure}", file=sys.stderr)
@@ -314,6 +330,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--device", help="cuda, mps or cpu (default: cuda if available)")
     up.add_argument("--color-match", default="none", choices=("none", "wavelet"))
     up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    up.add_argument("--split-image", action="store_true",
+                    help="under torchrun: split each input across all ranks (a single input always is), "
+                         "the same image as one process, sooner")
     up.set_defaults(func=_upscale)
 
     conv = subparsers.add_parser("convert-infdit", help="convert the released .pt to .safetensors (no pickle)")

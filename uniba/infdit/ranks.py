@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..guards import finite_denoiser
-from ..memory import format_bytes
+from ..memory import format_bytes, largest_unit
 from .blockwise import ROW_MAJOR, BatchCallback, BlockKVCache, BlockwiseDenoiser, batch_order
 from .config import InfDiTConfig
 from .model import BlockRect, InfDiT
@@ -197,7 +197,7 @@ def sample_band(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor, cli
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     exchange = BandExchange(bands, rank, axis, entry_shape(model.config, noise.shape[0]), model.dtype, group,
                             _comm_device(group, model.device),
-                            max_pending=2 * max(1, _along(block_batch, axis)) + 2)
+                            max_pending=_along(block_batch, axis) + 1)
     kwargs = {} if is_oom is None else {"is_oom": is_oom}
     denoiser = BlockwiseDenoiser(model, lr, clip_embedding, canvas=tuple(noise.shape[-2:]),
                                  concat_lr=concat_lr[where], block_batch=block_batch, offload_cache=offload_cache,
@@ -251,6 +251,7 @@ class RankPass:
 
     axis: str
     bands: tuple[BlockRect, ...]
+    block_batch: tuple[int, int]  # the pass's, or smaller when a band's messages would not fit beside it
     peak_bytes: tuple[int, ...]  # per rank with a band, weights included
     blocks: tuple[int, ...]  # per rank, per evaluation
     boundary_bytes: tuple[int, ...]  # per boundary (rank r -> r + 1), per evaluation
@@ -278,14 +279,15 @@ class RankPlan:
         for split, p in zip(self.passes, plan.passes, strict=True):
             if rank < len(split.bands):
                 band = split.bands[rank]
-                total += len(batch_order(band.n_h, band.n_w, p.block_batch, p.traversal))
+                total += len(batch_order(band.n_h, band.n_w, split.block_batch, p.traversal))
         return total * self.evaluations
 
     def describe(self) -> str:
         lines = [f"one image across {self.ranks} ranks (bands {self.split} the traversal), {self.evaluations} "
                  f"evaluations per pass: expected speed-up x{self.speedup:.2f} before communication"]
         for index, p in enumerate(self.passes):
-            lines.append(f"pass {index + 1}: {len(p.bands)} bands of block {p.axis}, speed-up x{p.speedup:.2f}, "
+            lines.append(f"pass {index + 1}: {len(p.bands)} bands of block {p.axis}, block batch "
+                         f"{p.block_batch[0]}x{p.block_batch[1]}, speed-up x{p.speedup:.2f}, "
                          f"sent per evaluation {format_bytes(sum(p.boundary_bytes))} "
                          f"({format_bytes(p.boundary_bytes[0]) if p.boundary_bytes else '0 B'} per boundary)")
             for r, (band, peak, blocks) in enumerate(zip(p.bands, p.peak_bytes, p.blocks, strict=True)):
@@ -298,21 +300,22 @@ class RankPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"ranks": self.ranks, "split": self.split, "evaluations": self.evaluations, "speedup": self.speedup,
                 "passes": [{"axis": p.axis, "bands": [[b.row0, b.row1, b.col0, b.col1] for b in p.bands],
+                            "block_batch": list(p.block_batch),
                             "peak_bytes": list(p.peak_bytes), "blocks": list(p.blocks),
                             "boundary_bytes": list(p.boundary_bytes), "speedup": p.speedup} for p in self.passes]}
 
 
-def _band_peak(config: InfDiTConfig, band: BlockRect, p: PassPlan, dtype: torch.dtype, traversal: str) -> int:
+def _band_peak(config: InfDiTConfig, band: BlockRect, p: PassPlan, n: tuple[int, int], axis: str,
+               dtype: torch.dtype) -> int:
     """Peak bytes of one rank: a pass over its band (canvases, a KV strip as wide as the band, LR maps, one
-    batch) plus the messages in flight (sends not yet taken, blocks received ahead)."""
-    n = (min(p.block_batch[0], band.n_h), min(p.block_batch[1], band.n_w))
-    along = n[0] if traversal == ROW_MAJOR else n[1]
-    messages = (2 * max(n) + 2 + along + 1) * block_cache_bytes(config, dtype)
+    batch, the blocks received from upstream among the cache's neighbours) plus the sends in flight."""
+    n = (min(n[0], band.n_h), min(n[1], band.n_w))
+    messages = (_along(n, axis) + 1) * block_cache_bytes(config, dtype)
     return weights_bytes(config, dtype) + messages + work_bytes(
-        config, (band.n_h, band.n_w), n, traversal, p.offload_cache, dtype, p.keep_lr_maps, p.state_on_host)
+        config, (band.n_h, band.n_w), n, p.traversal, p.offload_cache, dtype, p.keep_lr_maps, p.state_on_host)
 
 
-def _speedup(bands: list[BlockRect], p: PassPlan, axis: str, evaluations: int, traversal: str) -> float:
+def _speedup(bands: list[BlockRect], n: tuple[int, int], axis: str, evaluations: int, traversal: str) -> float:
     """Serial blocks over the wavefront's span: the largest band's work for every evaluation plus, per
     boundary, the blocks the upstream rank finishes before its first boundary block (the fill)."""
     total = sum(b.n_h * b.n_w for b in bands)
@@ -321,7 +324,7 @@ def _speedup(bands: list[BlockRect], p: PassPlan, axis: str, evaluations: int, t
     fill = 0
     for band in bands[:-1]:
         done = 0
-        for rect in batch_order(band.n_h, band.n_w, p.block_batch, traversal):
+        for rect in batch_order(band.n_h, band.n_w, n, traversal):
             done += rect.n_h * rect.n_w
             if (rect.col1 == band.n_w) if axis == "columns" else (rect.row1 == band.n_h):
                 break
@@ -333,18 +336,28 @@ def _speedup(bands: list[BlockRect], p: PassPlan, axis: str, evaluations: int, t
 def plan_ranks(plan: UpscalePlan, config: InfDiTConfig, ranks: int, *, split: str = ACROSS,
                sizes: list[int] | None = None, dtype: torch.dtype = torch.bfloat16) -> RankPlan:
     """The one-process ``plan`` split across ``ranks``: per rank memory, bytes sent per evaluation and the
-    expected speed-up, before the run. ``sizes``: block lines per band (last pass), default even."""
+    expected speed-up, before the run. ``sizes``: block lines per band (last pass), default even. Each pass
+    keeps the plan's block batch, or the largest square one whose widest band fits the plan's budget."""
     passes = []
     per_block = block_cache_bytes(config, dtype)
+    weights = weights_bytes(config, dtype)
     for index, p in enumerate(plan.passes):
         grid, traversal = (p.grid_rows, p.grid_cols), p.traversal
         axis = band_axis(traversal, split)
         bands = split_bands(grid, traversal, ranks, split, sizes if index == len(plan.passes) - 1 else None)
+
+        def work(n: tuple[int, int], p: PassPlan = p, axis: str = axis, bands: list[BlockRect] = bands) -> int:
+            return max(_band_peak(config, b, p, n, axis, dtype) for b in bands) - weights
+
+        n = p.block_batch
+        if plan.usable_bytes is not None and work(n) > plan.usable_bytes:
+            side = largest_unit(lambda u: work((u, u)), plan.usable_bytes, max_unit=max(n))
+            n = (min(side, n[0]), min(side, n[1]))
         boundary = [(b.n_h if axis == "columns" else b.n_w) * per_block for b in bands[:-1]]
-        passes.append(RankPass(axis=axis, bands=tuple(bands),
-                               peak_bytes=tuple(_band_peak(config, b, p, dtype, traversal) for b in bands),
+        passes.append(RankPass(axis=axis, bands=tuple(bands), block_batch=n,
+                               peak_bytes=tuple(_band_peak(config, b, p, n, axis, dtype) for b in bands),
                                blocks=tuple(b.n_h * b.n_w for b in bands), boundary_bytes=tuple(boundary),
-                               speedup=_speedup(bands, p, axis, plan.evaluations, traversal)))
+                               speedup=_speedup(bands, n, axis, plan.evaluations, traversal)))
     return RankPlan(ranks=ranks, split=split, passes=tuple(passes), evaluations=plan.evaluations)
 
 

@@ -276,7 +276,7 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
                 band = sample_band(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
                                    noise=eps.to(device=state, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
                                    seed=_noise_seed(seed, index, pass_index), bands=list(split_pass.bands),
-                                   axis=split_pass.axis, group=group, block_batch=p.block_batch,
+                                   axis=split_pass.axis, group=group, block_batch=split_pass.block_batch,
                                    offload_cache=p.offload_cache, on_batch=ticker.on_batch, is_oom=is_oom,
                                    between_layers=lambda: check_cancel(progress), keep_lr_maps=p.keep_lr_maps)
                 out = gather_bands(band, list(split_pass.bands), config.block_px, canvas, 1, group, state)

@@ -16,6 +16,9 @@ _EXPORTS = {
     "flow_sigmas": ".sampling",
     "sample_flow_dpm_solver": ".sampling",
     "sample_flow_euler": ".sampling",
+    # Sana-Sprint's sCM sampler and schedule
+    "sample_scm": ".sprint",
+    "sprint_sigmas": ".sprint",
     # text encoder and autoencoder (issue: Sana text encoder and DC-AE)
     "encode_prompt": ".text_encoder",
     "load_text_encoder": ".text_encoder",

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..guards import WorkTooLarge, check_finite
+from ..guards import WorkTooLarge, check_finite, check_whole_number
 from ..memory import Budget, format_bytes
 from ..wording import count
 from .config import CAPTION_CHANNELS, LATENT_CHANNELS, LATENT_DOWNSCALE, SanaConfig, latent_shape
@@ -238,6 +238,9 @@ def check_sana_empty_latent(batch: int, width_px: int, height_px: int, free_byte
     ``free_bytes`` is the free memory of the device the latent is created on (ComfyUI's intermediate
     device, usually system RAM); ``None`` skips the memory check.
     """
+    for name, value, least in (("width", width_px, LATENT_DOWNSCALE), ("height", height_px, LATENT_DOWNSCALE),
+                               ("batch_size", batch, 1)):
+        check_whole_number(value, f"{what}: {name}", least)
     shape = latent_shape(int(width_px), int(height_px), int(batch))
     check_sana_memory(sana_latent_bytes(shape[0], shape[2], shape[3]), free_bytes, what, batch=shape[0],
                       width_px=shape[3] * LATENT_DOWNSCALE, height_px=shape[2] * LATENT_DOWNSCALE)

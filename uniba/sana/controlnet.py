@@ -8,8 +8,15 @@ zero-initialised ``controlnet_blocks[i]`` and is added to the DiT after its bloc
 files (``controlnet.N.copied_block.*``, ``before_proj``/``after_proj``, the embedders of the base model they were
 saved with) are converted as diffusers' ``convert_sana_controlnet_to_diffusers.py`` does.
 
-The residuals are wired as diffusers wires them (parity-tested); the NVlabs training code feeds the branch the
-output of the DiT's first block and adds residual ``i`` after block ``i`` instead (docs/sana-adapters.md).
+Two wirings (``WIRINGS``; docs/sana-adapters.md):
+
+* ``"diffusers"`` (default, parity-tested against ``SanaControlNetPipeline``): the branch starts from the embedded
+  noisy latent; residual ``i`` is added after DiT block ``i + 1``.
+* ``"nvlabs"``, as NVlabs' ``SanaMSControlNet`` that trained the released weights: the branch starts from the
+  output of the DiT's first block (the original ``.pth`` carries that block, ``blocks.0.*``); residual ``i`` is
+  added after DiT block ``i``.
+
+The output is aligned with the DiT's blocks: item ``j`` is added after block ``j`` (None: nothing).
 """
 
 from __future__ import annotations
@@ -35,16 +42,22 @@ _COPIED = re.compile(r"controlnet\.(\d+)\.copied_block\.(.+)\Z")
 _BEFORE = re.compile(r"controlnet\.0\.before_proj\.(weight|bias)\Z")
 _AFTER = re.compile(r"controlnet\.(\d+)\.after_proj\.(weight|bias)\Z")
 DIFFUSERS_MARKERS = ("input_block.weight", "controlnet_blocks.0.weight")
+WIRINGS = ("diffusers", "nvlabs")
+_BASE_BLOCK = "base_block."  # the DiT's first block, kept for the NVlabs wiring
 ORIGINAL_MARKERS = ("controlnet.0.before_proj.weight", "controlnet.0.after_proj.weight")
 
 
 class SanaControlNet(nn.Module):
-    """``forward(x, hint, timestep, context, context_mask) -> [residual (B, N, C) per block]`` (unscaled)."""
+    """``forward(x, hint, timestep, context, context_mask) -> [residual (B, N, C) or None per DiT block]``
+    (unscaled)."""
 
     def __init__(self, config: SanaConfig, operations: Any = None, device: Any = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, wiring: str = "diffusers") -> None:
         super().__init__()
+        if wiring not in WIRINGS:
+            raise ValueError(f"wiring must be one of {', '.join(WIRINGS)}, got {wiring!r}.")
         ops = operations or _DefaultOps
+        self.wiring = wiring
         factory = {"device": device, "dtype": dtype}
         c = config.hidden_size
         self.config = config
@@ -56,6 +69,7 @@ class SanaControlNet(nn.Module):
         self.transformer_blocks = nn.ModuleList([SanaBlock(ops, config, **factory) for _ in range(config.depth)])
         self.input_block = ops.Linear(c, c, **factory)
         self.controlnet_blocks = nn.ModuleList([ops.Linear(c, c, **factory) for _ in range(config.depth)])
+        self.base_block = SanaBlock(ops, config, **factory) if wiring == "nvlabs" else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,7 +95,8 @@ class SanaControlNet(nn.Module):
         if hint.shape[0] != b:
             hint = hint.repeat(b // hint.shape[0], 1, 1, 1) if b % hint.shape[0] == 0 else hint[:1].expand(b, -1, -1,
                                                                                                               -1)
-        tokens = self._embed(x.to(dtype), h, w) + self.input_block(self._embed(hint.to(x.device, dtype), h, w))
+        tokens = self._embed(x.to(dtype), h, w)
+        control = self.input_block(self._embed(hint.to(x.device, dtype), h, w))
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1)
         if timestep.numel() == 1:
             timestep = timestep.expand(b)
@@ -96,7 +111,10 @@ class SanaControlNet(nn.Module):
             if mask.shape[0] != b:
                 mask = mask.repeat(b // mask.shape[0], 1)
             bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
-        residuals = []
+        if self.base_block is not None:
+            tokens = self.base_block(tokens, context, bias, t0, h, w)
+        tokens = tokens + control
+        residuals: list[torch.Tensor | None] = [] if self.base_block is not None else [None]
         for block, out in zip(self.transformer_blocks, self.controlnet_blocks):
             tokens = block(tokens, context, bias, t0, h, w)
             residuals.append(out(tokens))
@@ -118,7 +136,9 @@ def original_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     picked: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if m := _COPIED.match(key):
+        if key.startswith("blocks.0."):
+            picked["blocks.999." + key[len("blocks.0."):]] = value  # the DiT's first block, renamed below
+        elif m := _COPIED.match(key):
             picked[f"blocks.{m[1]}.{m[2]}"] = value
         elif m := _BEFORE.match(key):
             extra[f"input_block.{m[1]}"] = value
@@ -127,7 +147,10 @@ def original_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
         elif key.startswith(_ORIGINAL_EMBEDDERS):
             picked[key] = value
         # anything else is the base DiT's own weights (blocks.*, final_layer.*, pos_embed): not the ControlNet's
-    out = sana_keys.original_to_ours(picked)
+    out = {}
+    for key, value in sana_keys.original_to_ours(picked).items():
+        out[_BASE_BLOCK + key[len("transformer_blocks.999."):] if key.startswith("transformer_blocks.999.")
+            else key] = value
     out.update(extra)
     return out
 
@@ -146,8 +169,12 @@ def _sidecar(path: Path) -> dict[str, Any]:
 
 
 def read_controlnet(source: str | os.PathLike | Mapping[str, torch.Tensor],
-                    overrides: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], SanaConfig]:
-    """Read a Sana ControlNet (original ``.pth``/safetensors or diffusers) -> (state dict in our names, config)."""
+                    overrides: Mapping[str, Any] | None = None,
+                    wiring: str = "diffusers") -> tuple[dict[str, torch.Tensor], SanaConfig]:
+    """Read a Sana ControlNet (original ``.pth``/safetensors or diffusers) -> (state dict in our names, config).
+
+    The DiT's first block that an original file carries is kept for the ``"nvlabs"`` wiring, dropped otherwise.
+    """
     path = None if isinstance(source, Mapping) else Path(source)
     raw = dict(source) if path is None else read_state_dict(path)
     raw = sana_keys.strip_prefix(raw) if not any(k.startswith("controlnet.") for k in raw) else raw
@@ -164,8 +191,15 @@ def read_controlnet(source: str | os.PathLike | Mapping[str, torch.Tensor],
         hints.update(_sidecar(path))
     hints.update(overrides or {})
     converted = original_to_ours(raw) if fmt == "original" else raw
+    has_base = any(k.startswith(_BASE_BLOCK) for k in converted)
+    if wiring == "nvlabs" and not has_base:
+        raise CheckpointError(path, "has no copy of the DiT's first block, which the NVlabs wiring starts from (only "
+                                    "the original .pth of the release carries it, as blocks.0.*).",
+                              "Choose wiring 'diffusers' for this file, or load the original .pth.")
+    if wiring != "nvlabs":
+        converted = {k: v for k, v in converted.items() if not k.startswith(_BASE_BLOCK)}
     # a ControlNet has no output layer; infer_config reads the latent channels from it, so show it one on meta
-    shapes = dict(converted)
+    shapes = {k: v for k, v in converted.items() if not k.startswith(_BASE_BLOCK)}
     patch = converted.get("patch_embed.proj.weight")
     if patch is not None:
         shapes["proj_out.weight"] = torch.empty(int(patch.shape[1]) * int(patch.shape[2]) ** 2, 0, device="meta")
@@ -175,23 +209,24 @@ def read_controlnet(source: str | os.PathLike | Mapping[str, torch.Tensor],
 
 def load_controlnet(source: str | os.PathLike | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, *,
                     device: str | torch.device = "cpu", operations: Any = None,
-                    overrides: Mapping[str, Any] | None = None,
+                    overrides: Mapping[str, Any] | None = None, wiring: str = "diffusers",
                     model_class: type[SanaControlNet] = SanaControlNet) -> SanaControlNet:
     """A :class:`SanaControlNet` from a file, a diffusers folder or a state dict; keys checked strictly.
 
     ``model_class`` lets a host call the same module under its own calling convention (ComfyUI's ControlNet).
     """
-    state, config = read_controlnet(source, overrides)
+    state, config = read_controlnet(source, overrides, wiring)
     path = None if isinstance(source, Mapping) else source
-    return load_model(lambda: model_class(config, operations=operations), state, path=path, family=FAMILY,
-                      dtype=dtype or stored_dtype(state) or torch.float32, device=device)
+    return load_model(lambda: model_class(config, operations=operations, wiring=wiring), state, path=path,
+                      family=FAMILY, dtype=dtype or stored_dtype(state) or torch.float32, device=device)
 
 
 def control_residuals(controlnet: SanaControlNet, x: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor,
                       context: torch.Tensor, context_mask: torch.Tensor | None, strength: float = 1.0
                       ) -> dict[str, list[torch.Tensor]]:
     """The DiT's ``control`` input: the residuals times ``strength`` (diffusers' ``conditioning_scale``)."""
-    return {"output": [r * strength for r in controlnet(x, hint, timestep, context, context_mask)]}
+    residuals = controlnet(x, hint, timestep, context, context_mask)
+    return {"output": [None if r is None else r * strength for r in residuals]}
 
 
 __all__ = ["SanaControlNet", "control_residuals", "detect_controlnet_format", "load_controlnet", "read_controlnet"]

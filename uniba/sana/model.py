@@ -271,7 +271,8 @@ class SanaDiT(nn.Module):
     * ``context``: Gemma-2 embeddings ``(B, L, 2304)``; ``context_mask``: ``(B, L)``, 1 = keep;
     * Sana-Sprint (``config.guidance_embeds``): ``timestep`` is the flow time in [0, 1] (not truncated) and
       ``guidance`` the embedded guidance scale (``SPRINT_GUIDANCE`` when None), scaled by ``guidance_embeds_scale``;
-    * optional ``control``: ``{"output": [residual per block]}`` from :class:`uniba.sana.controlnet.SanaControlNet`
+    * optional ``control``: ``{"output": [residual or None per block]}`` from
+      :class:`uniba.sana.controlnet.SanaControlNet`, item ``i`` added after block ``i``
       (ComfyUI's ControlNet hands it over under this name); ``transformer_options[PERTURBED_BLOCKS_OPTION]``:
       the block indices whose self-attention is replaced by identity (PAG's perturbed pass).
     Returns the predicted velocity ``v = noise - x0`` with the shape of ``x``.
@@ -359,9 +360,8 @@ class SanaDiT(nn.Module):
             if index and self.between_blocks is not None:
                 self.between_blocks()
             tokens = block(tokens, context, bias, t0, h, w, index in perturbed)
-            # ControlNet residual i is added after block i + 1 (diffusers' SanaTransformer2DModel wiring)
-            if 0 < index <= len(residuals) and residuals[index - 1] is not None:
-                tokens = tokens + residuals[index - 1].to(tokens.dtype)
+            if index < len(residuals) and residuals[index] is not None:
+                tokens = tokens + residuals[index].to(tokens.dtype)
 
         table = self.scale_shift_table.to(tokens.device, dtype)
         shift, scale = (table[None] + t[:, None]).chunk(2, dim=1)

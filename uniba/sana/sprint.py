@@ -44,7 +44,7 @@ def sprint_angles(steps: int, max_timesteps: float = MAX_TIMESTEPS,
     """
     if steps < 1:
         raise ValueError(f"Sana-Sprint needs at least 1 step, got {steps}.")
-    if not 0.0 < max_timesteps <= MAX_TIMESTEPS:
+    if not 0.0 < max_timesteps <= MAX_TIMESTEPS + 1e-6:  # a UI's decimal rounding may land a hair above
         raise ValueError(f"max_timesteps must be in (0, {MAX_TIMESTEPS}] (TrigFlow time, pi/2 = pure noise), "
                          f"got {max_timesteps}.")
     if steps == 2 and intermediate_timesteps is not None:

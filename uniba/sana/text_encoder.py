@@ -31,7 +31,9 @@ import torch
 
 from uniba.checkpoint import (
     CheckpointError,
+    check_file,
     load_model,
+    read_json,
     read_safetensors_metadata,
     read_sharded_folder,
     read_state_dict,
@@ -183,6 +185,11 @@ def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
                         marker=lambda key: key.startswith("layers."))
 
 
+# What AutoTokenizer may open in a Hugging Face folder.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json")
+
+
 def load_text_encoder(path_or_folder: str | os.PathLike, dtype: torch.dtype | None = None,
                       device: torch.device | str = "cpu", progress: ProgressFn | None = None) -> SanaTextEncoder:
     """Load Gemma-2 from a Hugging Face folder or a single safetensors file with an embedded tokenizer."""
@@ -197,7 +204,17 @@ def load_text_encoder(path_or_folder: str | os.PathLike, dtype: torch.dtype | No
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise CheckpointError(folder, "has no config.json, so it is not a Hugging Face model folder.",
                                   "Download the whole gemma-2-2b-it folder (config, safetensors, tokenizer files).")
-        config = AutoConfig.from_pretrained(folder)
+        # every file transformers will open is checked first: a pipe would block it, damage would escape raw
+        read_json(os.path.join(folder, "config.json"), "Download the gemma-2-2b-it folder again.")
+        for name in _TOKENIZER_FILES:
+            if os.path.lexists(os.path.join(tokenizer_folder, name)):
+                check_file(os.path.join(tokenizer_folder, name), fix="Download the tokenizer files again.")
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (ValueError, OSError, TypeError, KeyError) as exc:
+            raise CheckpointError(os.path.join(folder, "config.json"), f"is not a usable model config "
+                                  f"({type(exc).__name__}: {str(exc)[:200]}).",
+                                  "Download the gemma-2-2b-it folder again.") from None
         config = getattr(config, "text_config", None) or config
         if getattr(config, "model_type", "") != "gemma2":
             raise CheckpointError(folder, f"holds a '{getattr(config, 'model_type', '?')}' model, not a {FAMILY}.",
