@@ -205,3 +205,14 @@ def test_aliases_cover_every_format_for_every_target() -> None:
         for alias in (f"transformer.{layer}", f"base_model.model.{layer}", f"lora_unet_{layer.replace('.', '_')}",
                       f"lora_transformer_{layer.replace('.', '_')}", f"diffusion_model.{layer}"):
             assert aliases[alias] == layer
+
+
+def test_dora_is_refused_not_applied_without_its_magnitude() -> None:
+    factors = _factors()
+    state = {}
+    for layer, (down, up) in factors.items():
+        state[f"lora_unet_{layer.replace('.', '_')}.lora_down.weight"] = down
+        state[f"lora_unet_{layer.replace('.', '_')}.lora_up.weight"] = up
+    state["lora_unet_proj_out.dora_scale"] = torch.ones(1, 64)
+    with pytest.raises(CheckpointError, match=r"'dora\.safetensors' is a DoRA .*LoraLoaderModelOnly"):
+        convert_lora(state, CONFIG, name="dora.safetensors")

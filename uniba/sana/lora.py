@@ -34,6 +34,7 @@ PAIR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".l
                  (".lora.down.weight", ".lora.up.weight"), (".lora_linear_layer.down.weight",
                                                              ".lora_linear_layer.up.weight"))
 ALPHA_SUFFIX = ".alpha"
+DORA_SUFFIXES = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 DOTTED_PREFIXES = ("", "transformer.", "base_model.model.", "base_model.model.transformer.", "diffusion_model.",
                    "model.diffusion_model.")
 UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
@@ -145,6 +146,11 @@ def convert_lora(state_dict: Mapping[str, torch.Tensor], config: SanaConfig, *, 
     model's depth, factors whose shapes do not fit the layer (another Sana size: hidden size named). Keys that name
     nothing are kept in ``unmatched`` for the caller to report.
     """
+    dora = [k for k in state_dict if k.endswith(DORA_SUFFIXES)]
+    if dora:
+        raise CheckpointError(path, f"{'' if path is not None else repr(name) + ' '}is a DoRA (weight-decomposed "
+                                    f"LoRA, e.g. '{dora[0]}'), which this loader does not apply.",
+                              "Try ComfyUI's LoraLoaderModelOnly, which reads kohya-format DoRA (.dora_scale).")
     targets = lora_target_layers(config)
     aliases = layer_aliases(targets)
     default_alpha, alpha_pattern = _metadata_alphas(metadata or {})
