@@ -216,3 +216,12 @@ def test_torchrun_splits_a_single_input_across_its_ranks_with_the_same_output(tm
     one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
     two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
     assert one.shape == two.shape == (96, 128, 3) and np.abs(one - two).max() == 0
+
+
+def test_plan_command_reports_the_ranks_before_any_run(capsys):
+    from uniba.cli import main
+
+    assert main(["plan", "infdit", "--size", "4096x4096", "--vram", "16GB", "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "one image across 2 ranks" in out and "4.38 GiB per boundary" in out
+    assert out.count("estimated peak") == 3  # the one-process plan and each rank

@@ -4,7 +4,7 @@ Rules:
 
 * ``.safetensors`` files are memory-mapped; nothing in them can execute code.
 * ``.pt/.pth/.ckpt/.bin`` files are walked by a bounded opcode scan first (:mod:`.scan`: nesting depth,
-  memo size, opcode count, time), then go through ``torch.load(weights_only=True)`` with only plain
+  memo size, opcode count, CPU time), then go through ``torch.load(weights_only=True)`` with only plain
   containers and plain-number numpy stand-ins allowed (:mod:`.sandbox`), and the result is checked again.
 * Every path is ``stat``-ed and opened as a regular file only (:mod:`.files`): a pipe never blocks a reader.
 * Every error is a :class:`CheckpointError` whose message names the file, what was expected and what was
@@ -12,8 +12,9 @@ Rules:
 
 One job per file: ``errors`` (the error and its wording), ``files`` (what a path may be), ``scan`` (the
 bounded pickle walk and ``data.pkl``), ``sandbox`` (what unpickling may build), ``readers`` (files to state
-dicts), ``dtype`` (stored dtype from headers), ``keys`` (layout checks, family names), ``build`` (state dict
-to model), ``pages`` (releasing mapped pages), ``write`` (safetensors output through :mod:`uniba.publish`).
+dicts, JSON beside them), ``dtype`` (stored dtype from headers), ``shapes`` (a ``.pt``'s tensor shapes from
+its opcodes), ``keys`` (layout checks, family names), ``build`` (state dict to model), ``pages`` (releasing
+mapped pages), ``write`` (safetensors output through :mod:`uniba.publish`), ``bench`` (what the scan costs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from .build import check_kinds, load_model, parameters_on_meta
 from .dtype import SAFETENSORS_DTYPES, stored_dtype, zip_pickle_storage_dtypes
 from .errors import CheckpointError, describe_size, short_list, with_article
-from .files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SUPPORTED_SUFFIXES, check_file, open_regular
+from .files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SUPPORTED_SUFFIXES, check_file, open_regular, read_head
 from .keys import check_keys, guess_family, matches_any, strip_prefix, wrong_family_error
 from .pages import checkpoint_mappings, release_pages
 from .readers import (
@@ -47,7 +48,7 @@ from .write import save_safetensors
 
 __all__ = [
     "CheckpointError", "describe_size", "short_list", "with_article",
-    "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES", "check_file", "open_regular",
+    "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES", "check_file", "open_regular", "read_head",
     "LIMITS", "Limits", "PickleRefused", "scan_file", "scan_pickle",
     "DEEPSPEED_EXTRA_KEYS", "EXTRA_SAFE_GLOBALS", "check_loaded",
     "MAX_HEADER_BYTES", "MAX_JSON_BYTES", "read_json", "WRAPPER_KEYS", "StateDict", "check_weights_finite",

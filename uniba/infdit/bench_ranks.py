@@ -22,12 +22,21 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..memory import format_bytes
+from .bench import bench_config, random_model
+from .config import release_config
+from .model import upsample_lr
+from .plan import block_cache_bytes, plan_upscale
+from .ranks import gather_bands, plan_ranks, sample_band
+from .sampling import SAMPLERS, get_sigmas_karras, resolve_sampling
+from .upscale import sample_canvas
 
 LINKS = {"NVLink": 200e9, "PCIe 4.0 x16": 25e9, "100 GbE": 11e9}  # sustained bytes/s one way, per link
 SIDES = (4096, 8192, 16384)
@@ -43,15 +52,6 @@ def block_flops(config) -> float:
 
 def _worker(rank: int, world: int, port: int, side: int, steps: int, block_batch: int, out: str) -> None:
     """One process of a measurement: the image sampled alone (world 1) or this rank's band of it."""
-    import torch.distributed as dist
-
-    from .bench import bench_config, random_model
-    from .model import upsample_lr
-    from .plan import plan_upscale
-    from .ranks import gather_bands, plan_ranks, sample_band
-    from .sampling import SAMPLERS, get_sigmas_karras, resolve_sampling
-    from .upscale import sample_canvas
-
     torch.set_num_threads(1)
     config = bench_config()
     gen = torch.Generator().manual_seed(0)
@@ -112,9 +112,6 @@ def _measure(world: int, side: int, steps: int, block_batch: int, tmp: Path) -> 
 
 
 def _project(gpu_tflops: float, measured_block_seconds: float | None, cpu_block_flops: float | None) -> None:
-    from .plan import block_cache_bytes, plan_upscale, release_config
-    from .ranks import plan_ranks
-
     config = release_config()
     per_block = block_cache_bytes(config, torch.bfloat16)
     t_block = block_flops(config) / (gpu_tflops * 1e12)
@@ -162,11 +159,6 @@ def run(argv: list[str] | None = None) -> int:
                         help="sustained bf16 TFLOP/s of one GPU for the projection (default 100: A100/4090 class)")
     parser.add_argument("--no-project", action="store_true", help="measure only")
     args = parser.parse_args(argv)
-    import tempfile
-
-    from .bench import bench_config
-    from .plan import block_cache_bytes
-
     config = bench_config()
     runs: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

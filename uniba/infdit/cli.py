@@ -45,12 +45,19 @@ def _plan(args: argparse.Namespace) -> int:
                          "result, or give --input WxH")
     plan = plan_upscale(config, in_h, in_w, args.scale, free_bytes=args.vram, sampling=_sampling(args),
                         block_batch=args.block_batch, offload_cache=args.offload_cache, dtype=DTYPES[args.dtype])
+    ranks = None
+    if args.ranks > 1:
+        from .ranks import plan_ranks
+
+        ranks = plan_ranks(plan, config, args.ranks, dtype=DTYPES[args.dtype])
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps({**plan.to_dict(), **({"ranks": ranks.to_dict()} if ranks else {})}, indent=2))
     else:
         source = "release config" if not args.model else f"{args.model}: its own config"
         print(f"Inf-DiT plan ({source}, {args.dtype})")
         print(plan.describe())
+        if ranks:
+            print(ranks.describe())
         for note in notes:
             print(note)
     return 0 if plan.fits else 1
@@ -317,6 +324,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         plan.add_argument("--model", help="plan for this checkpoint's config (default: the release)")
         plan.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
         plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+        plan.add_argument("--ranks", type=positive_int, default=1,
+                          help="also split one image across this many processes (torchrun): per-rank memory, "
+                               "bytes sent per evaluation, expected speed-up")
         plan.set_defaults(func=_plan)
 
     up = subparsers.add_parser("upscale", parents=[common], help="upscale an image with Inf-DiT")

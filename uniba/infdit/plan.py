@@ -34,7 +34,14 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, check_file, read_safetensors_header, wrong_family_error, zip_pickle_shapes
+from ..checkpoint import (
+    CheckpointError,
+    check_file,
+    read_head,
+    read_safetensors_header,
+    wrong_family_error,
+    zip_pickle_shapes,
+)
 from ..guards import check_choice
 from ..memory import Budget, format_bytes, largest_unit
 from ..metadata import config_from_metadata
@@ -438,8 +445,7 @@ def plan_upscale(config: InfDiTConfig, lr_height: int, lr_width: int, scale: int
 
 def _check_pickle_signature(path: str) -> None:
     """A ``.pt`` is planned with the release config without loading it, but it must look like a checkpoint."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
+    head = read_head(path, 4)  # opened as a regular file only: a pipe swapped in after the stat never blocks
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise CheckpointError(path, "is neither a torch zip checkpoint nor a pickle.",
                               "It is probably truncated or not a model file: download it again.")
