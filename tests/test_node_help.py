@@ -100,3 +100,14 @@ def test_upscalers_are_found_by_upscale() -> None:
     for node_id in upscalers:
         words = [_display(node_id).lower()] + [a.lower() for a in _nodes()[node_id].SEARCH_ALIASES]
         assert any("upscale" in w for w in words), node_id
+
+
+def test_help_pages_name_our_nodes_by_their_current_display_names() -> None:
+    """A page that says **Sana Text Encoder Loader** after a rename sends users searching for a node that is gone."""
+    from uniba_pack.nodes import NODE_DISPLAY_NAME_MAPPINGS
+
+    current = {name.removesuffix(" (UniBA)") for name in NODE_DISPLAY_NAME_MAPPINGS.values()}
+    ours = re.compile(r"\*\*((?:Sana|Inf-DiT|Load Inf-DiT|HiDiffusion)\b[^*]*)\*\*")
+    stale = sorted(f"{page.name}: {name}" for page in HELP.glob("*.md")
+                   for name in ours.findall(page.read_text(encoding="utf-8")) if name not in current)
+    assert not stale, f"help pages naming nodes by names no node has (use the display name): {stale}"

@@ -36,6 +36,19 @@ def test_the_workflows_are_shipped() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_workflow_has_a_thumbnail_a_screenshot_and_a_section_in_the_docs(name: str) -> None:
+    """The template browser shows workflows/<name>.jpg (a grey card without it); docs/workflows.md lists each one."""
+    docs = wt.WORKFLOWS.parent / "docs"
+    made_by = "made by UNIBA_WRITE_SCREENSHOTS=1 pytest tests/integration/test_browser.py (see docs/workflows.md)"
+    assert (wt.WORKFLOWS / f"{name}.jpg").is_file(), f"workflows/{name}.jpg is missing: {made_by}"
+    assert (docs / "screenshots" / f"{name}.png").is_file(), f"docs/screenshots/{name}.png is missing: {made_by}"
+    page = (docs / "workflows.md").read_text(encoding="utf-8")
+    assert f"| `{name}` |" in page, f"docs/workflows.md: add a table row for `{name}` (what it does, its models)"
+    assert f"### {name}\n![" in page and f"(screenshots/{name}.png)" in page, \
+        f"docs/workflows.md: add a '### {name}' section with its screenshot"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_workflow_matches_node_definitions(name: str, defs: dict) -> None:
     workflow = _load(name)
     assert workflow["version"] == 0.4 and isinstance(workflow["links"], list)

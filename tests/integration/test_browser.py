@@ -336,6 +336,22 @@ def test_blueprints_are_in_the_node_library(session) -> None:
     finally:
         page.evaluate(LIBRARY)
     assert missing == []
+    # each blueprint opened as the frontend opens one: its node shows the proxied widgets, and the prompt the
+    # frontend flattens from it is the one the integration tier runs (tests/workflow_tools.blueprint_to_api)
+    defs = cdp.http_json(server.url + "/object_info")
+    for name in BLUEPRINTS:
+        blueprint = wt.load_workflow(REPO / "subgraphs" / f"{name}.json")
+        page.evaluate(f"app.loadGraphData({json.dumps(blueprint)})")
+        page.wait_for(f"{NODES}.length === 1 && {NODES}[0].title === {json.dumps(name)}", timeout=30)
+        shown = page.evaluate(f"{NODES}[0].widgets?.map(w => w.name) ?? []")
+        assert shown == [w for _node, w in blueprint["nodes"][0]["properties"]["proxyWidgets"]], (name, shown)
+        outer = page.evaluate(f"String({NODES}[0].id)")
+        flat = page.evaluate("app.graphToPrompt().then(p => p.output)")
+        ours, _outputs = wt.blueprint_to_api(blueprint, defs, {"image": ["boundary", 0]})
+        expected = {f"{outer}:{k}": {i: ([f"{outer}:{v[0]}", v[1]] if isinstance(v, list) else v)
+                                     for i, v in n["inputs"].items() if v != ["boundary", 0]}
+                    for k, n in ours.items()}
+        assert {k: v["inputs"] for k, v in flat.items()} == expected, name
 
 
 def _open_template(page: cdp.Page, name: str) -> None:

@@ -31,8 +31,9 @@ import torch.distributed as dist
 
 from ..memory import format_bytes
 from .bench import bench_config, random_model
+from .config import release_config
 from .model import upsample_lr
-from .plan import block_cache_bytes, plan_upscale, release_config
+from .plan import block_cache_bytes, plan_upscale
 from .ranks import gather_bands, plan_ranks, sample_band
 from .sampling import SAMPLERS, get_sigmas_karras, resolve_sampling
 from .upscale import sample_canvas
@@ -111,7 +112,6 @@ def _measure(world: int, side: int, steps: int, block_batch: int, tmp: Path) -> 
 
 
 def _project(gpu_tflops: float, measured_block_seconds: float | None, cpu_block_flops: float | None) -> None:
-
     config = release_config()
     per_block = block_cache_bytes(config, torch.bfloat16)
     t_block = block_flops(config) / (gpu_tflops * 1e12)
@@ -159,8 +159,6 @@ def run(argv: list[str] | None = None) -> int:
                         help="sustained bf16 TFLOP/s of one GPU for the projection (default 100: A100/4090 class)")
     parser.add_argument("--no-project", action="store_true", help="measure only")
     args = parser.parse_args(argv)
-
-
     config = bench_config()
     runs: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
