@@ -180,12 +180,14 @@ def sample_band(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor, cli
                 noise: torch.Tensor, sampler: Sampler, sigmas: torch.Tensor, seed: int, bands: list[BlockRect],
                 axis: str, group: Any = None, block_batch: tuple[int, int] | int | None = None,
                 offload_cache: bool = False, keep_lr_maps: bool = True, on_batch: BatchCallback | None = None,
-                is_oom: Any = None, between_layers: Any = None, stats: dict | None = None) -> torch.Tensor | None:
+                is_oom: Any = None, between_layers: Any = None, stats: dict | None = None,
+                state_device: torch.device | None = None) -> torch.Tensor | None:
     """This rank's band of :func:`uniba.infdit.upscale.sample_canvas`: the sampler over its own blocks.
 
-    ``concat_lr`` and ``noise`` are the whole canvas (every rank draws the same x_T); ``lr`` the whole
-    LR image the cross-attention sees. Returns the band (B, 3, band height, band width) in float32,
-    or None on a rank without a band.
+    ``concat_lr`` and ``noise`` are the whole canvas (every rank draws the same x_T), best kept on the host;
+    ``lr`` the whole LR image the cross-attention sees. Only the band's slices are copied to
+    ``state_device`` (default: where ``noise`` is), where the sampler's canvases live. Returns the band
+    (B, 3, band height, band width) in float32, or None on a rank without a band.
     """
     rank = dist.get_rank(group)
     if rank >= len(bands):
@@ -193,17 +195,18 @@ def sample_band(model: InfDiT, lr: torch.Tensor, *, concat_lr: torch.Tensor, cli
     own = bands[rank]
     bp = model.config.block_px
     where = (slice(None), slice(None), slice(own.row0 * bp, own.row1 * bp), slice(own.col0 * bp, own.col1 * bp))
-    device = noise.device
+    device = noise.device if state_device is None else torch.device(state_device)
+    band_lr = concat_lr[where].to(device=device, dtype=torch.float32, copy=True)
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     exchange = BandExchange(bands, rank, axis, entry_shape(model.config, noise.shape[0]), model.dtype, group,
                             _comm_device(group, model.device),
                             max_pending=_along(block_batch, axis) + 1)
     kwargs = {} if is_oom is None else {"is_oom": is_oom}
     denoiser = BlockwiseDenoiser(model, lr, clip_embedding, canvas=tuple(noise.shape[-2:]),
-                                 concat_lr=concat_lr[where], block_batch=block_batch, offload_cache=offload_cache,
+                                 concat_lr=band_lr, block_batch=block_batch, offload_cache=offload_cache,
                                  on_batch=on_batch, keep_lr_maps=keep_lr_maps, own=own, exchange=exchange,
                                  state_device=device, stats=stats, between_layers=between_layers, **kwargs)
-    x = concat_lr[where].float() + sigmas[0] * noise[where].float()
+    x = band_lr + sigmas[0] * noise[where].to(device=device, dtype=torch.float32)
     try:
         out = run_sampler(sampler, finite_denoiser(denoiser, sigmas, "the Inf-DiT sampler"), x, sigmas, seed=seed,
                           block_px=bp, origin=(own.row0, own.col0))

@@ -250,7 +250,8 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
         for pass_index, p in enumerate(plan.passes):
             # the canvases (x_T, the upsampled LR, the sampler's state) live where the plan says
             state = torch.device("cpu") if p.state_on_host else device
-            rgb = rgb.to(state)
+            # split across ranks, the whole-canvas inputs stay on the host: each rank moves only its band
+            rgb = rgb.to(state if group is None else torch.device("cpu"))
             cond_lr, concat_lr, clip_source = _pass_inputs(model, rgb, p)
             if clip_embedding is not None:
                 emb = clip_embedding[index:index + 1] if clip_embedding.shape[0] > 1 else clip_embedding
@@ -274,12 +275,12 @@ def upscale(model: InfDiT, lr: torch.Tensor, plan: UpscalePlan, *, seed: int = 0
             else:
                 split_pass = ranks_plan.passes[pass_index]
                 band = sample_band(model, cond_lr, concat_lr=concat_lr, clip_embedding=emb,
-                                   noise=eps.to(device=state, dtype=torch.float32), sampler=sampler, sigmas=sigmas,
+                                   noise=eps, state_device=state, sampler=sampler, sigmas=sigmas,
                                    seed=_noise_seed(seed, index, pass_index), bands=list(split_pass.bands),
                                    axis=split_pass.axis, group=group, block_batch=split_pass.block_batch,
                                    offload_cache=p.offload_cache, on_batch=ticker.on_batch, is_oom=is_oom,
                                    between_layers=lambda: check_cancel(progress), keep_lr_maps=p.keep_lr_maps)
-                out = gather_bands(band, list(split_pass.bands), config.block_px, canvas, 1, group, state)
+                out = gather_bands(band, list(split_pass.bands), config.block_px, canvas, 1, group, rgb.device)
             out = out[:, :, :p.out_height, :p.out_width]
             if color_match == "wavelet":
                 out = wavelet_color_match(out, rgb)
