@@ -79,7 +79,7 @@ def test_vae_decode_and_encode_nodes(headless_models) -> None:
 
 
 def test_decode_rejects_a_vae_that_is_not_dcae() -> None:
-    with pytest.raises(ValueError, match="not a Sana DC-AE"):
+    with pytest.raises(ValueError, match="not a Sana DC-AE: load the DC-AE with .Sana DC-AE Loader."):
         nodes.SanaVAEDecode().decode(object(), {"samples": torch.zeros(1, 32, 1, 1)}, 0)
 
 

@@ -272,7 +272,7 @@ def stock_tile_px(tile_x: int | None, tile_y: int | None, cell_px: int) -> int:
 def _dcae_of(vae: Any) -> Any:
     dcae = getattr(vae, "dcae", None)
     if dcae is None:
-        raise ValueError("This VAE is not a Sana DC-AE: load the DC-AE with 'Sana VAE Loader' "
+        raise ValueError("This VAE is not a Sana DC-AE: load the DC-AE with 'Sana DC-AE Loader' "
                          "(dc-ae-f32c32-sana-1.x in models/vae/).")
     return dcae
 

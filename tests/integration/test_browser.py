@@ -534,3 +534,27 @@ def test_real_run_reports_block_progress(session) -> None:
         _fit_view(page)
         page.screenshot(ARTIFACTS / "real_run_done.png")
         assert _our_errors(page) == []
+
+
+def test_node_warning_shows_as_a_toast(session) -> None:
+    """host.warn in a running node reaches the browser that queued the prompt as a toast (web/js/uniba_warnings.js):
+    SanaEmptyLatent asked for 1000 px makes a 992 px latent and says so."""
+    _server, page = session
+    expected = "1000x1024 px is not a multiple of 32 on each side: the latent makes a 992x1024 px image"
+    prompt = {"1": {"class_type": "SanaEmptyLatent",
+                    "inputs": {"width": 1000, "height": 1024, "preset": "custom", "batch_size": 1}},
+              "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "uniba/warning"}}}
+    with _on_failure_screenshot(page, "warning_toast"):
+        # queued as the frontend does (POST /prompt with this page's client id), so the server answers this page
+        queued = page.evaluate(f"""fetch('/prompt', {{method: 'POST', headers: {{'Content-Type': 'application/json'}},
+            body: JSON.stringify({{prompt: {json.dumps(prompt)}, client_id: window.comfyAPI.api.api.clientId}})}})
+            .then(r => r.json())""")
+        assert "prompt_id" in queued, queued
+        toast = ("[...document.querySelectorAll('[role=alert]')].filter(t => window.__uniba_t.visible(t))"
+                 f".map(t => t.innerText).find(t => t.includes({json.dumps(expected)}))")
+        text = page.wait_for(toast, timeout=60)
+        assert "UniBA" in text and "SanaEmptyLatent" in text, text
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(ARTIFACTS / "warning_toast.png")
+        page.evaluate("app.extensionManager.toast.removeAll?.()")
+        assert _our_errors(page) == []
