@@ -246,8 +246,13 @@ def _upscale_job(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - one failing input is reported at the end, the others go on
             if not many:
                 raise
-            job.fail(str(exc) if source in str(exc) else f"{source}: {exc}")
-        progress.input_done(units_left=max(0, done[1] - done[0]))
+            if job.is_main or not split:  # a split input fails on every rank alike: report it once
+                job.fail(str(exc) if source in str(exc) else f"{source}: {exc}")
+        if split and not job.is_main:  # one image split across the ranks counts once, on rank 0
+            progress.unit(max(0, done[1] - done[0]))
+            progress.publish()
+        else:
+            progress.input_done(units_left=max(0, done[1] - done[0]))
     failures = job.finish(idle=progress.draw if job.is_main else None)
     if display is not None:
         display.close()
