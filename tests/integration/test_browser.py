@@ -70,11 +70,22 @@ def _write_models(models: Path) -> None:
     write_tiny_infdit(models / "infdit", TINY_INFDIT)
 
 
+def _template_input_images() -> set[str]:
+    """The images the templates' Load Image nodes name (example.png, the ControlNet's HED map, ...)."""
+    names = {"example.png"}
+    for path in wt.workflow_files():
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] == "LoadImage":
+                names.add(node["widgets_values"][0])
+    return names
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("comfyui-browser")
     (base / "input").mkdir()
-    _write_input_image(base / "input" / "example.png")
+    for name in _template_input_images():  # what each template's note tells the user to put in ComfyUI/input
+        _write_input_image(base / "input" / name)
     server = cdp.ComfyServer(os.environ["COMFYUI_DIR"], base, base / "comfyui.log")
     _write_models(base / "models")
     server.start()
