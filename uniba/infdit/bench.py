@@ -134,12 +134,8 @@ def _status(field: str) -> int:
 def _child(side: int, mode: str, block_batch: int, threads: int) -> dict:
     """Runs in the subprocess: one denoiser call, returns peak bytes above the resident baseline and seconds."""
     torch.set_num_threads(threads)
-    config = bench_config()
-    gen = torch.Generator().manual_seed(0)
-    model = random_model(config, gen)
-    lr = torch.rand(1, 3, side // 4, side // 4, generator=gen) * 2 - 1
-    noise = torch.randn(1, 3, side, side, generator=gen)
-    emb = torch.nn.functional.normalize(torch.randn(1, config.vector_dim, generator=gen), dim=-1)
+    _, model, lr, emb, noise = mid_problem(side)
+    config = model.config
     x = upsample_lr(lr, side, side) + 5.0 * noise
     concat = upsample_lr(lr, side, side)
     # warm up kernels on a small canvas so one-off allocations are not counted

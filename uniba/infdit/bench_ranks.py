@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..memory import format_bytes
-from .bench import bench_config, random_model
+from .bench import bench_config, mid_problem
 from .config import release_config
 from .model import upsample_lr
 from .plan import block_cache_bytes, plan_upscale
@@ -53,12 +53,8 @@ def block_flops(config) -> float:
 def _worker(rank: int, world: int, port: int, side: int, steps: int, block_batch: int, out: str) -> None:
     """One process of a measurement: the image sampled alone (world 1) or this rank's band of it."""
     torch.set_num_threads(1)
-    config = bench_config()
-    gen = torch.Generator().manual_seed(0)
-    model = random_model(config, gen)
-    lr = torch.rand(1, 3, side // 4, side // 4, generator=gen) * 2 - 1
-    noise = torch.randn(1, 3, side, side, generator=gen)
-    emb = torch.nn.functional.normalize(torch.randn(1, config.vector_dim, generator=gen), dim=-1)
+    _, model, lr, emb, noise = mid_problem(side)
+    config = model.config
     sampling = resolve_sampling(SAMPLERS["euler"], get_sigmas_karras(steps))
     plan = plan_upscale(config, side // 4, side // 4, 4, None, sampling=sampling, block_batch=block_batch,
                         dtype=model.dtype)

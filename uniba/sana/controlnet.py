@@ -30,10 +30,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_model, read_json, read_state_dict, stored_dtype, wrong_family_error
+from ..checkpoint import CheckpointError, load_model, read_state_dict, stored_dtype, wrong_family_error
 from . import keys as sana_keys
 from .config import SanaConfig, config_from_diffusers, infer_config
-from .model import RMSNorm, SanaBlock, _AdaLNSingle, _DefaultOps, _Mlp2, _PatchEmbed, sincos_position_embedding
+from .loader import find_sidecar
+from .model import (
+    RMSNorm,
+    SanaBlock,
+    _AdaLNSingle,
+    _DefaultOps,
+    _Mlp2,
+    _PatchEmbed,
+    caption_condition,
+    sincos_position_embedding,
+)
 
 FAMILY = "Sana ControlNet"
 # the original file holds the whole base DiT it was trained with; these parts are the ControlNet's
@@ -101,16 +111,8 @@ class SanaControlNet(nn.Module):
         if timestep.numel() == 1:
             timestep = timestep.expand(b)
         t0, _ = self.time_embed(timestep.long().float(), dtype)  # integer timesteps, as the DiT
-        context = context.to(x.device, dtype)
-        if context.shape[0] != b:
-            context = context.repeat(b // context.shape[0], 1, 1)
-        context = self.caption_norm(self.caption_projection(context))
-        bias = None
-        if context_mask is not None:
-            mask = context_mask.to(x.device).reshape(context_mask.shape[0], -1)
-            if mask.shape[0] != b:
-                mask = mask.repeat(b // mask.shape[0], 1)
-            bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
+        context, bias = caption_condition(self.caption_projection, self.caption_norm, context, context_mask, b,
+                                          x.device, dtype)
         if self.base_block is not None:
             tokens = self.base_block(tokens, context, bias, t0, h, w)
         tokens = tokens + control
@@ -156,16 +158,8 @@ def original_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _sidecar(path: Path) -> dict[str, Any]:
-    folder = path if path.is_dir() else path.parent
-    for candidate in (folder / "config.json", path.with_suffix(".json") if path.is_file() else None):
-        if candidate is not None and candidate.is_file():
-            try:
-                data = read_json(candidate)
-            except CheckpointError:  # not this model's config: the weights decide
-                continue
-            if isinstance(data, dict) and data.get("_class_name") == "SanaControlNetModel":
-                return config_from_diffusers(data)
-    return {}
+    found = find_sidecar(path, lambda data: data.get("_class_name") == "SanaControlNetModel")
+    return {} if found is None else config_from_diffusers(found[1])
 
 
 def read_controlnet(source: str | os.PathLike | Mapping[str, torch.Tensor],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,25 +49,42 @@ class SanaCheckpoint:
     path: str | None = None
 
 
-def _sidecar_config(path: Path) -> dict[str, Any]:
-    """A diffusers ``config.json`` in the model folder or beside the file (only a Sana transformer's)."""
+def find_sidecar(path: Path, accept: Callable[[dict[str, Any]], bool]) -> tuple[Path, dict[str, Any]] | None:
+    """The diffusers ``config.json`` in the model folder or beside the file that ``accept`` recognises, if any.
+
+    A file that is not valid JSON (or is not this model's config) is passed over: the weights decide.
+    """
     folder = path if path.is_dir() else path.parent
     for candidate in (folder / "config.json", path.with_suffix(".json") if path.is_file() else None):
         if candidate is not None and candidate.is_file():
             try:
                 data = read_json(candidate)
-            except CheckpointError:  # not this model's config: the weights decide
+            except CheckpointError:
                 continue
-            if isinstance(data, dict) and data.get("_class_name", "SanaTransformer2DModel") == \
-                    "SanaTransformer2DModel" and ("num_layers" in data or "attention_head_dim" in data):
-                try:
-                    found = config_from_diffusers(data)
-                except (TypeError, ValueError) as exc:
-                    raise CheckpointError(candidate, f"has a value of the wrong type ({exc}).",
-                                          "Use the model's original diffusers config.json.") from None
-                found.update(_scheduler_shift(folder.parent / "scheduler" / "scheduler_config.json"))
-                return found
-    return {}
+            if isinstance(data, dict) and accept(data):
+                return candidate, data
+    return None
+
+
+def _is_sana_transformer(data: dict[str, Any]) -> bool:
+    return (data.get("_class_name", "SanaTransformer2DModel") == "SanaTransformer2DModel"
+            and ("num_layers" in data or "attention_head_dim" in data))
+
+
+def _sidecar_config(path: Path) -> dict[str, Any]:
+    """A diffusers ``config.json`` in the model folder or beside the file (only a Sana transformer's)."""
+    found = find_sidecar(path, _is_sana_transformer)
+    if found is None:
+        return {}
+    candidate, data = found
+    try:
+        config = config_from_diffusers(data)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(candidate, f"has a value of the wrong type ({exc}).",
+                              "Use the model's original diffusers config.json.") from None
+    folder = path if path.is_dir() else path.parent
+    config.update(_scheduler_shift(folder.parent / "scheduler" / "scheduler_config.json"))
+    return config
 
 
 def _scheduler_shift(path: Path) -> dict[str, Any]:

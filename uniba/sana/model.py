@@ -33,7 +33,7 @@ class _DefaultOps:
     Linear = nn.Linear
     Conv2d = conv.Conv2d
 
-__all__ = ["SanaConfig", "SanaDiT", "sincos_position_embedding", "timestep_embedding"]
+__all__ = ["SanaConfig", "SanaDiT", "caption_condition", "sincos_position_embedding", "timestep_embedding"]
 
 FP16_MAX = 65504.0
 # key of the per-call options dict (ComfyUI's transformer_options) listing the blocks to run with identity attention
@@ -263,6 +263,27 @@ class SanaBlock(nn.Module):
         return x + gate_mlp * h.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
+def caption_condition(projection: nn.Module, norm: nn.Module, context: torch.Tensor,
+                      context_mask: torch.Tensor | None, batch: int, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The projected, normed caption for ``batch`` samples and its cross-attention bias (-10000 where masked).
+
+    Shared by the DiT and its ControlNet, which hold their own projection and norm.
+    """
+    context = context.to(device, dtype)
+    if context.shape[0] != batch:
+        context = (context.expand(batch, -1, -1) if context.shape[0] == 1
+                   else context.repeat(batch // context.shape[0], 1, 1))
+    context = norm(projection(context))
+    bias = None
+    if context_mask is not None:
+        mask = context_mask.to(device).reshape(context_mask.shape[0], -1)
+        if mask.shape[0] != batch:
+            mask = mask.repeat(batch // mask.shape[0], 1)
+        bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
+    return context, bias
+
+
 class SanaDiT(nn.Module):
     """The Sana linear DiT; ``forward(x, timestep, context, context_mask) -> velocity`` (diffusers conventions).
 
@@ -341,17 +362,8 @@ class SanaDiT(nn.Module):
         else:
             t0, t = self.time_embed(timestep.float(), dtype)
 
-        context = context.to(x.device, dtype)
-        if context.shape[0] != b:
-            context = context.expand(b, -1, -1) if context.shape[0] == 1 else context.repeat(b // context.shape[0],
-                                                                                                1, 1)
-        context = self.caption_norm(self.caption_projection(context))
-        bias = None
-        if context_mask is not None:
-            mask = context_mask.to(x.device).reshape(context_mask.shape[0], -1)
-            if mask.shape[0] != b:
-                mask = mask.repeat(b // mask.shape[0], 1)
-            bias = ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
+        context, bias = caption_condition(self.caption_projection, self.caption_norm, context, context_mask, b,
+                                          x.device, dtype)
 
         options = kwargs.get("transformer_options") or {}
         perturbed = options.get(PERTURBED_BLOCKS_OPTION, ())
