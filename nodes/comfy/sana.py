@@ -120,6 +120,8 @@ if host.IN_COMFYUI:  # pragma: no cover - exercised in the integration tier
             self.diffusion_model.compute_dtype = model_config.manual_cast_dtype
 
         def apply_model(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.diffusion_model.config.is_sprint:
+                check_sprint_sampling(self.model_sampling)
             # every sampler ComfyUI runs on this MODEL (stock KSampler too) stops at the first NaN/inf prediction
             return check_denoised_finite(super().apply_model(x, t, *args, **kwargs), t, "the Sana DiT")
 
@@ -187,6 +189,16 @@ def dit_config(model: Any) -> SanaConfig | None:
         if isinstance(config, SanaConfig):
             return config
     return None
+
+
+def check_sprint_sampling(model_sampling: Any) -> None:
+    """Sprint's transformer takes flow time itself (multiplier 1): a ModelSamplingSD3/AuraFlow patch multiplies it
+    by 1000 and every prediction would be silently wrong, so the run stops with the fix."""
+    multiplier = float(getattr(model_sampling, "multiplier", 1.0))
+    if multiplier != 1.0:
+        raise ValueError(f"model: this Sana-Sprint MODEL was given a model-sampling patch (e.g. ModelSamplingSD3) "
+                         f"that scales its time by {multiplier:g}; Sprint's transformer takes flow time unscaled. "
+                         "Remove that node: Sana Sprint Sigmas sets Sprint's schedule.")
 
 
 def check_model_kind(model: Any, *, sprint: bool, node: str) -> None:

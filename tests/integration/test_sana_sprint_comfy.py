@@ -89,6 +89,15 @@ def test_wrong_sampling_nodes_say_which_to_use(sprint_host, run_prompt) -> None:
         run_prompt(prompt)
 
 
+def test_model_sampling_patch_on_sprint_is_refused(sprint_host, run_prompt) -> None:
+    """ModelSamplingSD3 resets the time multiplier to 1000: without the check, every Sprint step is wrong silently."""
+    prompt = _prompt(None)
+    prompt["9"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    prompt["7"]["inputs"]["model"] = ["9", 0]
+    with pytest.raises(AssertionError, match="Sprint's transformer takes flow time unscaled"):
+        run_prompt(prompt)
+
+
 def test_pipeline_folder_runs_text_to_image(sprint_host, run_prompt) -> None:
     """Sana Pipeline Loader's three outputs drive the whole graph: prompt -> 2 Sprint steps -> DC-AE -> image."""
     from tiny_sana_te_vae import write_tiny_gemma, write_tiny_pipeline

@@ -35,12 +35,12 @@ from . import keys as sana_keys
 from .config import SanaConfig, config_from_diffusers, infer_config
 from .loader import find_sidecar
 from .model import (
+    AdaLNSingle,
+    DefaultOps,
+    Mlp2,
+    PatchEmbed,
     RMSNorm,
     SanaBlock,
-    _AdaLNSingle,
-    _DefaultOps,
-    _Mlp2,
-    _PatchEmbed,
     caption_condition,
     sincos_position_embedding,
 )
@@ -66,15 +66,15 @@ class SanaControlNet(nn.Module):
         super().__init__()
         if wiring not in WIRINGS:
             raise ValueError(f"wiring must be one of {', '.join(WIRINGS)}, got {wiring!r}.")
-        ops = operations or _DefaultOps
+        ops = operations or DefaultOps
         self.wiring = wiring
         factory = {"device": device, "dtype": dtype}
         c = config.hidden_size
         self.config = config
         self.compute_dtype: torch.dtype | None = None
-        self.patch_embed = _PatchEmbed(ops, config, **factory)
-        self.time_embed = _AdaLNSingle(ops, c, **factory)
-        self.caption_projection = _Mlp2(ops, config.caption_channels, c, nn.GELU(approximate="tanh"), **factory)
+        self.patch_embed = PatchEmbed(ops, config, **factory)
+        self.time_embed = AdaLNSingle(ops, c, **factory)
+        self.caption_projection = Mlp2(ops, config.caption_channels, c, nn.GELU(approximate="tanh"), **factory)
         self.caption_norm = RMSNorm(c, 1e-5, **factory)
         self.transformer_blocks = nn.ModuleList([SanaBlock(ops, config, **factory) for _ in range(config.depth)])
         self.input_block = ops.Linear(c, c, **factory)

@@ -27,7 +27,7 @@ from .checks import check_dit_inputs
 from .config import SPRINT_GUIDANCE, SanaConfig
 
 
-class _DefaultOps:
+class DefaultOps:
     """Layer classes when no host supplies its own: torch's, with convolutions kept fast on CPUs in bf16."""
 
     Linear = nn.Linear
@@ -85,7 +85,7 @@ class RMSNorm(nn.Module):
         return (self.weight.to(normed.device, torch.float32) * normed).to(x.dtype)
 
 
-class _Mlp2(nn.Module):
+class Mlp2(nn.Module):
     """``linear_2(act(linear_1(x)))`` with diffusers' names (timestep embedder, caption projection)."""
 
     def __init__(self, ops: Any, dim_in: int, dim: int, act: nn.Module, **factory: Any) -> None:
@@ -101,10 +101,10 @@ class _Mlp2(nn.Module):
 class _TimestepEmbedding(nn.Module):
     def __init__(self, ops: Any, dim: int, **factory: Any) -> None:
         super().__init__()
-        self.timestep_embedder = _Mlp2(ops, 256, dim, nn.SiLU(), **factory)
+        self.timestep_embedder = Mlp2(ops, 256, dim, nn.SiLU(), **factory)
 
 
-class _AdaLNSingle(nn.Module):
+class AdaLNSingle(nn.Module):
     """``t = MLP(sinusoid(timestep))``; ``t0 = Linear(SiLU(t))`` (B, 6C), shared by every block."""
 
     def __init__(self, ops: Any, dim: int, **factory: Any) -> None:
@@ -126,8 +126,8 @@ class _TimestepGuidanceEmbedding(nn.Module):
 
     def __init__(self, ops: Any, dim: int, **factory: Any) -> None:
         super().__init__()
-        self.timestep_embedder = _Mlp2(ops, 256, dim, nn.SiLU(), **factory)
-        self.guidance_embedder = _Mlp2(ops, 256, dim, nn.SiLU(), **factory)
+        self.timestep_embedder = Mlp2(ops, 256, dim, nn.SiLU(), **factory)
+        self.guidance_embedder = Mlp2(ops, 256, dim, nn.SiLU(), **factory)
         self.linear = ops.Linear(dim, 6 * dim, **factory)
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype,
@@ -137,7 +137,9 @@ class _TimestepGuidanceEmbedding(nn.Module):
         return self.linear(F.silu(t)), t
 
 
-class _PatchEmbed(nn.Module):
+class PatchEmbed(nn.Module):
+    """The latent's patches as tokens: one strided convolution, ``(B, C, H, W) -> (B, H*W/p^2, hidden)``."""
+
     def __init__(self, ops: Any, config: SanaConfig, **factory: Any) -> None:
         super().__init__()
         p = config.patch_size
@@ -302,7 +304,7 @@ class SanaDiT(nn.Module):
     def __init__(self, config: SanaConfig, operations: Any = None, device: Any = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        ops = operations or _DefaultOps
+        ops = operations or DefaultOps
         factory = {"device": device, "dtype": dtype}
         c = config.hidden_size
         self.config = config
@@ -310,9 +312,9 @@ class SanaDiT(nn.Module):
         self.compute_dtype: torch.dtype | None = None  # set by hosts that keep weights in another dtype
         # a host's Cancel check, run between transformer blocks (may raise): a 4K step is long on small cards
         self.between_blocks: Callable[[], None] | None = None
-        self.patch_embed = _PatchEmbed(ops, config, **factory)
-        self.time_embed = (_TimestepGuidanceEmbedding if config.guidance_embeds else _AdaLNSingle)(ops, c, **factory)
-        self.caption_projection = _Mlp2(ops, config.caption_channels, c, nn.GELU(approximate="tanh"), **factory)
+        self.patch_embed = PatchEmbed(ops, config, **factory)
+        self.time_embed = (_TimestepGuidanceEmbedding if config.guidance_embeds else AdaLNSingle)(ops, c, **factory)
+        self.caption_projection = Mlp2(ops, config.caption_channels, c, nn.GELU(approximate="tanh"), **factory)
         self.caption_norm = RMSNorm(c, 1e-5, **factory)
         self.transformer_blocks = nn.ModuleList([SanaBlock(ops, config, **factory) for _ in range(config.depth)])
         self.scale_shift_table = nn.Parameter(torch.randn(2, c, **factory) / c**0.5)
