@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_sana_dit_comfy import _embedding, _mask  # noqa: E402
 from tiny_sana import TINY, write_tiny_sana_dit  # noqa: E402
 from tiny_sana_te_vae import write_tiny_dcae  # noqa: E402
 
@@ -82,16 +83,6 @@ class _SanaTestInputs:
 
     def make(self, seed, tokens):
         return ([[_embedding(seed), {"attention_mask": _mask(tokens)}]], _image())
-
-
-def _embedding(seed: int) -> torch.Tensor:
-    return torch.randn(1, 300, 2304, generator=torch.Generator().manual_seed(seed))
-
-
-def _mask(tokens: int) -> torch.Tensor:
-    mask = torch.zeros(1, 300)
-    mask[:, :tokens] = 1
-    return mask
 
 
 def _image() -> torch.Tensor:
