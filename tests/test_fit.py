@@ -86,3 +86,17 @@ def test_one_card() -> None:
         assert main(["fit", "--card", "12"]) == 0
     header = out.getvalue().splitlines()[0]
     assert header == "| model, work | smallest plan, bf16 | 12 GB |"
+
+
+def test_plan_command_answers_the_card_question_with_the_same_table() -> None:
+    outputs = []
+    for argv in (["plan", "--card", "12", "--card", "16"], ["fit", "--card", "12", "--card", "16"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(argv) == 0
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1] and "| 12 GB | 16 GB |" in outputs[0]
+    with pytest.raises(SystemExit, match="or a card size"):
+        main(["plan"])
+    with pytest.raises(SystemExit, match="needs --size"):
+        main(["plan", "infdit"])

@@ -219,15 +219,19 @@ def markdown(cards: tuple[int, ...] = CARDS_GB) -> str:
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
-    cards = tuple(args.card) if args.card else CARDS_GB
+def run_cards(cards: tuple[int, ...] = CARDS_GB, weights: bool = False) -> int:
+    """Print the fit table for ``cards`` (GB), and each model's weight bytes per dtype with ``weights``."""
     print(markdown(cards))
-    if args.weights:
+    if weights:
         print()
         for work in WORKS:
             sizes = ", ".join(f"{d} {format_bytes(work.fit(d, GIB).weights_bytes)}" for d in work.dtypes)
             print(f"{work.name}: weights {sizes}")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    return run_cards(tuple(args.card) if args.card else CARDS_GB, args.weights)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
