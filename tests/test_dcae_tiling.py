@@ -256,3 +256,12 @@ def test_real_f32c32_decode_1024px_exact() -> None:
         got = model.decode(latent, tile_size=tile)
         print(f"real f32c32 1024 px, {tile}-px tiles: max |tiled - one pass| {_diff(got, full):.2e}")
         assert _diff(got, full) <= EXACT
+
+
+@pytest.mark.parametrize("sizes", ["abc", "100", "1024,x", ""])
+def test_bench_sizes_are_named_when_wrong(sizes: str, capsys) -> None:
+    from uniba.dcae.bench import run
+
+    with pytest.raises(SystemExit):
+        run(["--sizes", sizes])
+    assert "argument --sizes: expected comma-separated edges in px, multiples of 32" in capsys.readouterr().err

@@ -107,11 +107,20 @@ def _plan(px: int, dtype: torch.dtype, tile: int | None = None, width_divisor: i
     return plan_pass(decoder_steps(model), (1, 32, px // 32, px // 32), dtype, tile_size=tile)
 
 
+def _edges(text: str) -> list[int]:
+    """``--sizes``: comma-separated output edges in pixels, each a multiple of 32 (one latent cell)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isascii() and p.isdigit() and int(p) > 0 and int(p) % 32 == 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated edges in px, multiples of 32 (e.g. 1024,2048), "
+                                         f"got {text!r}")
+    return [int(p) for p in parts]
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniba bench dcae", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--sizes", default="1024,2048", help="output edges in px (default 1024,2048)")
+    parser.add_argument("--sizes", type=_edges, default=[1024, 2048], help="output edges in px (default 1024,2048)")
     parser.add_argument("--tile", type=int, default=512, help="tile edge of the tiled decodes in px (default 512)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--one-pass-max-gib", type=float, default=6.0,
@@ -121,7 +130,7 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sizes = args.sizes
     label = "real f32c32" if args.width_divisor == 1 else f"f32c32 with widths / {args.width_divisor}"
     print(f"DC-AE decode, {label} decoder, random weights, {args.dtype}, {args.threads} threads, tiles of "
           f"{args.tile} px; each row a fresh process; peak = max RSS above weights + input")
