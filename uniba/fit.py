@@ -242,3 +242,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="card size in GB (repeatable); default: 8, 12, 16 and 24")
     fit.add_argument("--weights", action="store_true", help="also list each model's weight bytes per dtype")
     fit.set_defaults(func=_run)
+
+    # `plan --card N` asks the same question as `fit --card N`: the plan command (registered by uniba.infdit.cli,
+    # which must not import this module) gets the option here and hands the card question to the one table.
+    plan = subparsers.choices.get("plan")
+    if plan is not None:
+        plan.add_argument("--card", type=positive_int, action="append", metavar="GB",
+                          help="without a target: what fits on a card of this many GB, per model (= uniba fit)")
+        upscale_plan = plan.get_default("func")
+
+        def plan_or_cards(args: argparse.Namespace) -> int:
+            if args.target is None and args.card:
+                return run_cards(tuple(args.card))
+            return upscale_plan(args)
+
+        plan.set_defaults(func=plan_or_cards)

@@ -29,12 +29,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    if args.target is None:  # the card-size question: the one fit table
-        from .. import fit
-
-        if not args.card:
-            raise SystemExit("error: give a target (plan infdit --size 4096x4096) or a card size (plan --card 12)")
-        return fit.run_cards(tuple(args.card))
+    if args.target is None:  # uniba.fit answers `plan --card N` before this is reached
+        raise SystemExit("error: give a target (plan infdit --size 4096x4096) or a card size (plan --card 12)")
     if not (args.size or args.input):
         raise SystemExit("error: plan infdit needs --size WxH (output) or --input WxH")
     from .plan import config_for_file, plan_upscale, release_config
@@ -334,8 +330,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             description="python -m uniba plan infdit --size 4096x4096 [--vram 12GB]: the plan of one upscale; "
                         "python -m uniba plan --card 12: what fits on a 12 GB card, per model (= python -m uniba fit)")
         plan.add_argument("target", nargs="?", choices=("infdit",))
-        plan.add_argument("--card", type=positive_int, action="append", metavar="GB",
-                          help="without a target: the fit table for this card size in GB (repeatable)")
         where = plan.add_mutually_exclusive_group()
         where.add_argument("--size", type=_size, help="output size WxH, e.g. 4096x4096")
         where.add_argument("--input", type=_size, help="input size WxH")
